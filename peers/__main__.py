@@ -1,0 +1,3 @@
+from peers.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""`swarm demo`: a whole swarm on this machine, as separate processes on 127.0.0.1.
+
+One bootstrap peer and N trainers (the first an institution, the rest volunteers) train the debug
+model on shards of the embedded corpus. Progress is read from the trainers' status files and shown
+as one line every few seconds; the summary compares held-out loss before and after and checks that
+the peers' final models agree.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from peers.processes import PeerProcess, read_json, wait_for
+from swarm.checkpoint import checkpoint_path
+from swarm.config_loading import load_config
+from swarm.errors import ConfigError, SwarmError
+
+DEBUG_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+DEFAULT_EPOCHS = 40
+PROGRESS_PERIOD = 3.0  # seconds between progress lines
+STARTUP_TIMEOUT = 120.0
+STALL_TIMEOUT = 180.0  # give up if no trainer advances an epoch for this long
+
+
+def run_demo(
+    *,
+    config_path: Optional[Path],
+    overrides: Sequence[str],
+    num_peers: int,
+    epochs: Optional[int],
+    workdir: Optional[Path],
+) -> int:
+    config_path = config_path or DEBUG_CONFIG
+    if not Path(config_path).is_file():
+        raise ConfigError(f"the demo's config {config_path} is missing; pass --config configs/debug.yaml")
+    if not 1 <= num_peers <= 8:
+        raise ConfigError(f"--peers must be between 1 and 8, got {num_peers}")
+    epochs = epochs or DEFAULT_EPOCHS
+    overrides = [*overrides, f"training.max_epochs={epochs}"]
+    config = load_config(config_path, overrides)  # fail here, once, rather than in every child
+
+    keep = workdir is not None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="swarm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = ["--config", str(config_path), *[arg for item in overrides for arg in ("--set", item)]]
+    started = time.monotonic()
+    print(f"swarm demo: 1 bootstrap + {num_peers} trainers on 127.0.0.1, run {config.run_id!r}, "
+          f"{epochs} epochs of {config.training.target_batch_size} samples; logs in {workdir}", flush=True)
+
+    peers: list[PeerProcess] = []
+    try:
+        bootstrap = PeerProcess(
+            "bootstrap",
+            ["bootstrap", *base, "--set", "network.listen_host=127.0.0.1",
+             "--identity", str(workdir / "bootstrap.key"), "--address-file", str(workdir / "bootstrap.json")],
+            log_path=workdir / "bootstrap.log",
+        )
+        peers.append(bootstrap)
+        address = wait_for(lambda: read_json(workdir / "bootstrap.json"), timeout=STARTUP_TIMEOUT,
+                           what="the bootstrap peer", alive=[bootstrap])["maddrs"][0]
+        trainers = [_start_trainer(index, num_peers, base, address, workdir) for index in range(num_peers)]
+        peers.extend(trainers)
+        _show_progress(trainers, workdir, epochs, started)
+        for trainer in trainers:
+            trainer.stop()
+        return _summarize(trainers, workdir, started, num_peers, keep)
+    finally:
+        for peer in reversed(peers):
+            peer.stop()
+
+
+def _start_trainer(index: int, num_peers: int, base: list[str], address: str, workdir: Path) -> PeerProcess:
+    role = "institution" if index == 0 else "volunteer"
+    peer_dir = workdir / f"peer{index}"
+    return PeerProcess(
+        f"peer{index}",
+        ["join", *base, "--initial-peers", address,
+         "--set", "network.listen_host=127.0.0.1",
+         "--set", f"data.num_shards={num_peers}", "--set", f"data.shard_index={index}",
+         "--set", f"peer.role={role}", "--set", f"peer.display_name=peer{index}",
+         "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}", "--status-file", str(peer_dir / "status.json")],
+        log_path=peer_dir / "trainer.log",
+    )
+
+
+def _show_progress(trainers: list[PeerProcess], workdir: Path, epochs: int, started: float) -> None:
+    last_line, last_advance, best_epoch = 0.0, time.monotonic(), -1
+    while True:
+        statuses = [read_json(workdir / f"peer{index}" / "status.json") for index in range(len(trainers))]
+        running = [status for status in statuses if status]
+        for trainer in trainers:
+            if trainer.poll() not in (None, 0):
+                raise SwarmError(f"{trainer.name} failed (exit {trainer.poll()}):\n{trainer.log_tail()}")
+        if running and max(status["epoch"] for status in running) > best_epoch:
+            best_epoch, last_advance = max(status["epoch"] for status in running), time.monotonic()
+        if time.monotonic() - last_advance > STALL_TIMEOUT:
+            raise SwarmError(f"the swarm made no progress for {STALL_TIMEOUT:g}s; see the logs in {workdir}")
+        if len(running) == len(trainers) and all(status["finished"] for status in running):
+            print(_progress_line(running, epochs, started), flush=True)
+            return
+        if time.monotonic() - last_line >= PROGRESS_PERIOD:
+            last_line = time.monotonic()
+            if running:
+                print(_progress_line(running, epochs, started), flush=True)
+            else:
+                print(f"[{time.monotonic() - started:4.0f}s] starting {len(trainers)} trainers ...", flush=True)
+        time.sleep(0.5)
+
+
+def _progress_line(statuses: list[dict], epochs: int, started: float) -> str:
+    epoch = max(status["epoch"] for status in statuses)
+    heldout = _mean(status["heldout_loss"] for status in statuses)
+    train = _mean(status["train_loss"] for status in statuses)
+    speed = sum(status["samples_per_second"] for status in statuses if not status["finished"])
+    peers = max(status["swarm_peers"] for status in statuses)
+    return (f"[{time.monotonic() - started:4.0f}s] epoch {epoch:3d}/{epochs} | train loss {_fmt(train)} | "
+            f"held-out {_fmt(heldout)} | {speed:4.0f} samples/s | {peers} peers training")
+
+
+def _summarize(trainers: list[PeerProcess], workdir: Path, started: float, num_peers: int, keep: bool) -> int:
+    statuses = [read_json(workdir / f"peer{index}" / "status.json") for index in range(num_peers)]
+    before = _mean(status["initial_heldout_loss"] for status in statuses)
+    after = _mean(status["heldout_loss"] for status in statuses)
+    models = [torch.load(checkpoint_path(workdir / f"peer{index}" / "checkpoints"), weights_only=True)["model"]
+              for index in range(num_peers)]
+    disagreement = max(
+        (float((tensor - other[name]).abs().max()) for other in models[1:] for name, tensor in models[0].items()),
+        default=0.0,
+    )
+    print(f"\nswarm demo finished in {time.monotonic() - started:.0f}s")
+    print(f"  held-out loss   {before:.3f} -> {after:.3f} ({after - before:+.3f} nats/byte)")
+    print(f"  epochs          {max(status['epoch'] for status in statuses)} (all peers at "
+          f"{sorted({status['epoch'] for status in statuses})})")
+    shares = ", ".join(f"{status['role']} {status['samples']:,}" for status in statuses)
+    print(f"  samples         {sum(status['samples'] for status in statuses):,} ({shares})")
+    print(f"  peers           {num_peers} trainers + 1 bootstrap; final models differ by at most {disagreement:.2e}")
+    if keep:
+        print(f"  logs, checkpoints and status files in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if after < before else 1
+
+
+def _mean(values) -> Optional[float]:
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: Optional[float]) -> str:
+    return f"{value:.3f}" if value is not None else "  -  "

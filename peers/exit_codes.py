@@ -1,0 +1,20 @@
+"""Documented exit codes of the ``swarm`` command (also listed in README.md)."""
+
+from swarm.errors import CheckpointError, ConfigError, DataError, NetworkError, SwarmError
+
+OK = 0  # finished, or left the swarm cleanly on SIGINT/SIGTERM
+INTERNAL = 1  # a bug or an unexpected failure: the traceback is logged
+USAGE = 2  # bad command line, config key, config value or multiaddr
+UNREACHABLE = 3  # none of the initial peers answered before network.bootstrap_timeout
+DATA = 4  # data folder missing, unreadable or without usable text
+CHECKPOINT = 5  # checkpoint corrupt, incompatible, missing for --resume, or in the way of a fresh start
+INTERRUPTED = 130  # a second SIGINT/SIGTERM cut the clean leave short
+
+_BY_ERROR = {ConfigError: USAGE, NetworkError: UNREACHABLE, DataError: DATA, CheckpointError: CHECKPOINT}
+
+
+def for_error(error: SwarmError) -> int:
+    for error_type, code in _BY_ERROR.items():
+        if isinstance(error, error_type):
+            return code
+    return INTERNAL

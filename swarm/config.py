@@ -1,0 +1,153 @@
+"""The one typed config tree of a swarm run.
+
+Each component receives only its own section. Sections that are optional turn their feature off
+when set to ``null``. The tree is filled from YAML, ``SWARM_*`` environment variables and
+``--set section.key=value`` overrides by :mod:`swarm.config_loading`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from swarm.multiaddrs import parse_peer_multiaddr, split_peer_list
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NetworkConfig(Section):
+    """How this peer listens, announces itself and finds the swarm."""
+
+    listen_host: str = Field("0.0.0.0", description="interface to listen on; 127.0.0.1 for local-only swarms")
+    port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one (set a fixed one to forward it)")
+    announce_maddrs: list[str] = Field(default_factory=list, description="public addresses to announce (port forward)")
+    initial_peers: list[str] = Field(default_factory=list, description="full multiaddrs of peers already in the swarm")
+    client_mode: bool = Field(False, description="outbound connections only (behind NAT, no port forward)")
+    use_auto_relay: bool = Field(False, description="look for relays to become reachable from behind NAT")
+    identity_path: Optional[Path] = Field(None, description="private key file: keeps the peer id across restarts")
+    bootstrap_timeout: float = Field(60.0, gt=0, description="seconds to keep retrying the initial peers")
+
+    @field_validator("initial_peers", "announce_maddrs", mode="before")
+    @classmethod
+    def _split(cls, value):
+        return split_peer_list(value) if value is not None else []
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _validate_peers(cls, value: list[str]) -> list[str]:
+        return [str(parse_peer_multiaddr(item)) for item in value]
+
+    @property
+    def host_maddrs(self) -> list[str]:
+        family = "ip6" if ":" in self.listen_host else "ip4"
+        return [f"/{family}/{self.listen_host}/tcp/{self.port}"]
+
+
+class PeerConfig(Section):
+    """Who this peer is; shown in logs and metrics."""
+
+    role: Literal["volunteer", "institution"] = Field(
+        "volunteer", description="institutions are long-lived peers, preferred as state donors for late joiners"
+    )
+    display_name: Optional[str] = Field(None, max_length=64)
+    organization: Optional[str] = Field(None, max_length=64)
+
+
+class ModelConfig(Section):
+    """A byte-level GPT; the debug preset is about 1M parameters."""
+
+    seq_len: int = Field(256, ge=8, le=8192)
+    d_model: int = Field(384, ge=8)
+    n_layers: int = Field(6, ge=1)
+    n_heads: int = Field(6, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        return self
+
+
+class DataConfig(Section):
+    """Where the text comes from. It never leaves this peer."""
+
+    path: Optional[Path] = Field(None, description="folder of text files; null = the embedded stdlib corpus")
+    max_bytes: int = Field(16_000_000, gt=0, description="read at most this much text (memory cap)")
+    heldout_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="share of files kept for held-out loss")
+    num_shards: int = Field(1, ge=1, description="split the training files into this many shards ...")
+    shard_index: int = Field(0, ge=0, description="... and train on this one")
+
+    @model_validator(mode="after")
+    def _shard_in_range(self):
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"data.shard_index ({self.shard_index}) must be below data.num_shards ({self.num_shards})")
+        return self
+
+
+class OptimizerConfig(Section):
+    """The inner optimizer that hivemind.Optimizer wraps."""
+
+    name: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit: bitsandbytes, for small GPUs")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: int = Field(0, ge=0, description="linear warm-up, counted in swarm epochs")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="clip local gradients to this norm; null = off")
+
+
+class TrainingConfig(Section):
+    """The local training loop."""
+
+    batch_size: int = Field(16, ge=1, description="samples per local step")
+    target_batch_size: int = Field(4096, ge=1, description="swarm-wide samples per epoch (global batch)")
+    max_epochs: Optional[int] = Field(None, ge=1, description="stop at this swarm epoch; null = until stopped")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; null = torch's default")
+    eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
+    seed: int = 0
+
+
+class AveragingConfig(Section):
+    """How peers combine their work (hivemind.Optimizer settings)."""
+
+    mode: Literal["sync"] = Field("sync", description="sync: average gradients every swarm epoch")
+    matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group; 3-5 on LAN, 10-15 over WAN")
+    request_timeout: float = Field(3.0, gt=0, description="wait this long for a group leader's answer")
+    averaging_timeout: float = Field(60.0, gt=0, description="give up on a round after this long")
+    load_state_timeout: float = Field(120.0, gt=0, description="give up downloading state from a peer after this")
+    average_state_every: int = Field(1, ge=1, description="also average parameters every this many epochs")
+
+    @model_validator(mode="after")
+    def _request_before_matchmaking(self):
+        # hivemind: a request timeout at or above the matchmaking time can deadlock matchmaking
+        if self.request_timeout >= self.matchmaking_time:
+            raise ValueError(
+                f"averaging.request_timeout ({self.request_timeout:g}) must be below "
+                f"averaging.matchmaking_time ({self.matchmaking_time:g})"
+            )
+        return self
+
+
+class CheckpointConfig(Section):
+    """Periodic and on-exit checkpoints, written atomically."""
+
+    dir: Path = Path("checkpoints")
+    every_epochs: int = Field(5, ge=1)
+    resume: bool = Field(False, description="restore model, optimizer and epoch from dir/latest.pt")
+
+
+class SwarmConfig(Section):
+    run_id: str = Field("swarm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="peers of one run share it")
+    network: NetworkConfig = NetworkConfig()
+    peer: PeerConfig = PeerConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    training: TrainingConfig = TrainingConfig()
+    averaging: AveragingConfig = AveragingConfig()
+    checkpoint: Optional[CheckpointConfig] = CheckpointConfig()

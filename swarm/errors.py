@@ -1,0 +1,24 @@
+"""Typed errors for the mistakes a user can make and the failures a peer can meet.
+
+Entry points (``peers/``) turn each type into one line and a documented exit code.
+"""
+
+
+class SwarmError(Exception):
+    """Base class: the message is meant to be shown to the user as one line."""
+
+
+class ConfigError(SwarmError):
+    """A config key is unknown, a value has the wrong type, or a multiaddr is malformed."""
+
+
+class NetworkError(SwarmError):
+    """None of the initial peers answered before the deadline."""
+
+
+class DataError(SwarmError):
+    """The data folder is missing, unreadable, or holds no usable text."""
+
+
+class CheckpointError(SwarmError):
+    """A checkpoint is corrupt, incompatible with the config, or would be overwritten."""

@@ -1,0 +1,87 @@
+"""Start this peer's DHT node and connect it to the swarm through the initial peers.
+
+Connecting is retried only for the one named transient failure (no initial peer answered), with
+exponential backoff and jitter, up to ``network.bootstrap_timeout``; then :class:`NetworkError`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import hivemind
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils import get_logger
+
+from swarm.config import NetworkConfig
+from swarm.errors import ConfigError, NetworkError
+
+logger = get_logger(__name__)
+
+_BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connect to initial peers")
+
+
+def start_dht(
+    config: NetworkConfig,
+    *,
+    record_validators: Iterable[RecordValidatorBase] = (),
+    identity_path: Optional[Path] = None,
+    stop: Optional[threading.Event] = None,
+) -> hivemind.DHT:
+    """Start a DHT node (its own process and a p2pd daemon) joined to the swarm.
+
+    :param identity_path: private key file that fixes the peer id; overrides network.identity_path.
+    :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
+    :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.
+    :raises ConfigError: the identity is already used by another peer of the swarm.
+    """
+    identity_path = identity_path or config.identity_path
+    if identity_path is not None:
+        Path(identity_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + config.bootstrap_timeout
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            return hivemind.DHT(
+                initial_peers=config.initial_peers,
+                start=True,
+                host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs or None,
+                client_mode=config.client_mode,
+                use_auto_relay=config.use_auto_relay,
+                identity_path=str(Path(identity_path).expanduser()) if identity_path is not None else None,
+                record_validators=list(record_validators),
+            )
+        except (P2PDaemonError, RuntimeError) as e:
+            if "already taken" in str(e):
+                raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
+            if not any(marker in str(e) for marker in _BOOTSTRAP_FAILURES):
+                raise
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or stop.is_set():
+            raise NetworkError(
+                f"none of the initial peers answered within {config.bootstrap_timeout:g}s "
+                f"after {attempt} attempts ({', '.join(config.initial_peers)}); "
+                f"check the addresses and that those peers are running"
+            )
+        wait = min(delay * random.uniform(1.0, 1.5), remaining)
+        logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
+        stop.wait(wait)
+        delay = min(delay * 2, 30.0)
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Addresses others can join with, loopback last (it works only on this machine)."""
+    maddrs = [str(maddr) for maddr in dht.get_visible_maddrs(latest=True)]
+    return sorted(maddrs, key=lambda maddr: ("/127.0.0.1/" in maddr or "/::1/" in maddr, maddr))
+
+
+def short_id(dht: hivemind.DHT) -> str:
+    """The last characters of the peer id, enough to tell peers apart in logs."""
+    return str(dht.peer_id)[-6:]

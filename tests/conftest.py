@@ -1,0 +1,81 @@
+"""Fixtures that start real peers as real processes through the real CLI, and always reap them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peers.processes import PeerProcess, read_json, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
+STARTUP_TIMEOUT = 90.0  # generous: 2 cores shared by every peer of a test
+
+
+class Swarm:
+    """Starts peers for one test; every process it started is killed at teardown, pass or fail."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.processes: list[PeerProcess] = []
+
+    def start(self, name: str, args: list[str]) -> PeerProcess:
+        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log")
+        self.processes.append(peer)
+        return peer
+
+    def bootstrap(self, *extra: str, name: str = "bootstrap") -> tuple[PeerProcess, str]:
+        address_file = self.workdir / f"{name}.json"
+        address_file.unlink(missing_ok=True)
+        peer = self.start(name, ["bootstrap", "--config", str(DEBUG_CONFIG), "--identity",
+                                 str(self.workdir / f"{name}.key"), "--address-file", str(address_file), *extra])
+        info = wait_for(lambda: read_json(address_file), timeout=STARTUP_TIMEOUT, what=f"{name} to start", alive=[peer])
+        return peer, info["maddrs"][0]
+
+    def trainer(self, name: str, initial_peers: list[str], *sets: str, extra: tuple[str, ...] = ()) -> PeerProcess:
+        peer_dir = self.workdir / name
+        args = ["join", "--config", str(DEBUG_CONFIG), "--status-file", str(peer_dir / "status.json"),
+                "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}"]
+        if initial_peers:
+            args += ["--initial-peers", *initial_peers]
+        for item in sets:
+            args += ["--set", item]
+        return self.start(name, args + list(extra))
+
+    def status(self, name: str) -> dict | None:
+        return read_json(self.workdir / name / "status.json")
+
+    def checkpoint(self, name: str) -> Path:
+        return self.workdir / name / "checkpoints" / "latest.pt"
+
+    def teardown(self) -> None:
+        for peer in self.processes:
+            peer.kill_group()
+
+
+@pytest.fixture
+def swarm(tmp_path: Path, request):
+    swarm = Swarm(tmp_path)
+    yield swarm
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed:  # the logs of every peer are the first thing one wants when a swarm test fails
+        for peer in swarm.processes:
+            print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
+    swarm.teardown()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def run_cli(*args: str, timeout: float = 120.0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `swarm` command to completion (bad-input tests)."""
+    return subprocess.run([sys.executable, "-m", "peers", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)

@@ -1,0 +1,113 @@
+"""A user's mistake ends in one clear line and a documented exit code, and loses nothing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from conftest import DEBUG_CONFIG, run_cli
+from peers import exit_codes
+
+A_PEER_ID = "12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"
+
+
+def assert_one_clear_line(result, code: int, *fragments: str) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("swarm "), last
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def join(*args: str, timeout: float = 60.0):
+    return run_cli("join", "--config", str(DEBUG_CONFIG), *args, timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+def test_malformed_multiaddr():
+    result = join("--initial-peers", f"/ip4/1.2.3/tcp/1/p2p/{A_PEER_ID}")
+    assert_one_clear_line(result, exit_codes.USAGE, "malformed multiaddr", "/ip4/1.2.3/tcp/1")
+
+
+@pytest.mark.timeout(60)
+def test_multiaddr_without_peer_id():
+    result = join("--initial-peers", "/ip4/127.0.0.1/tcp/31337")
+    assert_one_clear_line(result, exit_codes.USAGE, "/p2p/<peer id>")
+
+
+@pytest.mark.timeout(120)
+def test_unreachable_bootstrap_peer(tmp_path):
+    # nothing listens on port 1; the peer retries with backoff for 6 s, then gives up with a clear line
+    result = join("--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{A_PEER_ID}",
+                  "--set", "network.bootstrap_timeout=6", "--set", f"checkpoint.dir={tmp_path}", timeout=100)
+    assert_one_clear_line(result, exit_codes.UNREACHABLE, "none of the initial peers answered within 6s")
+    assert not any(tmp_path.iterdir()), "a peer that never joined must not write anything"
+
+
+@pytest.mark.timeout(60)
+def test_unknown_config_key_names_the_key_and_the_accepted_ones():
+    result = join("--set", "optimizer.lrr=0.1")
+    last = assert_one_clear_line(result, exit_codes.USAGE, "unknown key 'optimizer.lrr'")
+    assert "lr" in last.split("accepted here:")[1]
+
+
+@pytest.mark.timeout(60)
+def test_unknown_key_in_yaml_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  batch_sise: 4\n")
+    result = run_cli("join", "--config", str(config))
+    assert_one_clear_line(result, exit_codes.USAGE, "unknown key 'training.batch_sise'")
+
+
+@pytest.mark.timeout(60)
+def test_wrong_value_type():
+    result = join("--set", "training.batch_size=lots")
+    assert_one_clear_line(result, exit_codes.USAGE, "training.batch_size", "'lots'")
+
+
+@pytest.mark.timeout(60)
+def test_unknown_environment_variable():
+    result = run_cli("config", "show", env={"SWARM_TRAINING_BATCHSIZE": "4"})
+    assert_one_clear_line(result, exit_codes.USAGE, "SWARM_TRAINING_BATCHSIZE")
+
+
+@pytest.mark.timeout(60)
+def test_missing_data_folder(tmp_path):
+    result = join("--set", f"data.path={tmp_path / 'nowhere'}")
+    assert_one_clear_line(result, exit_codes.DATA, "does not exist", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.timeout(60)
+def test_data_folder_without_text(tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\0" * 1000)
+    result = join("--set", f"data.path={tmp_path}")
+    assert_one_clear_line(result, exit_codes.DATA, "too little readable text")
+
+
+@pytest.mark.timeout(60)
+def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
+    checkpoint = tmp_path / "latest.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+    before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    result = join("--resume", "--set", f"checkpoint.dir={tmp_path}")
+    assert_one_clear_line(result, exit_codes.CHECKPOINT, "corrupt", "left untouched")
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["latest.pt"]
+
+
+@pytest.mark.timeout(60)
+def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
+    checkpoint = tmp_path / "latest.pt"
+    checkpoint.write_bytes(b"precious")
+    result = join("--set", f"checkpoint.dir={tmp_path}")
+    assert_one_clear_line(result, exit_codes.CHECKPOINT, "--resume")
+    assert checkpoint.read_bytes() == b"precious"
+
+
+@pytest.mark.timeout(60)
+def test_resume_without_checkpoint(tmp_path):
+    result = join("--resume", "--set", f"checkpoint.dir={tmp_path}")
+    assert_one_clear_line(result, exit_codes.CHECKPOINT, "no checkpoint to resume from")

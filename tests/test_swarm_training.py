@@ -1,0 +1,95 @@
+"""End-to-end: real peers as real processes on 127.0.0.1, started through the `swarm` CLI."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+from peers.processes import wait_for
+
+# Held-out loss must fall by at least this much (nats per byte). An untrained byte model sits at
+# ln(256) = 5.55; evaluations of the same model vary by about 0.05 across the held-out batches, and
+# a model that has learned only which bytes are frequent is already below 4.5. One nat is far beyond
+# noise and reached within a handful of swarm epochs of the debug preset.
+MIN_LOSS_DROP = 1.0
+# Peers apply identical averaged gradients to identical parameters: they agree to ~1e-10. A peer that
+# missed a round (local gradients) differs by 1e-3 or more, so 1e-4 tells agreement from divergence.
+PARAM_TOLERANCE = 1e-4
+
+
+def max_param_difference(*paths) -> float:
+    models = [torch.load(path, weights_only=True)["model"] for path in paths]
+    return max(float((tensor - other[name]).abs().max()) for other in models[1:] for name, tensor in models[0].items())
+
+
+def epoch_of(swarm, name: str) -> int:
+    status = swarm.status(name)
+    return status["epoch"] if status else -1
+
+
+@pytest.mark.timeout(300)
+def test_three_trainers_train_one_model(swarm):
+    epochs = 10
+    _, address = swarm.bootstrap()
+    names = ["a", "b", "c"]
+    trainers = [swarm.trainer(name, [address], f"training.max_epochs={epochs}", f"data.num_shards=3",
+                              f"data.shard_index={index}") for index, name in enumerate(names)]
+    for trainer in trainers:
+        assert trainer.proc.wait(240) == 0, trainer.log_tail()
+
+    statuses = [swarm.status(name) for name in names]
+    assert [status["epoch"] for status in statuses] == [epochs] * 3
+    assert all(status["swarm_peers"] >= 1 for status in statuses)
+    assert max(status["swarm_peers"] for status in statuses) == 3, "the trainers never saw each other"
+    for status in statuses:
+        assert status["heldout_loss"] < status["initial_heldout_loss"] - MIN_LOSS_DROP, status
+    assert max_param_difference(*(swarm.checkpoint(name) for name in names)) < PARAM_TOLERANCE
+
+
+@pytest.mark.timeout(300)
+def test_late_joiner_downloads_state_and_catches_up(swarm):
+    epochs = 14
+    _, address = swarm.bootstrap()
+    early = [swarm.trainer(name, [address], f"training.max_epochs={epochs}") for name in ("a", "b")]
+    wait_for(lambda: epoch_of(swarm, "a") >= 5, timeout=180, what="the swarm to reach epoch 5", alive=early)
+
+    swarm.trainer("late", [address], f"training.max_epochs={epochs}")
+    joined_at = epoch_of(swarm, "a")
+    # Training alone from scratch, the late peer would need 192 / 16 = 12 steps for each epoch it skips.
+    synced = wait_for(lambda: (s := swarm.status("late")) and s["epoch"] >= joined_at and s,
+                      timeout=120, what="the late joiner to reach the swarm's epoch")
+    assert synced["steps"] < 12 * joined_at / 2, f"it trained its way there instead of downloading state: {synced}"
+
+    for name in ("a", "b", "late"):
+        assert swarm.processes[["bootstrap", "a", "b", "late"].index(name)].proc.wait(180) == 0
+    assert {swarm.status(name)["epoch"] for name in ("a", "b", "late")} == {epochs}
+    assert max_param_difference(*(swarm.checkpoint(name) for name in ("a", "b", "late"))) < PARAM_TOLERANCE
+
+
+@pytest.mark.timeout(300)
+def test_swarm_survives_a_killed_trainer_and_peers_leave_cleanly(swarm):
+    _, address = swarm.bootstrap()
+    a, b, c = (swarm.trainer(name, [address]) for name in ("a", "b", "c"))
+    wait_for(lambda: min(epoch_of(swarm, name) for name in "abc") >= 3, timeout=180,
+             what="all trainers at epoch 3", alive=[a, b, c])
+
+    c.kill_group()  # the machine of peer c dies: the peer, its DHT process and its p2pd at once
+    killed_at = max(epoch_of(swarm, "a"), epoch_of(swarm, "b"))
+    wait_for(lambda: min(epoch_of(swarm, "a"), epoch_of(swarm, "b")) >= killed_at + 3, timeout=150,
+             what="the survivors to advance 3 epochs after the kill", alive=[a, b])
+
+    b_members = b.group_members()
+    assert len(b_members) >= 2, "expected the peer, its DHT process and p2pd in its process group"
+    started = time.monotonic()
+    b.signal(signal.SIGTERM)
+    assert b.proc.wait(30) == 0, b.log_tail()
+    left_after = time.monotonic() - started
+    assert left_after < 20, f"SIGTERM took {left_after:.1f}s"
+    wait_for(lambda: not b.group_members(), timeout=10, what="b's p2pd and helper processes to exit")
+    assert swarm.status("b")["finished"]
+
+    alone_at = epoch_of(swarm, "a")
+    wait_for(lambda: epoch_of(swarm, "a") >= alone_at + 2, timeout=120, what="a to carry on alone", alive=[a])
