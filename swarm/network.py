@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from pathlib import Path
 from typing import Iterable, Optional
 
 import hivemind
@@ -19,6 +18,7 @@ from hivemind.utils import get_logger
 
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
+from swarm.identity import Identity
 
 logger = get_logger(__name__)
 
@@ -28,36 +28,43 @@ _BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connec
 def start_dht(
     config: NetworkConfig,
     *,
+    identity: Identity,
     record_validators: Iterable[RecordValidatorBase] = (),
-    identity_path: Optional[Path] = None,
+    client_mode: Optional[bool] = None,
     stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (its own process and a p2pd daemon) joined to the swarm.
 
-    :param identity_path: private key file that fixes the peer id; overrides network.identity_path.
+    :param identity: the key that makes this peer's id (see :mod:`swarm.identity`); an ephemeral
+      one's key file is removed once p2pd has read it.
+    :param record_validators: e.g. :func:`swarm.dht_keys.metrics_validators` for this identity.
+    :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
     :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.
     :raises ConfigError: the identity is already used by another peer of the swarm.
     """
-    identity_path = identity_path or config.identity_path
-    if identity_path is not None:
-        Path(identity_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    identity_path = identity.path
+    client_mode = config.client_mode if client_mode is None else client_mode
     stop = stop or threading.Event()
     deadline = time.monotonic() + config.bootstrap_timeout
     delay, attempt = 1.0, 0
     while True:
         attempt += 1
         try:
-            return hivemind.DHT(
+            dht = hivemind.DHT(
                 initial_peers=config.initial_peers,
                 start=True,
                 host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs or None,
-                client_mode=config.client_mode,
+                client_mode=client_mode,
                 use_auto_relay=config.use_auto_relay,
-                identity_path=str(Path(identity_path).expanduser()) if identity_path is not None else None,
+                identity_path=str(identity_path),
+                # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
+                check_if_identity_free=not identity.fresh,
                 record_validators=list(record_validators),
             )
+            identity.discard_file()
+            return dht
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
                 raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
@@ -80,6 +87,15 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     """Addresses others can join with, loopback last (it works only on this machine)."""
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs(latest=True)]
     return sorted(maddrs, key=lambda maddr: ("/127.0.0.1/" in maddr or "/::1/" in maddr, maddr))
+
+
+def reachability(dht: hivemind.DHT) -> str:
+    """``client`` (outbound only), ``relayed`` (reachable through a libp2p relay) or ``direct``."""
+    if dht.client_mode:
+        return "client"
+    maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+    # a peer that found a relay announces circuit addresses: others reach it through the relay
+    return "relayed" if any("/p2p-circuit" in maddr for maddr in maddrs) else "direct"
 
 
 def short_id(dht: hivemind.DHT) -> str:

@@ -7,12 +7,15 @@ peer's inner optimizer with the same averaged gradient, so parameters stay in ag
 
 from __future__ import annotations
 
+import threading
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import hivemind
 import torch
+from hivemind.averaging.control import StepControl
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.config import AveragingConfig, OptimizerConfig, TrainingConfig
 
@@ -39,6 +42,50 @@ def warmup_scheduler_factory(config: OptimizerConfig):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup))
 
 
+class AveragingRounds:
+    """Counts gradient all-reduce rounds by outcome; read from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.ok = 0
+        self.failed = 0
+
+    def record(self, control: StepControl) -> None:
+        if control.cancelled():
+            return  # hivemind cancels a pre-scheduled round when no other peer is left: not a round
+        with self._lock:
+            if control.exception() is None:
+                self.ok += 1
+            else:
+                self.failed += 1
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.ok, self.failed
+
+
+class CountingGradientAverager(GradientAverager):
+    """hivemind's GradientAverager that reports each round's outcome to an :class:`AveragingRounds`.
+
+    hivemind.Optimizer counts nothing itself: it logs "Averaging gradients failed" and proceeds with
+    local gradients. Every round it runs goes through ``step(control=..., wait=False)``, which returns
+    the round's StepControl, a future that ends with the group on success or an error on failure.
+    tests/test_monitor.py checks that both trainers of a swarm count successful rounds.
+    """
+
+    def __init__(self, *args, rounds: AveragingRounds, **kwargs):
+        self.rounds = rounds
+        super().__init__(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        wait = kwargs.get("wait", True)
+        if wait:
+            kwargs["wait"] = False
+        control = super().step(*args, **kwargs)
+        control.add_done_callback(self.rounds.record)
+        return control.result(kwargs.get("timeout")) if wait else control
+
+
 def build_collaborative_optimizer(
     *,
     dht: hivemind.DHT,
@@ -47,11 +94,17 @@ def build_collaborative_optimizer(
     optimizer: OptimizerConfig,
     training: TrainingConfig,
     averaging: AveragingConfig,
+    private_key: Optional[RSAPrivateKey] = None,
+    rounds: Optional[AveragingRounds] = None,
 ) -> hivemind.Optimizer:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
 
     ``client_mode`` is passed equal to the DHT's own: hivemind 1.1.12's optimizer and progress tracker
     disagree on its default otherwise.
+
+    :param private_key: the peer's identity key (:mod:`swarm.identity`). The DHT signs ``[owner:...]``
+      records with one key only, so the progress tracker must sign with the same one.
+    :param rounds: counts gradient averaging rounds by outcome (published in the peer's metrics).
     """
     return hivemind.Optimizer(
         dht=dht,
@@ -68,7 +121,9 @@ def build_collaborative_optimizer(
         client_mode=dht.client_mode,
         averager_opts=dict(request_timeout=averaging.request_timeout),
         # hivemind 1.1.12 forwards averager_opts to the state averager only, not to the gradient averager
-        grad_averager_factory=partial(GradientAverager, request_timeout=averaging.request_timeout),
+        grad_averager_factory=partial(CountingGradientAverager, rounds=rounds or AveragingRounds(),
+                                      request_timeout=averaging.request_timeout),
+        tracker_opts=dict(private_key=private_key) if private_key is not None else None,
         verbose=False,
     )
 
