@@ -19,16 +19,20 @@ from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_pee
 from swarm import checkpoint as ckpt
 from swarm.config import SwarmConfig
 from swarm.data import load_dataset
-from swarm.device import resolve_device
+from swarm.device import describe_device, resolve_device
+from swarm.dht_keys import metrics_validators
 from swarm.errors import CheckpointError
+from swarm.identity import load_identity
+from swarm.metrics import MetricsPublisher, PeerFacts
 from swarm.model import ByteGPT
 from swarm.network import start_dht, visible_maddrs
-from swarm.optim import build_collaborative_optimizer
+from swarm.optim import AveragingRounds, build_collaborative_optimizer
 from swarm.training import TrainingLoop, TrainingStatus
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_SHUTDOWN_TIMEOUT = 8.0  # seconds to say goodbye to averaging groups before leaving anyway
+METRICS_SHUTDOWN_TIMEOUT = 4.0  # seconds to publish the last "left" record before leaving anyway
 
 
 def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> TrainingStatus:
@@ -49,8 +53,10 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         model.load_state_dict(resume_from.model)  # before the optimizer copies the parameters
     model.to(device)
 
-    dht = start_dht(config.network, stop=stop.event)
-    opt = None
+    identity = load_identity(config.network.identity_path)
+    dht = start_dht(config.network, identity=identity, stop=stop.event,
+                    record_validators=metrics_validators(config.run_id, identity.private_key))
+    opt = publisher = None
     try:
         set_log_peer(config.peer.role, str(dht.peer_id))
         logger.info(
@@ -58,6 +64,7 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}; data {dataset.source} "
             f"({dataset.num_train_files} files, {dataset.train.numel() / 1e6:.1f} MB)"
         )
+        rounds = AveragingRounds()
         opt = build_collaborative_optimizer(
             dht=dht,
             run_id=config.run_id,
@@ -65,8 +72,14 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             optimizer=config.optimizer,
             training=config.training,
             averaging=config.averaging,
+            private_key=identity.private_key,
+            rounds=rounds,
         )
         status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
+        if config.metrics is not None:
+            facts = PeerFacts(role=config.peer.role, peer=config.peer, device=describe_device(device))
+            publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
+                                         facts=facts, rounds=rounds).start()
         if resume_from is not None:
             opt.load_state_dict(resume_from.optimizer)
             status.resumed_state_hash = _snapshot(model, opt, config).state_hash
@@ -82,6 +95,8 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         def publish(current: TrainingStatus) -> None:
             if status_file is not None:
                 write_json_atomic(status_file, current.as_dict())
+            if publisher is not None:
+                publisher.update(current)
 
         loop = TrainingLoop(
             model=model,
@@ -102,6 +117,10 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         except KeyboardInterrupt:
             logger.info("interrupted inside a step; leaving without finishing it")
         stop.disarm()
+        if publisher is not None:
+            publisher.update(status)
+            run_bounded("metrics shutdown", publisher.shutdown, METRICS_SHUTDOWN_TIMEOUT)
+            publisher = None
         run_bounded("optimizer shutdown", opt.shutdown, OPTIMIZER_SHUTDOWN_TIMEOUT)
         if config.checkpoint is not None:
             status.last_checkpoint_hash = save()
@@ -111,6 +130,8 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         return status
     finally:
         stop.disarm()
+        if publisher is not None:  # left through an error: no "left" record, the record just expires
+            publisher.shutdown(leave=False, timeout=1.0)
         dht.shutdown()
         reap_children()
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here

@@ -141,6 +141,32 @@ class CheckpointConfig(Section):
     resume: bool = Field(False, description="restore model, optimizer and epoch from dir/latest.pt")
 
 
+class MetricsConfig(Section):
+    """The signed metrics record this peer publishes to the DHT (read by `swarm monitor` and `swarm status`)."""
+
+    period: float = Field(10.0, gt=0, le=3600, description="seconds between records")
+    ttl: float = Field(60.0, gt=0, description="a record expires this long after its last write; must exceed the period")
+
+    @model_validator(mode="after")
+    def _ttl_above_period(self):
+        if self.ttl <= self.period:
+            raise ValueError(f"metrics.ttl ({self.ttl:g}) must be above metrics.period ({self.period:g})")
+        return self
+
+
+class MonitorConfig(Section):
+    """`swarm monitor`: collects every peer's metrics, keeps history, serves a dashboard, an API and /metrics."""
+
+    period: float = Field(10.0, gt=0, le=3600, description="seconds between collections from the DHT")
+    db_path: Path = Field(Path("swarm-monitor.sqlite"), description="SQLite history; a restarted monitor carries on")
+    host: str = Field("127.0.0.1", description="dashboard interface; 0.0.0.0 shows it to the network (read-only)")
+    port: int = Field(8470, ge=0, le=65535, description="dashboard port; 0 picks a free one")
+    history_days: Optional[float] = Field(30.0, gt=0, description="forget history older than this; null = keep all")
+    max_samples_per_second: float = Field(
+        100_000.0, gt=0, description="flag a peer that claims more throughput than this as implausible"
+    )
+
+
 class SwarmConfig(Section):
     run_id: str = Field("swarm", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="peers of one run share it")
     network: NetworkConfig = NetworkConfig()
@@ -151,3 +177,5 @@ class SwarmConfig(Section):
     training: TrainingConfig = TrainingConfig()
     averaging: AveragingConfig = AveragingConfig()
     checkpoint: Optional[CheckpointConfig] = CheckpointConfig()
+    metrics: Optional[MetricsConfig] = MetricsConfig()
+    monitor: MonitorConfig = MonitorConfig()
