@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swarm",
         description="Train one shared model together over the internet, peer to peer.",
         epilog="Exit codes: 0 ok or left cleanly, 1 internal error, 2 usage/config/multiaddr, "
-        "3 no initial peer answered, 4 data, 5 checkpoint, 130 interrupted.",
+        "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,10 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--resume", action="store_true", help="restore model, optimizer and epoch from checkpoint.dir")
     join.add_argument("--status-file", type=Path, help="keep a JSON status of this peer here (for scripts)")
 
-    demo = with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers on 127.0.0.1"))
+    demo = with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
     demo.add_argument("--peers", type=int, default=3, help="number of trainer processes (default 3)")
     demo.add_argument("--epochs", type=int, default=None, help="swarm epochs to train (default: the demo's own)")
     demo.add_argument("--workdir", type=Path, help="keep logs and checkpoints here (default: a temporary folder)")
+
+    monitor = with_peers(with_config(commands.add_parser(
+        "monitor", help="watch a swarm: history in SQLite, a web dashboard, a JSON API and Prometheus /metrics")))
+    monitor.add_argument("--url-file", type=Path, help="also write the dashboard's address here as JSON (for scripts)")
+    monitor.add_argument("--export-csv", type=Path, metavar="DIR",
+                         help="write the history in monitor.db_path as CSV files into DIR and exit (no network)")
+
+    status = with_peers(with_config(commands.add_parser("status", help="print the swarm's peers as a table, from the DHT")))
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                        help="wait this long for the first metrics record (default 10)")
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -67,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     role = {"join": "trainer"}.get(args.command, args.command)
     setup_logging(role)
     code = _run(args)
-    if args.command in ("join", "bootstrap"):
+    if args.command in ("join", "bootstrap", "monitor", "status"):
         # Everything was shut down explicitly. Skip interpreter finalization: hivemind's __del__ hooks
         # would try to shut the same averagers down again and can abort the process on the way out.
         sys.stdout.flush()
@@ -114,4 +125,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from peers.trainer import run_trainer
 
         run_trainer(config, status_file=args.status_file)
+    elif args.command == "monitor":
+        from peers.monitor import export_csv, run_monitor
+
+        if args.export_csv is not None:
+            export_csv(config, args.export_csv)
+        else:
+            run_monitor(config, url_file=args.url_file)
+    elif args.command == "status":
+        from peers.status import run_status
+
+        run_status(config, as_json=args.json, wait=args.wait)
     return exit_codes.OK
