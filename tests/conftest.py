@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -23,8 +25,8 @@ class Swarm:
         self.workdir = workdir
         self.processes: list[PeerProcess] = []
 
-    def start(self, name: str, args: list[str]) -> PeerProcess:
-        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log")
+    def start(self, name: str, args: list[str], program: tuple[str, ...] = ("-m", "peers")) -> PeerProcess:
+        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log", program=program)
         self.processes.append(peer)
         return peer
 
@@ -46,6 +48,18 @@ class Swarm:
             args += ["--set", item]
         return self.start(name, args + list(extra))
 
+    def monitor(self, name: str, initial_peers: list[str], *sets: str) -> tuple[PeerProcess, str]:
+        """A `swarm monitor` on port 0 with its history in ``workdir/<name>.sqlite``; returns it and its URL."""
+        url_file = self.workdir / f"{name}.url.json"
+        url_file.unlink(missing_ok=True)
+        args = ["monitor", "--config", str(DEBUG_CONFIG), "--initial-peers", *initial_peers, "--url-file", str(url_file),
+                "--set", "monitor.port=0", "--set", f"monitor.db_path={self.workdir / name}.sqlite"]
+        for item in sets:
+            args += ["--set", item]
+        peer = self.start(name, args)
+        info = wait_for(lambda: read_json(url_file), timeout=STARTUP_TIMEOUT, what=f"{name} to serve", alive=[peer])
+        return peer, info["url"]
+
     def status(self, name: str) -> dict | None:
         return read_json(self.workdir / name / "status.json")
 
@@ -57,15 +71,32 @@ class Swarm:
             peer.kill_group()
 
 
+@contextlib.contextmanager
+def running_swarm(workdir: Path, failed: Callable[[], bool]):
+    swarm = Swarm(workdir)
+    try:
+        yield swarm
+    finally:
+        if failed():  # the logs of every peer are the first thing one wants when a swarm test fails
+            for peer in swarm.processes:
+                print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
+        swarm.teardown()
+
+
 @pytest.fixture
 def swarm(tmp_path: Path, request):
-    swarm = Swarm(tmp_path)
-    yield swarm
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    if failed:  # the logs of every peer are the first thing one wants when a swarm test fails
-        for peer in swarm.processes:
-            print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
-    swarm.teardown()
+    with running_swarm(tmp_path, lambda: getattr(request.node, "rep_call", None) is not None
+                       and request.node.rep_call.failed) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def module_swarm(tmp_path_factory, request):
+    """One swarm shared by the tests of a module (started by the first test that asks for it)."""
+    failures_before = request.session.testsfailed
+    with running_swarm(tmp_path_factory.mktemp(request.module.__name__),
+                       lambda: request.session.testsfailed > failures_before) as swarm:
+        yield swarm
 
 
 @pytest.hookimpl(wrapper=True)

@@ -57,6 +57,13 @@ def test_environment_variables_reach_every_section():
 
 def test_null_section_turns_feature_off():
     assert load_config(overrides=["checkpoint=null"], environ={}).checkpoint is None
+    assert load_config(overrides=["metrics=null"], environ={}).metrics is None
+
+
+def test_monitor_settings_from_environment():
+    config = load_config(environ={"SWARM_MONITOR_PORT": "9000", "SWARM_MONITOR_DB_PATH": "/data/m.sqlite",
+                                  "SWARM_METRICS_PERIOD": "5"})
+    assert (config.monitor.port, str(config.monitor.db_path), config.metrics.period) == (9000, "/data/m.sqlite", 5.0)
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -65,6 +72,8 @@ def test_null_section_turns_feature_off():
     ("averaging.request_timeout=9", "must be below averaging.matchmaking_time"),
     ("run_id=has space", "run_id"),
     ("optimizer.name=sgd", "'adamw' or 'adamw8bit'"),
+    ("metrics.ttl=1", "metrics.ttl (1) must be above metrics.period (10)"),
+    ("monitor.port=70000", "monitor.port"),
     ("nonsense", "section.key=value"),
 ])
 def test_errors_name_the_key(override, fragment):
@@ -84,4 +93,6 @@ def test_cli_options_are_frozen():
         "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--set", "-h", "--help"]),
         "join": sorted(["--config", "--initial-peers", "--resume", "--set", "--status-file", "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
+        "monitor": sorted(["--config", "--export-csv", "--initial-peers", "--set", "--url-file", "-h", "--help"]),
+        "status": sorted(["--config", "--initial-peers", "--json", "--set", "--wait", "-h", "--help"]),
     }
