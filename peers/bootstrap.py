@@ -8,6 +8,7 @@ runs until SIGINT/SIGTERM and exits non-zero if its DHT dies.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +52,8 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
                 publisher.check()
         stop.disarm()
         if publisher is not None:
-            run_bounded("metrics shutdown", publisher.shutdown, METRICS_SHUTDOWN_TIMEOUT)
+            run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
+                        METRICS_SHUTDOWN_TIMEOUT)
             publisher = None
     finally:
         if publisher is not None:

@@ -16,7 +16,7 @@ from swarm.config import SwarmConfig
 from swarm.dht_keys import metrics_validators
 from swarm.errors import ConfigError
 from swarm.identity import load_identity
-from swarm.network import start_dht
+from swarm.network import client_network, start_dht
 
 RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet
 
@@ -26,7 +26,7 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
         raise ConfigError("swarm status needs the address of a peer: --initial-peers /ip4/.../tcp/.../p2p/...")
     stop = StopSignals()
     identity = load_identity(None)
-    dht = start_dht(client_network(config), identity=identity, client_mode=True, stop=stop.event,
+    dht = start_dht(client_network(config.network), identity=identity, client_mode=True, stop=stop.event,
                     record_validators=metrics_validators(config.run_id, identity.private_key))
     try:
         collector = Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second)
@@ -40,11 +40,6 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
     finally:
         dht.shutdown()
     print(json.dumps(view.as_dict(), indent=2) if as_json else format_table(view), flush=True)
-
-
-def client_network(config: SwarmConfig):
-    """The network section for a client peer on this machine: any free port, whatever the run's config fixes."""
-    return config.network.model_copy(update={"port": 0})
 
 
 COLUMNS = ["PEER", "ROLE", "NAME", "STATE", "EPOCH", "SAMPLES", "SAMPLES/S", "LOSS", "ROUNDS OK/FAILED",

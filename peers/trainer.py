@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -119,7 +120,8 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         stop.disarm()
         if publisher is not None:
             publisher.update(status)
-            run_bounded("metrics shutdown", publisher.shutdown, METRICS_SHUTDOWN_TIMEOUT)
+            run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
+                        METRICS_SHUTDOWN_TIMEOUT)
             publisher = None
         run_bounded("optimizer shutdown", opt.shutdown, OPTIMIZER_SHUTDOWN_TIMEOUT)
         if config.checkpoint is not None:

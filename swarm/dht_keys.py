@@ -59,23 +59,35 @@ REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "imperson
 STATES = ("running", "finished", "left")
 REACHABILITY = ("direct", "relayed", "client")
 
+
+def _one_of(values: tuple[str, ...]):
+    return constr(strict=True, regex="^(" + "|".join(values) + ")$")
+
+
+# pydantic v1 constrained types, named once: strict, so hivemind's SchemaValidator never converts
+_PeerId = constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # a base58 libp2p peer id
+_Role, _State, _Reachability, _Reason = (_one_of(ROLES), _one_of(STATES), _one_of(REACHABILITY),
+                                         _one_of(REFUSAL_REASONS))
 _Name = Optional[constr(strict=True, max_length=64)]
 _Count = conint(strict=True, ge=0, le=2**62)
+_Rate = confloat(strict=True, ge=0.0, le=1e12)
+_Seconds = confloat(strict=True, ge=0.0, le=1e10)
 _Loss = Optional[confloat(strict=True, ge=0.0, le=1e6)]
+_Version = constr(strict=True, max_length=32)
 
 
 class PeerMetrics(BaseModel):
     """One peer's own report. Strict types: hivemind's SchemaValidator refuses anything it would convert."""
 
-    peer_id: constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # base58 libp2p peer id
-    role: constr(strict=True, regex="^(" + "|".join(ROLES) + ")$")
-    state: constr(strict=True, regex="^(" + "|".join(STATES) + ")$")
+    peer_id: _PeerId
+    role: _Role
+    state: _State
     display_name: _Name
     organization: _Name
     device: _Name
     epoch: _Count  # the peer's local epoch (swarm epochs it has applied)
     samples_total: _Count  # samples this process trained on since it started
-    samples_per_second: confloat(strict=True, ge=0.0, le=1e12)
+    samples_per_second: _Rate
     loss: _Loss  # training loss, exponential moving average over local steps
     heldout_loss: _Loss  # mean loss on the fixed held-out batches at the last epoch change
     bytes_sent: Optional[_Count]  # None: cannot be measured on this peer (see swarm.traffic)
@@ -83,10 +95,10 @@ class PeerMetrics(BaseModel):
     rounds_ok: _Count  # gradient all-reduce rounds that completed
     rounds_failed: _Count  # rounds that failed or timed out (the peer then used its local gradients)
     # distinct {run_id}_metrics records this peer's DHT node refused, by reason (attacks it has seen)
-    refused: Dict[constr(strict=True, regex="^(" + "|".join(REFUSAL_REASONS) + ")$"), _Count]
-    reachability: constr(strict=True, regex="^(" + "|".join(REACHABILITY) + ")$")
-    uptime: confloat(strict=True, ge=0.0, le=1e10)  # seconds since the peer process started
-    version: constr(strict=True, max_length=32)
+    refused: Dict[_Reason, _Count]
+    reachability: _Reachability
+    uptime: _Seconds  # seconds since the peer process started
+    version: _Version
     time: StrictFloat  # DHT time of writing
 
     class Config:

@@ -29,7 +29,7 @@ PEER_COLUMNS = ["peer_id", "role", "display_name", "organization", "device", "ve
                 "state", "contributed", "last_samples_total", "last_uptime", "rounds_ok", "rounds_failed"]
 TABLES = {"swarm": SWARM_COLUMNS, "peer_samples": PEER_SAMPLE_COLUMNS, "peers": PEER_COLUMNS}
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS swarm (time REAL NOT NULL, peers_online INTEGER, trainers INTEGER,
     samples_per_second REAL, epoch INTEGER, loss REAL, heldout_loss REAL, samples_total INTEGER,

@@ -63,6 +63,7 @@ class MetricsPublisher:
     ):
         self.dht, self.identity, self.run_id, self.config, self.facts = dht, identity, run_id, config, facts
         self.rounds = rounds
+        self.owner = identity.owner
         self.traffic = TrafficMeter(dht.pid)
         self.started_at = time.monotonic()
         self.stored = 0  # records stored
@@ -96,12 +97,17 @@ class MetricsPublisher:
             raise SwarmError(f"the metrics publisher stopped: {self._error!r}")
 
     def shutdown(self, *, leave: bool = True, timeout: float = STORE_TIMEOUT) -> None:
-        """Stop the thread; with ``leave``, then store a last record saying this peer left."""
+        """Stop the thread; with ``leave``, then store a last record saying this peer left.
+
+        :param timeout: seconds for each of the two waits (the thread, the last store).
+        """
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        if leave and self._error is None:
-            self._publish(state="left", ttl=LEFT_RECORD_TTL)
+        if self._thread.is_alive():
+            logger.warning("the metrics publisher is stuck in a store; leaving without a last record")
+        elif leave and self._error is None:
+            self._publish(state="left", ttl=LEFT_RECORD_TTL, timeout=timeout)
 
     def record(self, state: Optional[str] = None) -> dict:
         """The record as stored: every field of PeerMetrics, in the exact types its schema demands."""
@@ -148,16 +154,16 @@ class MetricsPublisher:
             self._error = e
             self._first.set()
 
-    def _publish(self, *, ttl: float, state: Optional[str] = None) -> None:
+    def _publish(self, *, ttl: float, state: Optional[str] = None, timeout: float = STORE_TIMEOUT) -> None:
         record = self.record(state)
         try:
             stored = self.dht.store(
                 metrics_key(self.run_id),
-                subkey=self.identity.owner,
+                subkey=self.owner,
                 value=record,
                 expiration_time=get_dht_time() + ttl,
                 return_future=True,
-            ).result(STORE_TIMEOUT)
+            ).result(timeout)
         except TimeoutError:
             stored = False
         if stored:

@@ -89,6 +89,12 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return sorted(maddrs, key=lambda maddr: ("/127.0.0.1/" in maddr or "/::1/" in maddr, maddr))
 
 
+def client_network(config: NetworkConfig) -> NetworkConfig:
+    """The network section for a short-lived client on this machine (monitor, status): any free port,
+    whatever port the run's config fixes for its peers."""
+    return config.model_copy(update={"port": 0})
+
+
 def reachability(dht: hivemind.DHT) -> str:
     """``client`` (outbound only), ``relayed`` (reachable through a libp2p relay) or ``direct``."""
     if dht.client_mode:
