@@ -69,8 +69,21 @@ def build_collaborative_optimizer(
         averager_opts=dict(request_timeout=averaging.request_timeout),
         # hivemind 1.1.12 forwards averager_opts to the state averager only, not to the gradient averager
         grad_averager_factory=partial(GradientAverager, request_timeout=averaging.request_timeout),
-        verbose=False,
+        verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
     )
+
+
+def epochs_of_peers(opt: hivemind.Optimizer) -> dict[str, int]:
+    """Every peer's last reported epoch, from the progress records hivemind keeps in the DHT."""
+    found = opt.dht.get(opt.tracker.training_progress_key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    epochs = {}
+    for subkey, record in found.value.items():
+        progress = getattr(record, "value", None)
+        if isinstance(progress, dict) and isinstance(progress.get("epoch"), int):
+            epochs[str(subkey)] = progress["epoch"]
+    return epochs
 
 
 def prefer_as_state_donor(opt: hivemind.Optimizer, bonus: float = INSTITUTION_PRIORITY_BONUS) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from swarm.config import TrainingConfig
 from swarm.data import TextDataset
-from swarm.optim import prefer_as_state_donor
+from swarm.optim import epochs_of_peers, prefer_as_state_donor
 from hivemind.utils import get_logger
 
 logger = get_logger(__name__)
@@ -105,9 +105,27 @@ class TrainingLoop:
                 self._on_new_epoch()
             self._publish(force=False)
         status.heldout_loss = self.evaluate()
+        if self.reached_max_epochs():
+            self._wait_for_stragglers(stop)
         status.finished = True
         self._publish(force=True)
         return status
+
+    def _wait_for_stragglers(self, stop: threading.Event) -> None:
+        """Stay in the swarm (serving state, not training) until every peer has reached the last epoch
+        or ``training.finish_timeout`` passes: a peer one round behind catches up by downloading the
+        final state, which only works while someone who has it is still there."""
+        deadline, announced = time.monotonic() + self.config.finish_timeout, False
+        while time.monotonic() < deadline:
+            behind = [peer for peer, epoch in epochs_of_peers(self.opt).items() if epoch < self.config.max_epochs]
+            if not behind:
+                return
+            if not announced:
+                logger.info(f"reached epoch {self.config.max_epochs}; waiting for {len(behind)} peer(s) to catch up")
+                announced = True
+            if stop.wait(1.0):
+                return
+        logger.warning(f"leaving although some peers are still behind epoch {self.config.max_epochs}")
 
     def reached_max_epochs(self) -> bool:
         return self.config.max_epochs is not None and self.opt.local_epoch >= self.config.max_epochs
