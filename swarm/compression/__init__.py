@@ -1,4 +1,4 @@
-"""Gradient compression for averaging: codecs by name, error feedback, a non-finite guard.
+"""Gradient compression for averaging: codecs by name, error feedback, PowerSGD, a non-finite guard.
 
 This package depends on hivemind and torch only (no other part of swarm), so the averager can use
 it however it wires its config:
@@ -7,6 +7,7 @@ it however it wires its config:
   payloads are hivemind ``runtime_pb2.Tensor`` messages that :func:`decode` reads without knowing
   the codec.
 - :class:`ErrorFeedback` wraps a per-tensor codec and re-sends what it dropped.
+- :class:`PowerSGD` averages a list of tensors through two calls of a given all-reduce.
 - :func:`check_finite` is the guard applied before sending and on receipt.
 """
 
@@ -14,6 +15,7 @@ from hivemind.compression import deserialize_torch_tensor as decode
 
 from swarm.compression.error_feedback import ErrorFeedback
 from swarm.compression.finite import check_finite, nonfinite_indices
+from swarm.compression.powersgd import AllReduce, PowerSGD, PowerSGDPlan, orthonormalize
 from swarm.compression.registry import (
     CODEC_NAMES,
     DEFAULT_ADAPTIVE_THRESHOLD,
@@ -30,13 +32,17 @@ __all__ = [
     "DEFAULT_ADAPTIVE_THRESHOLD",
     "LOW_RANK_CODEC_NAMES",
     "PER_TENSOR_CODEC_NAMES",
+    "AllReduce",
     "ErrorFeedback",
     "NoResidualMemory",
+    "PowerSGD",
+    "PowerSGDPlan",
     "ResidualMemory",
     "check_finite",
     "decode",
     "is_per_tensor",
     "make_codec",
     "nonfinite_indices",
+    "orthonormalize",
     "validate_codec_name",
 ]
