@@ -22,8 +22,8 @@ from swarm.data import load_dataset
 from swarm.device import resolve_device
 from swarm.errors import CheckpointError
 from swarm.model import ByteGPT
+from swarm.collaboration import build_collaboration
 from swarm.network import start_dht, visible_maddrs
-from swarm.optim import build_collaborative_optimizer
 from swarm.training import TrainingLoop, TrainingStatus
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,7 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}; data {dataset.source} "
             f"({dataset.num_train_files} files, {dataset.train.numel() / 1e6:.1f} MB)"
         )
-        opt = build_collaborative_optimizer(
-            dht=dht,
-            run_id=config.run_id,
-            params=model.parameters(),
-            optimizer=config.optimizer,
-            training=config.training,
-            averaging=config.averaging,
-        )
+        opt = build_collaboration(config=config, dht=dht, model=model)
         status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
         if resume_from is not None:
             opt.load_state_dict(resume_from.optimizer)

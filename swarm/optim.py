@@ -13,7 +13,10 @@ from typing import Callable, Iterable
 import hivemind
 import torch
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
+from swarm.collaboration import Collaboration, Counters, SwarmView
+from swarm.compression import make_codec
 from swarm.config import AveragingConfig, OptimizerConfig, TrainingConfig
 
 # State sharing priority is the donor's epoch; institutions add this bonus so that a late joiner
@@ -47,13 +50,22 @@ def build_collaborative_optimizer(
     optimizer: OptimizerConfig,
     training: TrainingConfig,
     averaging: AveragingConfig,
-) -> hivemind.Optimizer:
+) -> HivemindSync:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
 
     ``client_mode`` is passed equal to the DHT's own: hivemind 1.1.12's optimizer and progress tracker
-    disagree on its default otherwise.
+    disagree on its default otherwise. Gradients travel with ``averaging.compression``; ``powersgd``
+    uses hivemind's own PowerSGD averager (which keeps its own error feedback); the per-tensor codecs
+    have none in this mode.
     """
-    return hivemind.Optimizer(
+    averager = partial(GradientAverager, request_timeout=averaging.request_timeout)
+    compression = make_codec("none")
+    if averaging.compression == "powersgd":
+        averager = partial(PowerSGDGradientAverager, averager_rank=averaging.powersgd_rank,
+                           request_timeout=averaging.request_timeout)
+    else:
+        compression = make_codec(averaging.compression, adaptive_threshold=averaging.adaptive_threshold)
+    return HivemindSync(hivemind.Optimizer(
         dht=dht,
         run_id=run_id,
         params=list(params),
@@ -68,30 +80,68 @@ def build_collaborative_optimizer(
         client_mode=dht.client_mode,
         averager_opts=dict(request_timeout=averaging.request_timeout),
         # hivemind 1.1.12 forwards averager_opts to the state averager only, not to the gradient averager
-        grad_averager_factory=partial(GradientAverager, request_timeout=averaging.request_timeout),
+        grad_averager_factory=averager,
+        grad_compression=compression,
         verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
-    )
+    ))
 
 
-def epochs_of_peers(opt: hivemind.Optimizer) -> dict[str, int]:
-    """Every peer's last reported epoch, from the progress records hivemind keeps in the DHT."""
-    found = opt.dht.get(opt.tracker.training_progress_key, latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    epochs = {}
-    for subkey, record in found.value.items():
-        progress = getattr(record, "value", None)
-        if isinstance(progress, dict) and isinstance(progress.get("epoch"), int):
-            epochs[str(subkey)] = progress["epoch"]
-    return epochs
+class HivemindSync(Collaboration):
+    """``averaging.mode: sync``: hivemind.Optimizer averages gradients once the swarm has gathered
+    ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
 
+    def __init__(self, opt: hivemind.Optimizer):
+        self.opt = opt
+        self._counters = Counters()
 
-def prefer_as_state_donor(opt: hivemind.Optimizer, bonus: float = INSTITUTION_PRIORITY_BONUS) -> None:
-    """Advertise this peer's state with its epoch plus ``bonus`` (re-applied after each epoch change)."""
-    if opt.client_mode:
-        return  # client-mode peers cannot serve state
-    priority = float(opt.local_epoch) + bonus
-    averagers = [opt.state_averager] + ([opt.grad_averager] if opt.grad_averager is not None else [])
-    for averager in averagers:
-        if averager.state_sharing_priority != priority:
-            averager.state_sharing_priority = priority
+    @property
+    def local_epoch(self) -> int:
+        return self.opt.local_epoch
+
+    @property
+    def tracker(self):
+        return self.opt.tracker
+
+    def step(self, batch_size: int) -> None:
+        self.opt.step(batch_size=batch_size)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad()
+
+    def swarm_view(self) -> SwarmView:
+        progress = self.opt.tracker.global_progress
+        return SwarmView(num_peers=max(int(progress.num_peers), 1), epoch=int(progress.epoch))
+
+    def epochs_of_peers(self) -> dict[str, int]:
+        """Every peer's last reported epoch, from the progress records hivemind keeps in the DHT."""
+        found = self.opt.dht.get(self.opt.tracker.training_progress_key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        epochs = {}
+        for subkey, record in found.value.items():
+            progress = getattr(record, "value", None)
+            if isinstance(progress, dict) and isinstance(progress.get("epoch"), int):
+                epochs[str(subkey)] = progress["epoch"]
+        return epochs
+
+    def prefer_as_state_donor(self, bonus: float = INSTITUTION_PRIORITY_BONUS) -> None:
+        """Advertise this peer's state with its epoch plus ``bonus`` (re-applied after each epoch change)."""
+        if self.opt.client_mode:
+            return  # client-mode peers cannot serve state
+        priority = float(self.opt.local_epoch) + bonus
+        averagers = [self.opt.state_averager] + ([self.opt.grad_averager] if self.opt.grad_averager is not None else [])
+        for averager in averagers:
+            if averager.state_sharing_priority != priority:
+                averager.state_sharing_priority = priority
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+    def counters(self) -> Counters:
+        return self._counters
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()
