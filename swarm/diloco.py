@@ -55,8 +55,7 @@ class DiLoCo(Collaboration):
         self._shared: Optional[tuple[dict, list[torch.Tensor]]] = None
 
         self.service = AveragingService(
-            dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
-            matchmaking_time=averaging.matchmaking_time, request_timeout=averaging.request_timeout,
+            dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout, request_timeout=averaging.request_timeout,
         ).start()
         self.service.state_provider = lambda: self._shared
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period)
@@ -125,8 +124,8 @@ class DiLoCo(Collaboration):
             self._counters.nonfinite_updates += 1  # the all-reduce makes this peer abstain; logged there
         try:
             group = self.service.form_group(
-                self.round, weight=weight, expected=self.tracker.expected(self.round),
-                timeout=self.averaging.matchmaking_time + 4 * self.averaging.request_timeout,
+                self.round, weight=weight, expected=lambda: self.tracker.expected(self.round),
+                timeout=self.averaging.averaging_timeout,
             )
             averaged, total = self._average(group, deltas, weight), int(group.total_weight)
             if group.size > 1:

@@ -82,9 +82,10 @@ class RoundTracker:
         return others + mine
 
     def expected(self, round_number: int) -> set[PeerID]:
-        """Peers that are training this round (fresh progress records for it), this one included."""
+        """Peers that will take part in this round: those training it or still finishing an earlier one
+        (fresh progress records for a round up to this one), this one included."""
         with self._lock:
-            peers = {peer for peer, p in self._fresh_progress().items() if p.round == round_number}
+            peers = {peer for peer, p in self._fresh_progress().items() if p.round <= round_number}
         result = {self.peer_id}
         for peer in peers:
             try:
@@ -131,8 +132,8 @@ class RoundTracker:
         with self._lock:
             mine, my_state = self._mine, self._my_state
         now = get_dht_time()
-        if mine is not None:
-            self.dht.store(keys.diloco_progress(self.run_id), [mine.round, mine.samples, mine.time],
+        if mine is not None:  # stamped now: the record doubles as this peer's heartbeat
+            self.dht.store(keys.diloco_progress(self.run_id), [mine.round, mine.samples, now],
                            now + keys.PROGRESS_TTL, subkey=self.me)
         if my_state is not None:
             self.dht.store(keys.diloco_state(self.run_id), [my_state.round, my_state.total, my_state.hash, my_state.role],

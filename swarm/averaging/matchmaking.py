@@ -2,10 +2,12 @@
 
 A peer ready to average round ``r`` announces itself in the DHT (``keys.diloco_ready``) and asks
 the smallest ready peer it knows to take it in. That leader waits until every peer expected in the
-round has joined, or ``matchmaking_time`` has passed, then seals the group and tells every member.
-A leader that learns of a smaller ready peer hands its followers over to it. A leader that does not
-answer within ``request_timeout`` is skipped. Join replies stream heartbeats, so a leader cut off
-from the network is noticed within ``request_timeout`` rather than at the end of the round.
+round (alive and not ahead of it, as the caller's progress records tell) has joined, or the deadline
+passes, then seals the group and tells every member. A peer that died stops being expected once its
+progress record goes stale, so a death costs a few seconds, not the deadline. A leader that learns
+of a smaller ready peer hands its followers over to it; a leader that does not answer within
+``request_timeout`` is skipped. Join replies stream heartbeats, so a leader cut off from the network
+is noticed within ``request_timeout``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import hivemind
 from hivemind.p2p import PeerID
@@ -26,6 +28,8 @@ from swarm.averaging import wire
 from swarm.averaging.group import Group, RoundMissed
 
 logger = get_logger(__name__)
+
+READY_RECHECK = 1.0  # seconds between a leader's looks for a smaller ready peer
 
 
 @dataclass
@@ -41,21 +45,23 @@ class Matchmaker:
     """Runs on the averaging service's event loop.
 
     :param get_stub: callable(peer_id) -> stub of the remote averaging servicer.
-    :param matchmaking_time: how long a leader waits for expected peers before sealing.
     :param request_timeout: silence after which a leader counts as gone.
     """
 
-    def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub,
-                 matchmaking_time: float, request_timeout: float):
+    def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub, request_timeout: float):
         self.dht, self.peer_id, self.run_id, self.get_stub = dht, peer_id, run_id, get_stub
-        self.matchmaking_time, self.request_timeout = matchmaking_time, request_timeout
+        self.request_timeout = request_timeout
         self._leading: dict[int, _Lead] = {}
         self._sealed: dict[int, Group] = {}
         self._following: dict[int, PeerID] = {}
         self._role_changed = asyncio.Event()  # set whenever this peer starts leading or following a round
 
-    async def form_group(self, round_number: int, *, weight: float, expected: set[PeerID], deadline: float) -> Group:
+    async def form_group(self, round_number: int, *, weight: float, expected: Callable[[], set[PeerID]],
+                         deadline: float) -> Group:
         """Join (or lead) the group of ``round_number``; ``deadline`` is a ``time.monotonic()`` value.
+
+        :param expected: callable returning the peers a leader should wait for (re-read while waiting,
+          since peers report their progress as they go).
 
         :raises RoundMissed: the round was sealed without this peer, or nobody answered in time.
         """
@@ -83,7 +89,7 @@ class Matchmaker:
             elif code == "closed":
                 raise RoundMissed(f"round {round_number} was sealed without this peer")
             else:
-                logger.debug(f"leader {leader} of round {round_number} unavailable: {payload}")
+                logger.info(f"leader {leader} of round {round_number} unavailable ({code}: {payload}); trying another")
                 excluded.add(leader)
         raise RoundMissed(f"no group for round {round_number} before the deadline")
 
@@ -141,24 +147,31 @@ class Matchmaker:
             self._following[round_number] = follow
         self._role_changed.set()
 
-    async def _lead(self, round_number: int, weight: float, expected: set[PeerID], deadline: float,
+    async def _lead(self, round_number: int, weight: float, expected: Callable[[], set[PeerID]], deadline: float,
                     excluded: set[PeerID]):
+        """Gather the group; returns it, or the smaller ready peer to defer to. Two peers that announced
+        at the same moment may both start leading; the larger one sees the smaller one's announcement
+        within ``READY_RECHECK`` seconds and hands its followers over."""
         lead = self._leading.get(round_number) or _Lead(members={self.peer_id: weight})
         self._set_role(round_number, lead=lead)
-        seal_at = min(time.monotonic() + self.matchmaking_time, deadline)
-        while time.monotonic() < seal_at and not expected <= lead.members.keys():
-            lead.changed.clear()
-            try:
-                await asyncio.wait_for(lead.changed.wait(), max(0.0, seal_at - time.monotonic()))
-            except asyncio.TimeoutError:
+        next_check = 0.0
+        while True:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + READY_RECHECK
+                smaller = [peer for peer in await self._ready_peers(round_number)
+                           if peer.to_bytes() < self.peer_id.to_bytes() and peer not in excluded]
+                if smaller:
+                    lead.redirect = min(smaller, key=lambda peer: peer.to_bytes())
+                    del self._leading[round_number]
+                    lead.done.set()
+                    return lead.redirect
+            if time.monotonic() >= deadline or expected() <= lead.members.keys():
                 break
-        smaller = [peer for peer in await self._ready_peers(round_number)
-                   if peer.to_bytes() < self.peer_id.to_bytes() and peer not in lead.members and peer not in excluded]
-        if smaller:  # someone with precedence is ready too: hand the followers over to them
-            lead.redirect = min(smaller, key=lambda peer: peer.to_bytes())
-            del self._leading[round_number]
-            lead.done.set()
-            return lead.redirect
+            lead.changed.clear()
+            try:  # wake on a join, or now and then to re-read who is expected
+                await asyncio.wait_for(lead.changed.wait(), min(0.25, max(0.0, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
         members = tuple(sorted(lead.members, key=lambda peer: peer.to_bytes()))
         weights = tuple(lead.members[peer] for peer in members)
         group = Group(round_number, os.urandom(16), members, members.index(self.peer_id), weights)

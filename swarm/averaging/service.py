@@ -39,14 +39,13 @@ class AveragingService(ServicerBase):
 
     :param chunk_timeout: silence (s) after which a peer counts as gone during a round. Keep it a few
       times the time one chunk (64 KB) takes on the slowest link, and well below ``round_timeout``.
-    :param matchmaking_time: how long a round's leader waits for the expected peers.
-    :param request_timeout: silence (s) after which a leader counts as gone.
+    :param request_timeout: silence (s) after which a round's leader counts as gone.
     """
 
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, matchmaking_time: float,
-                 request_timeout: float, max_state_bytes: int = 1 << 34):
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
+                 max_state_bytes: int = 1 << 34):
         self.dht, self.run_id = dht, run_id
-        self.chunk_timeout, self.matchmaking_time, self.request_timeout = chunk_timeout, matchmaking_time, request_timeout
+        self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.max_state_bytes = max_state_bytes
         self.namespace = f"{run_id}_swarm_averaging"
         self.peer_id: PeerID = dht.peer_id
@@ -68,7 +67,7 @@ class AveragingService(ServicerBase):
         self._p2p = await self.dht.replicate_p2p()
         self.matchmaker = Matchmaker(
             dht=self.dht, peer_id=self.peer_id, run_id=self.run_id, get_stub=self._stub,
-            matchmaking_time=self.matchmaking_time, request_timeout=self.request_timeout,
+            request_timeout=self.request_timeout,
         )
         await self.add_p2p_handlers(self._p2p, namespace=self.namespace)
 
@@ -99,7 +98,8 @@ class AveragingService(ServicerBase):
             raise
 
     # ---- blocking API for the trainer ---------------------------------------------------
-    def form_group(self, round_number: int, *, weight: float, expected: set[PeerID], timeout: float) -> Group:
+    def form_group(self, round_number: int, *, weight: float, expected: Callable[[], set[PeerID]],
+                   timeout: float) -> Group:
         """:raises RoundMissed: see :meth:`Matchmaker.form_group`."""
         deadline = time.monotonic() + timeout
         coroutine = self.matchmaker.form_group(round_number, weight=weight, expected=expected, deadline=deadline)
@@ -139,7 +139,7 @@ class AveragingService(ServicerBase):
         except (wire.ProtocolError, KeyError, TypeError, ValueError):
             yield wire.response(error="malformed fetch request")
             return
-        waited, limit = 0.0, 2 * (self.matchmaking_time + 30 * self.chunk_timeout)
+        waited, limit = 0.0, 60 * self.chunk_timeout  # a member asks only for what its group will produce
         heartbeat = self.chunk_timeout / 4
         entry = await self.outbox.get(key, heartbeat)
         while entry is None and waited < limit:
