@@ -24,6 +24,7 @@ from swarm.compression import (
     PowerSGD,
     check_finite,
     decode,
+    is_finite,
     is_per_tensor,
     make_codec,
     nonfinite_indices,
@@ -407,6 +408,8 @@ def test_powersgd_bytes_relative_to_uncompressed():
 @pytest.mark.timeout(10)
 def test_check_finite():
     assert check_finite([]) and check_finite([torch.randn(10), torch.arange(5), torch.zeros(0)])
+    huge = [torch.full((10,), 3e38), torch.full((10,), 6e4, dtype=torch.float16)]  # their sums overflow
+    assert check_finite(huge) and is_finite(huge[0]) and is_finite(torch.tensor([1 + 2j]))
     for bad in (float("nan"), float("inf"), float("-inf")):
         tensor = torch.randn(100).half()
         tensor[17] = bad
