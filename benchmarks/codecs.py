@@ -13,9 +13,10 @@ Inputs are N(0, 1) fp32: a vector of 4M values and a 2048 x 2048 matrix (also 4M
 
 Time is the median of ``--reps`` calls after one warm-up call (the first blockwise call also pays
 for importing bitsandbytes, ~1.7 s); the rows compared with one hivemind codec take turns within
-each repetition, so that load from other processes on a shared machine hits them alike. Errors are those of the warm-up call: ||x - x^|| / ||x|| and
-mean((x - x^)^2). PowerSGD's error on N(0, 1) is its worst case (a full-rank matrix whose spectrum
-is flat); gradients are far closer to low rank, and error feedback re-sends what it drops.
+each repetition, so that load from other processes on a shared machine hits them alike.
+Errors are those of the warm-up call: ||x - x^|| / ||x|| and mean((x - x^)^2). PowerSGD's error on
+N(0, 1) is its worst case (a full-rank matrix with a flat spectrum); gradients are far closer to
+low rank, and error feedback re-sends what it drops.
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             row["time_vs_hivemind"] = row["total_ms"] / baseline_ms
             row["earlier_ms"] = EARLIER_MS.get(codec) if impl == "hivemind" and input_name == "vector" else None
             results.append(row)
-        print(f"measured {input_name} {type_name}: {', '.join(f'{r:.0f} ms' for r in (row['total_ms'] for row in rows))}",
-              file=sys.stderr, flush=True)
+        timings = ", ".join(f"{row['total_ms']:.0f} ms" for row in rows)
+        print(f"measured {input_name} {type_name}: {timings}", file=sys.stderr, flush=True)
 
     print_table(results)
     environment = dict(python=platform.python_version(), torch=torch.__version__, hivemind=hivemind.__version__,
