@@ -24,6 +24,7 @@ from swarm.compression import (
     PowerSGD,
     check_finite,
     decode,
+    is_finite,
     is_per_tensor,
     make_codec,
     nonfinite_indices,
@@ -334,6 +335,22 @@ def test_powersgd_error_feedback_bounds_the_accumulated_error():
 
 
 @pytest.mark.timeout(30)
+def test_powersgd_peers_that_differ_for_good_keep_the_mean_bounded_but_grow_their_own_residual():
+    """Documents a limit of PowerSGD's error feedback (see the powersgd module): with a persistent
+    difference between peers, the averaged drift stays bounded while each peer's residual grows."""
+    generator = torch.Generator().manual_seed(12)
+    grads = [[torch.randn(64, 32, generator=generator)] for _ in range(2)]
+    peers, allreduce = [PowerSGD(rank=2) for _ in range(2)], SimulatedAllReduce(2)
+    mean, drift, drifts, residuals = exact_mean(grads)[0], torch.zeros(64, 32, dtype=torch.float64), [], []
+    for _ in range(60):
+        drift += mean.double() - run_round(peers, allreduce, grads)[0][0].double()
+        drifts.append(float(drift.norm() / mean.norm()))
+        residuals.append(peers[0].residual_norm() / float(mean.norm()))
+    assert max(drifts[40:]) <= 1.25 * max(drifts[:20]) and max(drifts) < 15
+    assert residuals[59] >= 2 * residuals[19]
+
+
+@pytest.mark.timeout(30)
 def test_powersgd_zero_and_rank_deficient_tensors_give_no_nan():
     peers, allreduce = [PowerSGD(rank=4) for _ in range(2)], SimulatedAllReduce(2)
     rank_one = torch.outer(torch.arange(1.0, 33.0), torch.ones(40))
@@ -391,6 +408,7 @@ def test_powersgd_without_matrices_makes_one_exact_allreduce_call():
     peer = PowerSGD(rank=4)
     result = peer.average([torch.ones(5), torch.full((2, 2), 3.0)], lambda xs: calls.append(xs) or xs)
     assert len(calls) == 1 and torch.equal(result[1], torch.full((2, 2), 3.0))
+    assert peer.average([], lambda xs: calls.append(xs) or xs) == [] and len(calls) == 1
 
 
 @pytest.mark.timeout(10)
@@ -407,6 +425,8 @@ def test_powersgd_bytes_relative_to_uncompressed():
 @pytest.mark.timeout(10)
 def test_check_finite():
     assert check_finite([]) and check_finite([torch.randn(10), torch.arange(5), torch.zeros(0)])
+    huge = [torch.full((10,), 3e38), torch.full((10,), 6e4, dtype=torch.float16)]  # their sums overflow
+    assert check_finite(huge) and is_finite(huge[0]) and is_finite(torch.tensor([1 + 2j]))
     for bad in (float("nan"), float("inf"), float("-inf")):
         tensor = torch.randn(100).half()
         tensor[17] = bad

@@ -14,7 +14,7 @@ it however it wires its config:
 from hivemind.compression import deserialize_torch_tensor as decode
 
 from swarm.compression.error_feedback import ErrorFeedback
-from swarm.compression.finite import check_finite, nonfinite_indices
+from swarm.compression.finite import check_finite, is_finite, nonfinite_indices
 from swarm.compression.powersgd import AllReduce, PowerSGD, PowerSGDPlan, orthonormalize
 from swarm.compression.registry import (
     CODEC_NAMES,
@@ -40,6 +40,7 @@ __all__ = [
     "ResidualMemory",
     "check_finite",
     "decode",
+    "is_finite",
     "is_per_tensor",
     "make_codec",
     "nonfinite_indices",

@@ -12,6 +12,8 @@ from typing import Hashable, Optional
 import torch
 from hivemind.utils import get_logger
 
+from swarm.compression.finite import is_finite
+
 logger = get_logger(__name__)
 
 
@@ -50,7 +52,7 @@ class ResidualMemory:
     def update(self, key: Hashable, target: torch.Tensor, sent: torch.Tensor) -> None:
         """Remember ``target - sent``: what the peers did not receive of ``target``."""
         residual = target - sent.detach().to(target.device, target.dtype)
-        if not bool(torch.isfinite(residual).all()):
+        if not is_finite(residual):
             self._discard(key, "it is not finite")
             return
         self._residuals[key] = residual
