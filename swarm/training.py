@@ -12,7 +12,7 @@ import math
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +42,7 @@ class TrainingStatus:
     initial_heldout_loss: Optional[float] = None
     swarm_peers: int = 1
     swarm_epoch: int = 0
+    averaging: dict = field(default_factory=dict)  # the collaboration's Counters: rounds, bytes, faults
     last_checkpoint_hash: Optional[str] = None
     resumed_state_hash: Optional[str] = None
     started_at: float = 0.0
@@ -178,5 +179,6 @@ class TrainingLoop:
             return
         view = self.opt.swarm_view()
         self.status.swarm_peers, self.status.swarm_epoch = view.num_peers, view.epoch
+        self.status.averaging = asdict(self.opt.counters())
         self.status.updated_at = now
         self.on_status(self.status)
