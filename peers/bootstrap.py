@@ -14,7 +14,7 @@ from typing import Optional
 
 from peers.lifecycle import StopSignals, run_bounded, set_log_peer, write_json_atomic
 from swarm.config import SwarmConfig
-from swarm.dht_keys import metrics_validators
+from swarm.keys import metrics_validators
 from swarm.errors import SwarmError
 from swarm.identity import load_identity
 from swarm.metrics import MetricsPublisher, PeerFacts

@@ -32,7 +32,7 @@ _peer_tag = _PeerTag()
 
 def setup_logging(role: str) -> None:
     """Configure logging once per process. Level from SWARM_LOGLEVEL (default INFO); hivemind's own
-    messages are shown from WARNING up unless the level is DEBUG."""
+    messages from SWARM_HIVEMIND_LOGLEVEL (default WARNING; INFO shows every averaging outcome)."""
     level = os.environ.get("SWARM_LOGLEVEL", "INFO").upper()
     use_hivemind_log_handler("nowhere")
     handler = logging.StreamHandler()
@@ -41,7 +41,8 @@ def setup_logging(role: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
-    logging.getLogger("hivemind").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
+    hivemind_level = os.environ.get("SWARM_HIVEMIND_LOGLEVEL", "WARNING").upper()
+    logging.getLogger("hivemind").setLevel(hivemind_level if hivemind_level in logging.getLevelNamesMapping() else "WARNING")
     set_log_peer(role, None)
 
 

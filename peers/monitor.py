@@ -14,7 +14,7 @@ from typing import Optional
 from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
 from swarm.collector import Collector
 from swarm.config import SwarmConfig
-from swarm.dht_keys import metrics_validators
+from swarm.keys import metrics_validators
 from swarm.errors import ConfigError, MonitorError, SwarmError
 from swarm.history import History
 from swarm.identity import load_identity

@@ -13,7 +13,7 @@ from typing import Optional
 from peers.lifecycle import StopSignals
 from swarm.collector import Collector, SwarmView
 from swarm.config import SwarmConfig
-from swarm.dht_keys import metrics_validators
+from swarm.keys import metrics_validators
 from swarm.errors import ConfigError
 from swarm.identity import load_identity
 from swarm.network import client_network, start_dht

@@ -21,13 +21,13 @@ from swarm import checkpoint as ckpt
 from swarm.config import SwarmConfig
 from swarm.data import load_dataset
 from swarm.device import describe_device, resolve_device
-from swarm.dht_keys import metrics_validators
+from swarm.keys import metrics_validators
 from swarm.errors import CheckpointError
 from swarm.identity import load_identity
 from swarm.metrics import MetricsPublisher, PeerFacts
 from swarm.model import ByteGPT
+from swarm.collaboration import build_collaboration
 from swarm.network import start_dht, visible_maddrs
-from swarm.optim import AveragingRounds, build_collaborative_optimizer
 from swarm.training import TrainingLoop, TrainingStatus
 
 logger = logging.getLogger(__name__)
@@ -65,22 +65,12 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}; data {dataset.source} "
             f"({dataset.num_train_files} files, {dataset.train.numel() / 1e6:.1f} MB)"
         )
-        rounds = AveragingRounds()
-        opt = build_collaborative_optimizer(
-            dht=dht,
-            run_id=config.run_id,
-            params=model.parameters(),
-            optimizer=config.optimizer,
-            training=config.training,
-            averaging=config.averaging,
-            private_key=identity.private_key,
-            rounds=rounds,
-        )
+        opt = build_collaboration(config=config, dht=dht, model=model, private_key=identity.private_key)
         status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
         if config.metrics is not None:
             facts = PeerFacts(role=config.peer.role, peer=config.peer, device=describe_device(device))
             publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
-                                         facts=facts, rounds=rounds).start()
+                                         facts=facts).start()
         if resume_from is not None:
             opt.load_state_dict(resume_from.optimizer)
             status.resumed_state_hash = _snapshot(model, opt, config).state_hash

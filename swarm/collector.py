@@ -1,7 +1,7 @@
 """Read every peer's metrics record from the DHT and make one swarm-wide view of them.
 
 Records reach this process already checked for signature, schema and identity by the DHT node
-(:mod:`swarm.dht_keys`). What a peer says about itself can still be implausible; such records are
+(:mod:`swarm.keys`). What a peer says about itself can still be implausible; such records are
 *flagged*: kept apart with the reasons, never counted in the swarm's totals. Used by `swarm status`
 (one collection) and `swarm monitor` (one every ``monitor.period``).
 """
@@ -16,7 +16,7 @@ from typing import Optional
 import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
-from swarm.dht_keys import PeerMetrics, metrics_key, parse_metrics, read_refusals
+from swarm.keys import PeerMetrics, metrics_key, parse_metrics, read_refusals
 
 logger = get_logger(__name__)
 

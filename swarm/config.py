@@ -106,16 +106,30 @@ class TrainingConfig(Section):
     batch_size: int = Field(16, ge=1, description="samples per local step")
     target_batch_size: int = Field(4096, ge=1, description="swarm-wide samples per epoch (global batch)")
     max_epochs: Optional[int] = Field(None, ge=1, description="stop at this swarm epoch; null = until stopped")
+    finish_timeout: float = Field(30.0, ge=0, description="after max_epochs, serve state to stragglers this long")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
     seed: int = 0
 
 
-class AveragingConfig(Section):
-    """How peers combine their work (hivemind.Optimizer settings)."""
+CODECS = ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8", "adaptive", "powersgd")
 
-    mode: Literal["sync"] = Field("sync", description="sync: average gradients every swarm epoch")
+
+class AveragingConfig(Section):
+    """How peers combine their work."""
+
+    mode: Literal["sync", "diloco"] = Field(
+        "sync", description="sync: average gradients every swarm epoch (hivemind.Optimizer); "
+        "diloco: local steps, then average pseudo-gradients once per round (see the diloco section)"
+    )
+    compression: Literal[CODECS] = Field("none", description="codec for what peers send each other")
+    error_feedback: bool = Field(True, description="add what compression dropped to the next contribution")
+    powersgd_rank: int = Field(4, ge=1, description="rank of the low-rank approximation (compression: powersgd)")
+    adaptive_threshold: int = Field(
+        65536, ge=1, description="compression: adaptive sends tensors below this many elements in fp16, larger in 8-bit"
+    )
+    chunk_timeout: float = Field(10.0, gt=0, description="diloco: silence after which a peer counts as gone mid-round")
     matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group; 3-5 on LAN, 10-15 over WAN")
     request_timeout: float = Field(3.0, gt=0, description="wait this long for a group leader's answer")
     averaging_timeout: float = Field(60.0, gt=0, description="give up on a round after this long")
@@ -131,6 +145,20 @@ class AveragingConfig(Section):
                 f"averaging.matchmaking_time ({self.matchmaking_time:g})"
             )
         return self
+
+
+class DiLoCoConfig(Section):
+    """DiLoCo rounds: ``inner_steps`` local AdamW steps, then one outer Nesterov step on the averaged
+    pseudo-gradient (parameters at the start of the round minus local parameters)."""
+
+    inner_steps: int = Field(50, ge=1, description="H: nominal local steps per peer per round (DiLoCo uses up to 500)")
+    round_samples: Optional[int] = Field(
+        None, ge=1, description="swarm-wide samples that close a round; null = inner_steps x batch_size x peers"
+    )
+    round_timeout: float = Field(600.0, gt=0, description="a round closes after this many seconds at the latest")
+    outer_lr: float = Field(0.7, gt=0)
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    refresh_period: float = Field(1.0, gt=0, description="seconds between progress reports to the DHT")
 
 
 class CheckpointConfig(Section):
@@ -176,6 +204,7 @@ class SwarmConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     training: TrainingConfig = TrainingConfig()
     averaging: AveragingConfig = AveragingConfig()
+    diloco: DiLoCoConfig = DiLoCoConfig()
     checkpoint: Optional[CheckpointConfig] = CheckpointConfig()
     metrics: Optional[MetricsConfig] = MetricsConfig()
     monitor: MonitorConfig = MonitorConfig()

@@ -1,9 +1,10 @@
 """Publish this peer's signed metrics record to the DHT, every ``metrics.period`` seconds.
 
-The record (:class:`swarm.dht_keys.PeerMetrics`) goes under ``{run_id}_metrics`` with this peer's
+The record (:class:`swarm.keys.PeerMetrics`) goes under ``{run_id}_metrics`` with this peer's
 ``[owner:<RSA key>]`` as subkey, so hivemind's RSASignatureValidator signs it and no other peer can
-overwrite it. Trainers feed their :class:`~swarm.training.TrainingStatus` through :meth:`update`; the
-bootstrap peer publishes a record without training numbers, as a sign of life.
+overwrite it. Trainers feed their :class:`~swarm.training.TrainingStatus` (with the collaboration's averaging
+counters) through :meth:`update`; the bootstrap peer publishes a record without training numbers,
+as a sign of life.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from hivemind.utils import get_dht_time, get_logger
 
 from swarm import __version__
 from swarm.config import MetricsConfig, PeerConfig
-from swarm.dht_keys import PeerMetrics, metrics_key, read_refusals
+from swarm.keys import PeerMetrics, metrics_key, read_refusals
 from swarm.errors import SwarmError
 from swarm.identity import Identity
 from swarm.network import reachability
-from swarm.optim import AveragingRounds
 from swarm.traffic import TrafficMeter
 from swarm.training import TrainingStatus
 
@@ -59,10 +59,8 @@ class MetricsPublisher:
         run_id: str,
         config: MetricsConfig,
         facts: PeerFacts,
-        rounds: Optional[AveragingRounds] = None,
     ):
         self.dht, self.identity, self.run_id, self.config, self.facts = dht, identity, run_id, config, facts
-        self.rounds = rounds
         self.owner = identity.owner
         self.traffic = TrafficMeter(dht.pid)
         self.started_at = time.monotonic()
@@ -113,7 +111,7 @@ class MetricsPublisher:
         """The record as stored: every field of PeerMetrics, in the exact types its schema demands."""
         with self._lock:
             status = self._status
-        ok, failed = self.rounds.snapshot() if self.rounds is not None else (0, 0)
+        averaging = status.averaging if status is not None else {}  # the collaboration's Counters
         traffic = self.traffic.sample()
         if state is None:
             state = "finished" if status is not None and status.finished else "running"
@@ -131,8 +129,8 @@ class MetricsPublisher:
             heldout_loss=_finite_or_none(status.heldout_loss if status else None),
             bytes_sent=traffic[0] if traffic else None,
             bytes_received=traffic[1] if traffic else None,
-            rounds_ok=ok,
-            rounds_failed=failed,
+            rounds_ok=int(averaging.get("rounds_ok", 0)),
+            rounds_failed=int(averaging.get("rounds_failed", 0)),
             refused=self.dht.run_coroutine(read_refusals)["counts"],
             reachability=reachability(self.dht),
             uptime=float(time.monotonic() - self.started_at),

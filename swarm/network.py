@@ -18,7 +18,7 @@ from hivemind.utils import get_logger
 
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
-from swarm.identity import Identity
+from swarm.identity import Identity, load_identity
 
 logger = get_logger(__name__)
 
@@ -28,21 +28,22 @@ _BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connec
 def start_dht(
     config: NetworkConfig,
     *,
-    identity: Identity,
+    identity: Optional[Identity] = None,
     record_validators: Iterable[RecordValidatorBase] = (),
     client_mode: Optional[bool] = None,
     stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (its own process and a p2pd daemon) joined to the swarm.
 
-    :param identity: the key that makes this peer's id (see :mod:`swarm.identity`); an ephemeral
-      one's key file is removed once p2pd has read it.
-    :param record_validators: e.g. :func:`swarm.dht_keys.metrics_validators` for this identity.
+    :param identity: the key that makes this peer's id (see :mod:`swarm.identity`); default: the one at
+      network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
+    :param record_validators: e.g. :func:`swarm.keys.metrics_validators` for this identity.
     :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
     :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.
     :raises ConfigError: the identity is already used by another peer of the swarm.
     """
+    identity = identity or load_identity(config.identity_path)
     identity_path = identity.path
     client_mode = config.client_mode if client_mode is None else client_mode
     stop = stop or threading.Event()

@@ -7,7 +7,6 @@ peer's inner optimizer with the same averaged gradient, so parameters stay in ag
 
 from __future__ import annotations
 
-import threading
 from functools import partial
 from typing import Callable, Iterable, Optional
 
@@ -15,8 +14,11 @@ import hivemind
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.collaboration import Collaboration, Counters, SwarmView
+from swarm.compression import make_codec
 from swarm.config import AveragingConfig, OptimizerConfig, TrainingConfig
 
 # State sharing priority is the donor's epoch; institutions add this bonus so that a late joiner
@@ -42,48 +44,44 @@ def warmup_scheduler_factory(config: OptimizerConfig):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup))
 
 
-class AveragingRounds:
-    """Counts gradient all-reduce rounds by outcome; read from any thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.ok = 0
-        self.failed = 0
-
-    def record(self, control: StepControl) -> None:
-        if control.cancelled():
-            return  # hivemind cancels a pre-scheduled round when no other peer is left: not a round
-        with self._lock:
-            if control.exception() is None:
-                self.ok += 1
-            else:
-                self.failed += 1
-
-    def snapshot(self) -> tuple[int, int]:
-        with self._lock:
-            return self.ok, self.failed
+def count_round(counters: Counters, control: StepControl) -> None:
+    """Add one finished all-reduce round to ``counters`` by its outcome (a done StepControl)."""
+    if control.cancelled():
+        return  # hivemind cancels a pre-scheduled round when no other peer is left: not a round
+    if control.exception() is None:
+        counters.rounds_ok += 1
+    else:
+        counters.rounds_failed += 1  # then hivemind.Optimizer proceeds with local gradients
 
 
-class CountingGradientAverager(GradientAverager):
-    """hivemind's GradientAverager that reports each round's outcome to an :class:`AveragingRounds`.
+class RoundCounting:
+    """Mixin for hivemind's gradient averagers: reports each round's outcome to a :class:`Counters`.
 
     hivemind.Optimizer counts nothing itself: it logs "Averaging gradients failed" and proceeds with
     local gradients. Every round it runs goes through ``step(control=..., wait=False)``, which returns
     the round's StepControl, a future that ends with the group on success or an error on failure.
     tests/test_monitor.py checks that both trainers of a swarm count successful rounds.
+    The counters are written by one thread (the futures' backend) and read by others.
     """
 
-    def __init__(self, *args, rounds: AveragingRounds, **kwargs):
-        self.rounds = rounds
+    def __init__(self, *args, counters: Counters, **kwargs):
+        self.round_counters = counters
         super().__init__(*args, **kwargs)
 
     def step(self, *args, **kwargs):
         wait = kwargs.get("wait", True)
-        if wait:
-            kwargs["wait"] = False
+        kwargs["wait"] = False
         control = super().step(*args, **kwargs)
-        control.add_done_callback(self.rounds.record)
+        control.add_done_callback(partial(count_round, self.round_counters))
         return control.result(kwargs.get("timeout")) if wait else control
+
+
+class CountingGradientAverager(RoundCounting, GradientAverager):
+    pass
+
+
+class CountingPowerSGDAverager(RoundCounting, PowerSGDGradientAverager):
+    pass
 
 
 def build_collaborative_optimizer(
@@ -95,18 +93,26 @@ def build_collaborative_optimizer(
     training: TrainingConfig,
     averaging: AveragingConfig,
     private_key: Optional[RSAPrivateKey] = None,
-    rounds: Optional[AveragingRounds] = None,
-) -> hivemind.Optimizer:
+) -> HivemindSync:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
 
     ``client_mode`` is passed equal to the DHT's own: hivemind 1.1.12's optimizer and progress tracker
-    disagree on its default otherwise.
+    disagree on its default otherwise. Gradients travel with ``averaging.compression``; ``powersgd``
+    uses hivemind's own PowerSGD averager (which keeps its own error feedback); the per-tensor codecs
+    have none in this mode.
 
     :param private_key: the peer's identity key (:mod:`swarm.identity`). The DHT signs ``[owner:...]``
       records with one key only, so the progress tracker must sign with the same one.
-    :param rounds: counts gradient averaging rounds by outcome (published in the peer's metrics).
     """
-    return hivemind.Optimizer(
+    counters = Counters()
+    averager = partial(CountingGradientAverager, counters=counters, request_timeout=averaging.request_timeout)
+    compression = make_codec("none")
+    if averaging.compression == "powersgd":
+        averager = partial(CountingPowerSGDAverager, counters=counters, averager_rank=averaging.powersgd_rank,
+                           request_timeout=averaging.request_timeout)
+    else:
+        compression = make_codec(averaging.compression, adaptive_threshold=averaging.adaptive_threshold)
+    return HivemindSync(hivemind.Optimizer(
         dht=dht,
         run_id=run_id,
         params=list(params),
@@ -121,19 +127,69 @@ def build_collaborative_optimizer(
         client_mode=dht.client_mode,
         averager_opts=dict(request_timeout=averaging.request_timeout),
         # hivemind 1.1.12 forwards averager_opts to the state averager only, not to the gradient averager
-        grad_averager_factory=partial(CountingGradientAverager, rounds=rounds or AveragingRounds(),
-                                      request_timeout=averaging.request_timeout),
+        grad_averager_factory=averager,
+        grad_compression=compression,
         tracker_opts=dict(private_key=private_key) if private_key is not None else None,
-        verbose=False,
-    )
+        verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
+    ), counters)
 
 
-def prefer_as_state_donor(opt: hivemind.Optimizer, bonus: float = INSTITUTION_PRIORITY_BONUS) -> None:
-    """Advertise this peer's state with its epoch plus ``bonus`` (re-applied after each epoch change)."""
-    if opt.client_mode:
-        return  # client-mode peers cannot serve state
-    priority = float(opt.local_epoch) + bonus
-    averagers = [opt.state_averager] + ([opt.grad_averager] if opt.grad_averager is not None else [])
-    for averager in averagers:
-        if averager.state_sharing_priority != priority:
-            averager.state_sharing_priority = priority
+class HivemindSync(Collaboration):
+    """``averaging.mode: sync``: hivemind.Optimizer averages gradients once the swarm has gathered
+    ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
+
+    def __init__(self, opt: hivemind.Optimizer, counters: Optional[Counters] = None):
+        self.opt = opt
+        self._counters = counters or Counters()  # rounds by outcome; bytes are not measured in this mode
+
+    @property
+    def local_epoch(self) -> int:
+        return self.opt.local_epoch
+
+    @property
+    def tracker(self):
+        return self.opt.tracker
+
+    def step(self, batch_size: int) -> None:
+        self.opt.step(batch_size=batch_size)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad()
+
+    def swarm_view(self) -> SwarmView:
+        progress = self.opt.tracker.global_progress
+        return SwarmView(num_peers=max(int(progress.num_peers), 1), epoch=int(progress.epoch))
+
+    def epochs_of_peers(self) -> dict[str, int]:
+        """Every peer's last reported epoch, from the progress records hivemind keeps in the DHT."""
+        found = self.opt.dht.get(self.opt.tracker.training_progress_key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        epochs = {}
+        for subkey, record in found.value.items():
+            progress = getattr(record, "value", None)
+            if isinstance(progress, dict) and isinstance(progress.get("epoch"), int):
+                epochs[str(subkey)] = progress["epoch"]
+        return epochs
+
+    def prefer_as_state_donor(self, bonus: float = INSTITUTION_PRIORITY_BONUS) -> None:
+        """Advertise this peer's state with its epoch plus ``bonus`` (re-applied after each epoch change)."""
+        if self.opt.client_mode:
+            return  # client-mode peers cannot serve state
+        priority = float(self.opt.local_epoch) + bonus
+        averagers = [self.opt.state_averager] + ([self.opt.grad_averager] if self.opt.grad_averager is not None else [])
+        for averager in averagers:
+            if averager.state_sharing_priority != priority:
+                averager.state_sharing_priority = priority
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+    def counters(self) -> Counters:
+        return self._counters
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()

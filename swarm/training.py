@@ -1,7 +1,7 @@
 """The local training loop of a trainer peer, around a collaborative optimizer.
 
-Each local step samples a batch from this peer's shard, backpropagates, and calls ``opt.step()``;
-hivemind decides when the swarm has gathered a global batch and the epoch advances. The loop
+Each local step samples a batch from this peer's shard, backpropagates, and calls the collaboration's
+``step()`` (see :mod:`swarm.collaboration`), which decides when the swarm advances. The loop
 evaluates held-out loss at every epoch change, saves checkpoints periodically, and reports a
 :class:`TrainingStatus` to a callback so the entry point can show or publish it.
 """
@@ -12,15 +12,16 @@ import math
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from hivemind.utils import get_logger
+
+from swarm.collaboration import Collaboration
 from swarm.config import TrainingConfig
 from swarm.data import TextDataset
-from swarm.optim import prefer_as_state_donor
-from hivemind.utils import get_logger
 
 logger = get_logger(__name__)
 
@@ -41,6 +42,7 @@ class TrainingStatus:
     initial_heldout_loss: Optional[float] = None
     swarm_peers: int = 1
     swarm_epoch: int = 0
+    averaging: dict = field(default_factory=dict)  # the collaboration's Counters: rounds, bytes, faults
     last_checkpoint_hash: Optional[str] = None
     resumed_state_hash: Optional[str] = None
     started_at: float = 0.0
@@ -63,7 +65,7 @@ class TrainingLoop:
         self,
         *,
         model: torch.nn.Module,
-        opt,
+        opt: Collaboration,
         dataset: TextDataset,
         config: TrainingConfig,
         seq_len: int,
@@ -100,14 +102,32 @@ class TrainingLoop:
             last_step_end = now
             status.train_loss = loss if status.train_loss is None else 0.9 * status.train_loss + 0.1 * loss
             if self.prefer_as_donor:
-                prefer_as_state_donor(self.opt)
+                self.opt.prefer_as_state_donor()
             if self.opt.local_epoch != status.epoch:
                 self._on_new_epoch()
             self._publish(force=False)
         status.heldout_loss = self.evaluate()
+        if self.reached_max_epochs():
+            self._wait_for_stragglers(stop)
         status.finished = True
         self._publish(force=True)
         return status
+
+    def _wait_for_stragglers(self, stop: threading.Event) -> None:
+        """Stay in the swarm (serving state, not training) until every peer has reached the last epoch
+        or ``training.finish_timeout`` passes: a peer one round behind catches up by downloading the
+        final state, which only works while someone who has it is still there."""
+        deadline, announced = time.monotonic() + self.config.finish_timeout, False
+        while time.monotonic() < deadline:
+            behind = [peer for peer, epoch in self.opt.epochs_of_peers().items() if epoch < self.config.max_epochs]
+            if not behind:
+                return
+            if not announced:
+                logger.info(f"reached epoch {self.config.max_epochs}; waiting for {len(behind)} peer(s) to catch up")
+                announced = True
+            if stop.wait(1.0):
+                return
+        logger.warning(f"leaving although some peers are still behind epoch {self.config.max_epochs}")
 
     def reached_max_epochs(self) -> bool:
         return self.config.max_epochs is not None and self.opt.local_epoch >= self.config.max_epochs
@@ -119,7 +139,7 @@ class TrainingLoop:
         loss.backward()
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
+        self.opt.step(self.config.batch_size)
         self.opt.zero_grad()
         self.status.steps += 1
         self.status.samples += self.config.batch_size
@@ -157,8 +177,8 @@ class TrainingLoop:
         now = time.time()
         if not force and now - self.status.updated_at < self.status_period:
             return
-        progress = self.opt.tracker.global_progress
-        self.status.swarm_peers = max(int(progress.num_peers), 1)
-        self.status.swarm_epoch = int(progress.epoch)
+        view = self.opt.swarm_view()
+        self.status.swarm_peers, self.status.swarm_epoch = view.num_peers, view.epoch
+        self.status.averaging = asdict(self.opt.counters())
         self.status.updated_at = now
         self.on_status(self.status)

@@ -16,6 +16,8 @@ from peers.processes import PeerProcess, read_json, wait_for
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
 STARTUP_TIMEOUT = 90.0  # generous: 2 cores shared by every peer of a test
+# every averaging outcome in the peers' logs, which the fixture prints when a test fails
+os.environ.setdefault("SWARM_HIVEMIND_LOGLEVEL", "INFO")
 
 
 class Swarm:
@@ -79,7 +81,7 @@ def running_swarm(workdir: Path, failed: Callable[[], bool]):
     finally:
         if failed():  # the logs of every peer are the first thing one wants when a swarm test fails
             for peer in swarm.processes:
-                print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
+                print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(80)}")
         swarm.teardown()
 
 

@@ -30,7 +30,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.dht_keys import metrics_key
+from swarm.keys import metrics_key
 from swarm.identity import peer_id_of_owner
 
 FORGED_NAME = "FORGED"

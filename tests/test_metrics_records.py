@@ -17,11 +17,12 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.collector import Collector, plausibility_problems
-from swarm.dht_keys import MAX_RECORD_BYTES, REFUSALS, PeerMetrics, metrics_key, metrics_validators
+from swarm.keys import MAX_RECORD_BYTES, REFUSALS, PeerMetrics, metrics_key, metrics_validators
 from swarm.errors import ConfigError, MonitorError
 from swarm.history import History
 from swarm.identity import load_identity, peer_id_of_owner
-from swarm.optim import AveragingRounds
+from swarm.collaboration import Counters
+from swarm.optim import count_round
 from swarm.traffic import parse_ss
 
 RUN = "unit-run"
@@ -181,14 +182,14 @@ def test_history_of_another_run_or_a_broken_file_is_refused(tmp_path):
 
 
 def test_averaging_rounds_count_outcomes():
-    rounds = AveragingRounds()
+    counters = Counters()
     ok, failed, cancelled = (concurrent.futures.Future() for _ in range(3))
     ok.set_result({"group": 2})
     failed.set_exception(TimeoutError("no group"))
     cancelled.cancel()
     for future in (ok, failed, cancelled):
-        rounds.record(future)
-    assert rounds.snapshot() == (1, 1)
+        count_round(counters, future)
+    assert (counters.rounds_ok, counters.rounds_failed) == (1, 1)
 
 
 SS_OUTPUT = """\

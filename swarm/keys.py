@@ -1,23 +1,17 @@
-"""Every DHT key a swarm run uses, with the schema and signature rules of the ones swarm writes.
+"""Every DHT key the project uses, in one place, with the schema and signature rules of the ones it writes.
 
-=============================================  ==========================  ===========================  ==================
-key (``run_id`` is the run's config value)     written by                  read by                      lives
-=============================================  ==========================  ===========================  ==================
-``{run_id}_metrics``, one subkey per peer:     every trainer and the       ``swarm monitor``,           ``metrics.ttl`` after
-``[owner:<peer's RSA key>]`` ->                bootstrap peer, each its    ``swarm status``             its last write (a last
-:class:`PeerMetrics` (signed, see below)       own subkey, every                                        ``state: left`` record on
-                                               ``metrics.period`` seconds                               a clean leave)
-``{run_id}_progress``, subkey per peer         hivemind.Optimizer's        every trainer's tracker      60 s after its last
-(hivemind's ``LocalTrainingProgress``)         ProgressTracker                                          write (hivemind)
-``{run_id}_grad_averager.0b<bits>`` and        hivemind's averagers        their averagers              a matchmaking round
-``{run_id}_state_averager.0b<bits>``           (matchmaking)                                            (seconds)
-``{run_id}_grad_averager.all_averagers``,      hivemind's averagers        late joiners downloading     about a minute, renewed
-``{run_id}_state_averager.all_averagers``      (state sharing priority)    state                        while the peer runs
-=============================================  ==========================  ===========================  ==================
+| key | written by | read by | lives |
+|---|---|---|---|
+| ``{run_id}_metrics``: one subkey per peer, ``[owner:<its RSA key>]`` -> :class:`PeerMetrics`, signed | every trainer and the bootstrap peer, each its own subkey, every ``metrics.period`` s | ``swarm monitor``, ``swarm status`` | ``metrics.ttl`` after its last write; a clean leave writes a last ``state: left`` record |
+| ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer (signed with the peer's identity key, see :mod:`swarm.optim`) | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
+| ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
+| ``{run_id}_diloco_progress`` | each DiLoCo trainer: ``{round, samples, time}`` under its peer id | DiLoCo trainers: swarm samples this round, who takes part | ``PROGRESS_TTL``, refreshed every ~second |
+| ``{run_id}_diloco_ready_{round}`` | each DiLoCo trainer when it is ready to average ``round`` | matchmaking: who may lead the round | ``READY_TTL`` |
+| ``{run_id}_diloco_state`` | each DiLoCo trainer after every round: ``{round, hash, role, time}`` | state sync: who is ahead, which state the swarm agrees on | ``STATE_TTL``, refreshed |
 
-hivemind computes its own keys from the ``run_id`` passed to ``hivemind.Optimizer`` and validates
-``_progress`` itself (schema + signature). swarm's key ``{run_id}_metrics`` is protected three ways,
-on every peer that stores or fetches it:
+DiLoCo records are stored under the peer id (base58) as subkey, written by the peer itself.
+
+``{run_id}_metrics`` is protected three ways, on every peer that stores or fetches it:
 
 1. hivemind's :class:`RSASignatureValidator`: the subkey names the owner's RSA public key and the
    value carries the owner's signature, so no one else can write or overwrite that subkey;
@@ -50,6 +44,23 @@ from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat
 from swarm.identity import peer_id_of_owner
 
 logger = get_logger(__name__)
+
+PROGRESS_TTL = 30.0
+READY_TTL = 120.0
+STATE_TTL = 60.0
+
+
+def diloco_progress(run_id: str) -> str:
+    return f"{run_id}_diloco_progress"
+
+
+def diloco_ready(run_id: str, round_number: int) -> str:
+    return f"{run_id}_diloco_ready_{round_number}"
+
+
+def diloco_state(run_id: str) -> str:
+    return f"{run_id}_diloco_state"
+
 
 METRICS_SUFFIX = "metrics"
 # A genuine record is about 700 bytes plus a 350-byte signature; anything far larger is an attack.

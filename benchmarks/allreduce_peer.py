@@ -1,0 +1,142 @@
+"""One averaging peer for benchmarks and fault tests: rounds of swarm's all-reduce on a synthetic tensor.
+
+Each round every peer contributes a tensor that is a known function of (its index, the round), so the
+exact average is known; it records what it got to a JSON-lines file, one line per round:
+round, group size, seconds, bytes sent/received, parts dropped, a hash of the result, and its
+maximum error against the exact average of the members that took part. Before each all-reduce it
+writes ``{"state": "allreduce", ...}`` to ``--status`` so a fault injector knows when to strike.
+
+    python benchmarks/allreduce_peer.py --index 0 --listen 127.0.0.1 --out p0.jsonl --status p0.json
+    python benchmarks/allreduce_peer.py --index 1 --initial-peers /ip4/.../p2p/... --out p1.jsonl ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peers.lifecycle import set_log_peer, setup_logging  # noqa: E402
+from swarm.averaging.group import RoundMissed  # noqa: E402
+from swarm.averaging.service import AveragingService  # noqa: E402
+from swarm.compression_plan import CompressionPlan  # noqa: E402
+from swarm.config import AveragingConfig, NetworkConfig  # noqa: E402
+from swarm.network import start_dht, visible_maddrs  # noqa: E402
+from swarm.rounds import RoundTracker  # noqa: E402
+
+
+def contribution(index: int, round_number: int, numel: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * round_number + index)
+    return torch.randn(numel, generator=generator)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen", default="127.0.0.1")
+    parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--megabytes", type=float, default=16.0, help="size of the fp32 tensor")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--expect", type=int, default=1, help="wait for this many peers before round 0")
+    parser.add_argument("--compression", default="none")
+    parser.add_argument("--chunk-timeout", type=float, default=5.0)
+    parser.add_argument("--round-timeout", type=float, default=60.0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--status", type=Path, required=True)
+    parser.add_argument("--address-file", type=Path)
+    args = parser.parse_args()
+
+    setup_logging(f"averager{args.index}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    torch.set_num_threads(1)
+    network = NetworkConfig(listen_host=args.listen, initial_peers=args.initial_peers, bootstrap_timeout=30)
+    averaging = AveragingConfig(compression=args.compression, chunk_timeout=args.chunk_timeout, request_timeout=1.0)
+    dht = start_dht(network)
+    set_log_peer(f"averager{args.index}", str(dht.peer_id))
+    if args.address_file:
+        args.address_file.write_text(json.dumps({"maddrs": visible_maddrs(dht)}))
+    service = AveragingService(dht=dht, run_id="bench", chunk_timeout=averaging.chunk_timeout,
+                               request_timeout=averaging.request_timeout).start()
+    tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
+    plan = CompressionPlan(averaging)
+    numel = int(args.megabytes * (1 << 20) / 4)
+    try:
+        tracker.report(0, 0)
+        deadline = time.monotonic() + 120
+        while len(tracker.expected(0)) < args.expect and time.monotonic() < deadline and not stop.is_set():
+            stop.wait(0.2)
+        for round_number in range(args.rounds):
+            if stop.is_set():
+                break
+            tracker.report(round_number, 1)
+            mine = contribution(args.index, round_number, numel)
+            status = {"state": "matchmaking", "round": round_number, "time": time.time()}
+            args.status.write_text(json.dumps(status))
+            record = {"round": round_number, "index": args.index}
+            try:
+                group = service.form_group(round_number, weight=1.0, expected=lambda: tracker.expected(round_number),
+                                           timeout=args.round_timeout)
+            except RoundMissed as e:
+                record.update(ok=False, error=str(e))
+                _append(args.out, record)
+                continue
+            args.status.write_text(json.dumps({"state": "allreduce", "round": round_number, "time": time.time(),
+                                               "group_size": group.size}))
+            started = time.perf_counter()
+            outcome: dict = {}
+
+            def allreduce(tensors, phase, choose_codec):
+                result = service.allreduce(group, tensors, weight=1.0, phase=phase, choose_codec=choose_codec,
+                                           timeout=args.round_timeout)
+                outcome.update(missing=result.missing_parts, sent=result.bytes_sent, received=result.bytes_received,
+                               contributors=result.contributors)
+                return result.tensors, result.sent
+
+            try:
+                averaged = plan.average([mine], allreduce)[0]
+            except Exception as e:  # recorded: the benchmark counts failed rounds
+                record.update(ok=False, group_size=group.size, error=repr(e), seconds=time.perf_counter() - started)
+                _append(args.out, record)
+                continue
+            finally:
+                service.finish_group(group)
+            members = [_index_of(peer) for peer in group.members]
+            record.update(
+                ok=True, group_size=group.size, seconds=time.perf_counter() - started,
+                finite=bool(torch.isfinite(averaged).all()),
+                hash=hashlib.sha256(averaged.numpy().tobytes()).hexdigest()[:16],
+                bytes_sent=outcome.get("sent", 0), bytes_received=outcome.get("received", 0),
+                missing_parts=outcome.get("missing", []), members=members, numel=numel,
+            )
+            _append(args.out, record)
+        args.status.write_text(json.dumps({"state": "done", "time": time.time()}))
+    finally:
+        tracker.shutdown()
+        service.shutdown()
+        dht.shutdown()
+    os._exit(0)
+
+
+def _index_of(peer) -> str:
+    return peer.to_base58()[-6:]
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Gather the peers of one round into one group, led by the smallest ready peer id.
+
+A peer ready to average round ``r`` announces itself in the DHT (``keys.diloco_ready``) and asks
+the smallest ready peer it knows to take it in. That leader waits until every peer expected in the
+round (alive and not ahead of it, as the caller's progress records tell) has joined, or the deadline
+passes, then seals the group and tells every member. A peer that died stops being expected once its
+progress record goes stale, so a death costs a few seconds, not the deadline. A leader that learns
+of a smaller ready peer hands its followers over to it; a leader that does not answer within
+``request_timeout`` is skipped. Join replies stream heartbeats, so a leader cut off from the network
+is noticed within ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import hivemind
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time, get_logger
+from hivemind.utils.asyncio import aiter_with_timeout
+
+from swarm import keys
+from swarm.averaging import wire
+from swarm.averaging.group import Group, RoundMissed
+
+logger = get_logger(__name__)
+
+READY_RECHECK = 1.0  # seconds between a leader's looks for a smaller ready peer
+
+
+@dataclass
+class _Lead:
+    members: dict[PeerID, float]  # member -> declared weight
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    group: Optional[Group] = None
+    redirect: Optional[PeerID] = None
+
+
+class Matchmaker:
+    """Runs on the averaging service's event loop.
+
+    :param get_stub: callable(peer_id) -> stub of the remote averaging servicer.
+    :param request_timeout: silence after which a leader counts as gone.
+    """
+
+    def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub, request_timeout: float):
+        self.dht, self.peer_id, self.run_id, self.get_stub = dht, peer_id, run_id, get_stub
+        self.request_timeout = request_timeout
+        self._leading: dict[int, _Lead] = {}
+        self._sealed: dict[int, Group] = {}
+        self._following: dict[int, PeerID] = {}
+        self._role_changed = asyncio.Event()  # set whenever this peer starts leading or following a round
+
+    async def form_group(self, round_number: int, *, weight: float, expected: Callable[[], set[PeerID]],
+                         deadline: float) -> Group:
+        """Join (or lead) the group of ``round_number``; ``deadline`` is a ``time.monotonic()`` value.
+
+        :param expected: callable returning the peers a leader should wait for (re-read while waiting,
+          since peers report their progress as they go).
+
+        :raises RoundMissed: the round was sealed without this peer, or nobody answered in time.
+        """
+        await self._announce(round_number)
+        excluded: set[PeerID] = set()
+        suggested: Optional[PeerID] = None
+        while time.monotonic() < deadline:
+            if suggested is not None and suggested not in excluded:
+                leader, suggested = suggested, None
+            else:
+                ready = (await self._ready_peers(round_number)) | {self.peer_id}
+                leader = min(ready - excluded, key=lambda peer: peer.to_bytes())
+            if leader == self.peer_id:
+                outcome = await self._lead(round_number, weight, expected, deadline, excluded)
+                if isinstance(outcome, Group):
+                    return outcome
+                suggested = outcome
+                continue
+            self._set_role(round_number, follow=leader)
+            code, payload = await self._ask_to_join(leader, round_number, weight, deadline)
+            if code == "group":
+                return payload
+            if code == "not_leader":
+                suggested = payload
+            elif code == "closed":
+                raise RoundMissed(f"round {round_number} was sealed without this peer")
+            else:
+                logger.info(f"leader {leader} of round {round_number} unavailable ({code}: {payload}); trying another")
+                excluded.add(leader)
+        raise RoundMissed(f"no group for round {round_number} before the deadline")
+
+    def forget(self, round_number: int) -> None:
+        """Drop the bookkeeping of rounds up to ``round_number``."""
+        for table in (self._leading, self._sealed, self._following):
+            for old in [number for number in table if number <= round_number - 2]:
+                del table[old]
+
+    async def handle_join(self, round_number: int, peer: PeerID, weight: float):
+        """Answer a join request (an async generator of reply dicts, streamed by the servicer)."""
+        if round_number in self._sealed:
+            group = self._sealed[round_number]
+            yield self._group_reply(group) if peer in group.members else {"code": "closed"}
+            return
+        lead = await self._wait_for_role(round_number)
+        if lead is None:
+            if round_number in self._following:
+                yield {"code": "not_leader", "leader": self._following[round_number].to_bytes()}
+            else:  # not taking part in this round: the asker will try someone else
+                yield {"code": "unavailable"}
+            return
+        lead.members[peer] = weight
+        lead.changed.set()
+        yield {"code": "accepted"}
+        while not lead.done.is_set():
+            try:
+                await asyncio.wait_for(lead.done.wait(), self.request_timeout / 3)
+            except asyncio.TimeoutError:
+                yield wire.HEARTBEAT
+        if lead.group is not None:
+            yield self._group_reply(lead.group) if peer in lead.group.members else {"code": "closed"}
+        else:
+            yield {"code": "not_leader", "leader": lead.redirect.to_bytes()}
+
+    async def _wait_for_role(self, round_number: int) -> Optional[_Lead]:
+        """A join may arrive just before this peer, ready itself, has decided whether it leads the round:
+        give it ``request_timeout`` to decide. Returns the lead if it leads, None otherwise."""
+        deadline = time.monotonic() + self.request_timeout
+        while round_number not in self._leading and round_number not in self._following:
+            if round_number in self._sealed or time.monotonic() >= deadline:
+                break
+            self._role_changed.clear()
+            try:
+                await asyncio.wait_for(self._role_changed.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        return self._leading.get(round_number)
+
+    def _set_role(self, round_number: int, *, lead: Optional[_Lead] = None, follow: Optional[PeerID] = None) -> None:
+        if lead is not None:
+            self._following.pop(round_number, None)
+            self._leading[round_number] = lead
+        if follow is not None:
+            self._following[round_number] = follow
+        self._role_changed.set()
+
+    async def _lead(self, round_number: int, weight: float, expected: Callable[[], set[PeerID]], deadline: float,
+                    excluded: set[PeerID]):
+        """Gather the group; returns it, or the smaller ready peer to defer to. Two peers that announced
+        at the same moment may both start leading; the larger one sees the smaller one's announcement
+        within ``READY_RECHECK`` seconds and hands its followers over."""
+        lead = self._leading.get(round_number) or _Lead(members={self.peer_id: weight})
+        self._set_role(round_number, lead=lead)
+        next_check = 0.0
+        while True:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + READY_RECHECK
+                smaller = [peer for peer in await self._ready_peers(round_number)
+                           if peer.to_bytes() < self.peer_id.to_bytes() and peer not in excluded]
+                if smaller:
+                    lead.redirect = min(smaller, key=lambda peer: peer.to_bytes())
+                    del self._leading[round_number]
+                    lead.done.set()
+                    return lead.redirect
+            if time.monotonic() >= deadline or expected() <= lead.members.keys():
+                break
+            lead.changed.clear()
+            try:  # wake on a join, or now and then to re-read who is expected
+                await asyncio.wait_for(lead.changed.wait(), min(0.25, max(0.0, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                pass
+        members = tuple(sorted(lead.members, key=lambda peer: peer.to_bytes()))
+        weights = tuple(lead.members[peer] for peer in members)
+        group = Group(round_number, os.urandom(16), members, members.index(self.peer_id), weights)
+        self._sealed[round_number] = lead.group = group
+        del self._leading[round_number]
+        lead.done.set()
+        return group
+
+    async def _ask_to_join(self, leader: PeerID, round_number: int, weight: float, deadline: float):
+        try:
+            stub = self.get_stub(leader)
+            request = wire.request(round=round_number, weight=weight)
+            stream = await asyncio.wait_for(stub.rpc_join(request), self.request_timeout)
+            async for message in aiter_with_timeout(stream, self.request_timeout):
+                fields = wire.metadata_of(message)
+                code = fields.get("code")
+                if fields == wire.HEARTBEAT or code == "accepted":
+                    if time.monotonic() > deadline:
+                        return "failed", "deadline"
+                    continue
+                if code == "group":
+                    return "group", self._parse_group(round_number, fields)
+                if code == "not_leader":
+                    return "not_leader", PeerID(fields["leader"])
+                return code or "failed", fields
+            return "failed", "stream ended"
+        except (asyncio.TimeoutError, wire.ProtocolError, ConnectionError, OSError, Exception) as e:
+            return "failed", repr(e)
+
+    def _parse_group(self, round_number: int, fields: dict) -> Group:
+        members = tuple(PeerID(raw) for raw in fields["members"])
+        weights = tuple(float(w) for w in fields["weights"])
+        if self.peer_id not in members or list(members) != sorted(members, key=lambda peer: peer.to_bytes()):
+            raise wire.ProtocolError("a group that does not include this peer, or is not sorted")
+        if len(weights) != len(members) or not all(w >= 0 for w in weights):
+            raise wire.ProtocolError("a group whose weights do not match its members")
+        return Group(round_number, bytes(fields["group_id"]), members, members.index(self.peer_id), weights)
+
+    @staticmethod
+    def _group_reply(group: Group) -> dict:
+        return {"code": "group", "group_id": group.group_id, "members": [peer.to_bytes() for peer in group.members],
+                "weights": list(group.weights)}
+
+    async def _announce(self, round_number: int) -> None:
+        key = keys.diloco_ready(self.run_id, round_number)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.dht.store(key, True, get_dht_time() + keys.READY_TTL, subkey=self.peer_id.to_base58())
+        )
+
+    async def _ready_peers(self, round_number: int) -> set[PeerID]:
+        key = keys.diloco_ready(self.run_id, round_number)
+        found = await asyncio.get_running_loop().run_in_executor(None, lambda: self.dht.get(key, latest=True))
+        peers = set()
+        if found is not None and isinstance(found.value, dict):
+            for subkey in found.value:
+                try:
+                    peers.add(PeerID.from_base58(str(subkey)))
+                except Exception:  # a malformed subkey from a broken or hostile peer
+                    continue
+        return peers

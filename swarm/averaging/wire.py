@@ -1,0 +1,97 @@
+"""What travels between peers: small msgpack metadata and tensors split into chunks.
+
+Messages reuse hivemind's ``runtime_pb2.ExpertRequest``/``ExpertResponse`` (a ``metadata`` bytes
+field and a list of tensors), so the project needs no protobuf code of its own. A response stream
+may carry heartbeats (metadata ``{"hb": 1}``, no tensors) while the answering peer waits for its
+data; the caller treats ``chunk_timeout`` seconds without any message as a dead peer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Iterator, Optional
+
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+HEARTBEAT = {"hb": 1}
+MAX_METADATA_BYTES = 1 << 16  # metadata is small by design; anything larger is a hostile or broken peer
+
+
+class ProtocolError(Exception):
+    """A peer sent something that does not follow the protocol (or reported an error)."""
+
+
+def request(**fields: Any) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(fields))
+
+
+def response(tensor_chunk: Optional[runtime_pb2.Tensor] = None, **fields: Any) -> runtime_pb2.ExpertResponse:
+    tensors = [tensor_chunk] if tensor_chunk is not None else []
+    return runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(fields), tensors=tensors)
+
+
+def metadata_of(message) -> dict:
+    if len(message.metadata) > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata of {len(message.metadata)} bytes exceeds {MAX_METADATA_BYTES}")
+    try:
+        fields = MSGPackSerializer.loads(message.metadata) if message.metadata else {}
+    except Exception as e:  # msgpack raises many types on garbage; all mean the same here
+        raise ProtocolError(f"undecodable metadata: {e!r}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError("metadata is not a mapping")
+    return fields
+
+
+def tensor_messages(payloads: list[runtime_pb2.Tensor], **header: Any) -> Iterator[runtime_pb2.ExpertResponse]:
+    """A header message (with ``count``), then every payload split into streaming chunks."""
+    yield response(count=len(payloads), **header)
+    for payload in payloads:
+        for chunk in split_for_streaming(payload):
+            yield response(chunk)
+
+
+async def read_tensor_messages(
+    stream: AsyncIterator[runtime_pb2.ExpertResponse], *, max_bytes: int
+) -> tuple[dict, list[runtime_pb2.Tensor]]:
+    """Inverse of :func:`tensor_messages`, skipping heartbeats.
+
+    :param max_bytes: refuse streams whose tensor data exceeds this (a hostile or confused peer).
+    :raises ProtocolError: on an error reply, a malformed stream or too much data.
+    """
+    header: Optional[dict] = None
+    payloads: list[runtime_pb2.Tensor] = []
+    current: list[runtime_pb2.Tensor] = []
+    expected_chunks, received_bytes = 0, 0
+    async for message in stream:
+        if not message.tensors:
+            fields = metadata_of(message)
+            if fields == HEARTBEAT:
+                continue
+            if "error" in fields:
+                raise ProtocolError(str(fields["error"])[:200])
+            if header is not None:
+                raise ProtocolError("a second header in one stream")
+            header = fields
+            continue
+        if header is None:
+            raise ProtocolError("tensor data before the header")
+        chunk = message.tensors[0]
+        received_bytes += len(chunk.buffer)
+        if received_bytes > max_bytes:
+            raise ProtocolError(f"more than {max_bytes} bytes of tensor data")
+        if not current:
+            if chunk.chunks <= 0:
+                raise ProtocolError("a tensor without a chunk count")
+            expected_chunks = chunk.chunks
+        current.append(chunk)
+        if len(current) == expected_chunks:
+            payloads.append(combine_from_streaming(current))
+            current = []
+    if current:
+        raise ProtocolError("the stream ended in the middle of a tensor")
+    if header is None:
+        raise ProtocolError("the stream ended without a header")
+    if len(payloads) != header.get("count", -1):
+        raise ProtocolError(f"expected {header.get('count')} tensors, received {len(payloads)}")
+    return header, payloads

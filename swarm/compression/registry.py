@@ -1,0 +1,99 @@
+"""The one place that maps the user-facing codec names to codecs.
+
+Every per-tensor codec is one of hivemind's public ``CompressionBase`` classes (or hivemind's own
+``SizeAdaptiveCompression`` composing two of them), so the wire format is hivemind's
+``runtime_pb2.Tensor`` and any peer decodes any payload with ``deserialize_torch_tensor``, without
+knowing which codec the sender chose.
+
+``powersgd`` is a name of the same list but not a per-tensor codec: it compresses a whole set of
+tensors through two all-reduce rounds, see :class:`swarm.compression.powersgd.PowerSGD`.
+
+Sizes on the wire (payload bytes, fp32 input of n values; measured by ``benchmarks/codecs.py``):
+``none`` 4n, ``fp16`` and ``scaled-fp16`` 2n (scaled-fp16 adds 8 bytes per row of the last axis),
+``uint8`` and ``quantile8`` n + 1 KiB (a 256-entry fp32 codebook), ``blockwise8`` n + 1 KiB +
+4 bytes per block of 4096 values. An 8-bit codec therefore makes tensors of fewer than about 350
+values *larger* than raw fp32: that is what ``adaptive`` is for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    Quantile8BitQuantization,
+    ScaledFloat16Compression,
+    SizeAdaptiveCompression,
+    Uniform8BitQuantization,
+)
+
+# Tensors with fewer values go raw whatever the codec: hivemind 1.1.12's uint8 and quantile8 raise
+# on empty tensors and scaled-fp16 raises on 0-d ones, and a value or two costs nothing to send.
+MIN_VALUES_TO_COMPRESS = 2
+
+# hivemind's own examples use 2**16: below it the 1 KiB codebook of an 8-bit codec is not worth it.
+DEFAULT_ADAPTIVE_THRESHOLD = 2**16
+
+_PER_TENSOR: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "scaled-fp16": ScaledFloat16Compression,
+    "uint8": Uniform8BitQuantization,
+    "quantile8": Quantile8BitQuantization,
+    "blockwise8": BlockwiseQuantization,
+}
+
+PER_TENSOR_CODEC_NAMES: tuple[str, ...] = (*_PER_TENSOR, "adaptive")
+"""Names :func:`make_codec` builds: each compresses one tensor into one hivemind payload."""
+
+LOW_RANK_CODEC_NAMES: tuple[str, ...] = ("powersgd",)
+"""Names that compress a set of tensors through all-reduce rounds (built as ``PowerSGD``)."""
+
+CODEC_NAMES: tuple[str, ...] = PER_TENSOR_CODEC_NAMES + LOW_RANK_CODEC_NAMES
+"""Every accepted codec name, in the order the docs and the benchmark list them."""
+
+
+def validate_codec_name(name: str) -> str:
+    """Return ``name`` if it is a codec name; else raise ``ValueError`` listing the accepted ones."""
+    if name not in CODEC_NAMES:
+        raise ValueError(f"unknown codec {name!r}; accepted: {', '.join(CODEC_NAMES)}")
+    return name
+
+
+def is_per_tensor(name: str) -> bool:
+    """True for a codec built by :func:`make_codec`, False for ``powersgd``; ValueError if unknown."""
+    return validate_codec_name(name) in PER_TENSOR_CODEC_NAMES
+
+
+def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD) -> CompressionBase:
+    """Build the per-tensor codec called ``name`` (one of :data:`PER_TENSOR_CODEC_NAMES`).
+
+    :param adaptive_threshold: for ``adaptive`` only: tensors with fewer values than this go fp16,
+      the others blockwise 8-bit. Raise it if small layers (norms, biases, embeddings of a small
+      vocabulary) should keep fp16 precision; lower it to squeeze more bytes out of mid-sized ones.
+      Note that inside hivemind's all-reduce the choice is made on the size of the whole tensor,
+      not of the part being sent.
+    :raises ValueError: the name is unknown (the message lists the accepted names), or it is
+      ``powersgd``, which is not a per-tensor codec.
+    """
+    validate_codec_name(name)
+    if name in LOW_RANK_CODEC_NAMES:
+        raise ValueError(
+            f"{name!r} compresses a whole set of tensors through two all-reduce rounds, not one tensor "
+            f"at a time: build it with swarm.compression.PowerSGD(rank=...); per-tensor codecs: "
+            f"{', '.join(PER_TENSOR_CODEC_NAMES)}"
+        )
+    if adaptive_threshold < MIN_VALUES_TO_COMPRESS:
+        raise ValueError(f"adaptive_threshold must be at least {MIN_VALUES_TO_COMPRESS}, got {adaptive_threshold}")
+    if name == "none":
+        return NoCompression()
+    if name == "adaptive":
+        lossy: CompressionBase = SizeAdaptiveCompression(
+            threshold=adaptive_threshold, less=Float16Compression(), greater_equal=BlockwiseQuantization()
+        )
+    else:
+        lossy = _PER_TENSOR[name]()
+    return SizeAdaptiveCompression(threshold=MIN_VALUES_TO_COMPRESS, less=NoCompression(), greater_equal=lossy)

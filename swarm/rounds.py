@@ -1,0 +1,195 @@
+"""What the swarm is doing, as far as DiLoCo needs to know: a background reporter and reader.
+
+Every ``refresh_period`` seconds the tracker stores this peer's progress (round, samples so far)
+and its state record (round, total samples, state hash, role), and reads everyone else's. The
+trainer's thread reads the latest snapshot without waiting on the network.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import hivemind
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time, get_logger
+
+from swarm import keys
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Progress:
+    round: int
+    samples: int
+    time: float
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    """A peer's outer state: ``total`` is the number of samples the state has seen (same on every peer
+    that holds it), ``hash`` a digest of its tensors."""
+
+    round: int
+    total: int
+    hash: str
+    role: str = "volunteer"
+
+
+class RoundTracker:
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, refresh_period: float):
+        self.dht, self.run_id, self.refresh_period = dht, run_id, refresh_period
+        self.peer_id: PeerID = dht.peer_id
+        self.me = self.peer_id.to_base58()
+        self._lock = threading.Lock()
+        self._mine: Optional[Progress] = None
+        self._my_state: Optional[StateRecord] = None
+        self._progress: dict[str, Progress] = {}
+        self._states: dict[str, StateRecord] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="round-tracker", daemon=True)
+
+    # ---- called by the trainer ---------------------------------------------------------------
+    def start(self) -> "RoundTracker":
+        self.refresh()
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def report(self, round_number: int, samples: int) -> None:
+        with self._lock:
+            self._mine = Progress(round_number, samples, get_dht_time())
+
+    def publish_state(self, record: StateRecord) -> None:
+        """Set this peer's state record and push it out now (not at the next period)."""
+        with self._lock:
+            self._my_state = record
+        self._wake.set()
+
+    def swarm_samples(self, round_number: int) -> int:
+        with self._lock:
+            others = sum(p.samples for peer, p in self._fresh_progress().items() if p.round == round_number and peer != self.me)
+            mine = self._mine.samples if self._mine is not None and self._mine.round == round_number else 0
+        return others + mine
+
+    def expected(self, round_number: int) -> set[PeerID]:
+        """Peers that will take part in this round: those training it or still finishing an earlier one
+        (fresh progress records for a round up to this one), this one included."""
+        with self._lock:
+            peers = {peer for peer, p in self._fresh_progress().items() if p.round <= round_number}
+        result = {self.peer_id}
+        for peer in peers:
+            try:
+                result.add(PeerID.from_base58(peer))
+            except Exception:  # a malformed subkey from a broken or hostile peer
+                continue
+        return result
+
+    def rounds_of_peers(self) -> dict[str, int]:
+        with self._lock:
+            found = {peer: p.round for peer, p in self._fresh_progress().items()}
+            if self._mine is not None:
+                found[self.me] = self._mine.round
+        return found
+
+    def states(self) -> dict[str, StateRecord]:
+        with self._lock:
+            states = dict(self._states)
+            if self._my_state is not None:
+                states[self.me] = self._my_state
+        return states
+
+    def num_peers(self) -> int:
+        return len(self.rounds_of_peers()) or 1
+
+    # ---- background ------------------------------------------------------------------------------
+    def _fresh_progress(self) -> dict[str, Progress]:
+        horizon = get_dht_time() - max(3 * self.refresh_period, 5.0)
+        return {peer: p for peer, p in self._progress.items() if p.time >= horizon}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_period)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.refresh()
+            except Exception as e:  # the DHT can fail transiently; report and go on (counted in logs)
+                logger.warning(f"could not refresh swarm progress: {e!r}")
+
+    def refresh(self) -> None:
+        """Store this peer's records and read everyone's (blocking DHT calls)."""
+        with self._lock:
+            mine, my_state = self._mine, self._my_state
+        now = get_dht_time()
+        if mine is not None:  # stamped now: the record doubles as this peer's heartbeat
+            self.dht.store(keys.diloco_progress(self.run_id), [mine.round, mine.samples, now],
+                           now + keys.PROGRESS_TTL, subkey=self.me)
+        if my_state is not None:
+            self.dht.store(keys.diloco_state(self.run_id), [my_state.round, my_state.total, my_state.hash, my_state.role],
+                           now + keys.STATE_TTL, subkey=self.me)
+        progress = _parse(self.dht.get(keys.diloco_progress(self.run_id), latest=True), _progress_of)
+        states = _parse(self.dht.get(keys.diloco_state(self.run_id), latest=True), _state_of)
+        with self._lock:
+            self._progress, self._states = progress, states
+
+
+def _parse(found, convert) -> dict:
+    parsed = {}
+    if found is None or not isinstance(found.value, dict):
+        return parsed
+    for subkey, item in found.value.items():
+        value = convert(getattr(item, "value", None))
+        if value is not None:
+            parsed[str(subkey)] = value
+    return parsed
+
+
+def _progress_of(value) -> Optional[Progress]:
+    if (isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[0], int) and isinstance(value[1], int)
+            and isinstance(value[2], (int, float)) and value[0] >= 0 and value[1] >= 0):
+        return Progress(int(value[0]), int(value[1]), float(value[2]))
+    return None
+
+
+def _state_of(value) -> Optional[StateRecord]:
+    if (isinstance(value, (list, tuple)) and len(value) == 4 and isinstance(value[0], int) and isinstance(value[1], int)
+            and isinstance(value[2], str) and len(value[2]) <= 128 and isinstance(value[3], str)):
+        return StateRecord(int(value[0]), int(value[1]), value[2], value[3][:32])
+    return None
+
+
+def choose_donor(me: str, states: dict[str, StateRecord]) -> Optional[tuple[str, StateRecord]]:
+    """Which peer's state this peer should adopt, or None if its own is the one the swarm agrees on.
+
+    The agreed state is the one that has seen the most samples; ties go to the state held by more
+    peers, then to the smaller hash. Every peer with the same view reaches the same answer, so a split
+    swarm (after a fault or a partition) converges on one state. Among the holders of that state,
+    institutions are preferred as donors.
+    """
+    if me not in states:
+        return None
+    holders: dict[tuple[int, str], list[str]] = {}
+    for peer, record in states.items():
+        holders.setdefault((record.total, record.hash), []).append(peer)
+    best = max(holders, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
+    mine = states[me]
+    if best == (mine.total, mine.hash):
+        return None
+    donors = sorted(holders[best], key=lambda peer: (states[peer].role != "institution", peer))
+    return donors[0], states[donors[0]]
+
+
+def _reverse(text: str) -> tuple:
+    """Orders strings so that max() picks the smallest."""
+    return tuple(-ord(char) for char in text)
