@@ -135,7 +135,8 @@ async def run_allreduce(
 
     # 2. reduce my part: my own slices plus every other member's
     my_numels = [b - a for a, b in (bucket_bounds[me] for bucket_bounds in bounds)]
-    totals = [vector[a:b] * weight for vector, (a, b) in zip(buckets.vectors, (bb[me] for bb in bounds))]
+    mine = [vector[a:b] for vector, (a, b) in zip(buckets.vectors, (bb[me] for bb in bounds))]
+    totals = [part * weight if finite else torch.zeros_like(part) for part in mine]  # NaN * 0 is still NaN
     total_weight, contributors, refused, received = weight, int(finite), 0, 0
 
     async def gather_input(index: int, peer: PeerID):
@@ -168,11 +169,11 @@ async def run_allreduce(
     # 3. fetch every reduced part; my own is used as the others will decode it
     results: dict[int, list[torch.Tensor]] = {}
     missing: set[int] = set()
-    mine = [_decode(p, numel) for p, numel in zip(reduced, my_numels)]
-    if any(part is None for part in mine):
+    own = [_decode(p, numel) for p, numel in zip(reduced, my_numels)]
+    if any(part is None for part in own):
         missing.add(me)
     else:
-        results[me] = mine
+        results[me] = own
 
     async def gather_output(index: int, peer: PeerID):
         numels = [bucket_bounds[index][1] - bucket_bounds[index][0] for bucket_bounds in bounds]
