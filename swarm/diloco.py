@@ -105,6 +105,9 @@ class DiLoCo(Collaboration):
         self._publish_state()
 
     def counters(self) -> Counters:
+        shared = self._shared[0] if self._shared is not None else {}
+        self._counters.extra = {"state_hash": shared.get("hash", "")[:16], "total_samples": self.total_samples,
+                                "residual_norm": round(self.compression.residual_norm(), 6)}
         return self._counters
 
     def shutdown(self) -> None:
