@@ -54,7 +54,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--status", type=Path, required=True)
     parser.add_argument("--address-file", type=Path)
+    parser.add_argument("--dump", type=Path, help="save each round's result here as round<r>.pt")
+    parser.add_argument("--nan-at-round", type=int, default=-1, help="contribute NaN in this round (a broken peer)")
+    parser.add_argument("--rogue", action="store_true",
+                        help="skip this peer's own NaN check, as a hostile or buggy peer would, so NaN goes out")
     args = parser.parse_args()
+    if args.rogue:  # this process plays a peer running different code: it sends whatever it has
+        import swarm.averaging.allreduce as allreduce_module
+        from hivemind.compression.serialization import deserialize_torch_tensor
+
+        allreduce_module._decode = lambda payload, numel: deserialize_torch_tensor(payload).reshape(-1).float()
 
     setup_logging(f"averager{args.index}")
     stop = threading.Event()
@@ -81,9 +90,11 @@ def main() -> None:
                 break
             tracker.report(round_number, 1)
             mine = contribution(args.index, round_number, numel)
+            if round_number == args.nan_at_round:
+                mine[::7] = float("nan")
             status = {"state": "matchmaking", "round": round_number, "time": time.time()}
             args.status.write_text(json.dumps(status))
-            record = {"round": round_number, "index": args.index}
+            record = {"round": round_number, "index": args.index, "me": _index_of(dht.peer_id)}
             try:
                 group = service.form_group(round_number, weight=1.0, expected=lambda: tracker.expected(round_number),
                                            timeout=args.round_timeout)
@@ -112,6 +123,9 @@ def main() -> None:
             finally:
                 service.finish_group(group)
             members = [_index_of(peer) for peer in group.members]
+            if args.dump:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                torch.save(averaged, args.dump / f"round{round_number}.pt")
             record.update(
                 ok=True, group_size=group.size, seconds=time.perf_counter() - started,
                 finite=bool(torch.isfinite(averaged).all()),

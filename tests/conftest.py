@@ -27,20 +27,23 @@ class Swarm:
         self.workdir = workdir
         self.processes: list[PeerProcess] = []
 
-    def start(self, name: str, args: list[str], program: tuple[str, ...] = ("-m", "peers")) -> PeerProcess:
-        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log", program=program)
+    def start(self, name: str, args: list[str], program: tuple[str, ...] | None = None) -> PeerProcess:
+        options = {"program": program} if program else {}
+        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log", **options)
         self.processes.append(peer)
         return peer
 
-    def bootstrap(self, *extra: str, name: str = "bootstrap") -> tuple[PeerProcess, str]:
+    def bootstrap(self, *extra: str, name: str = "bootstrap", program=None) -> tuple[PeerProcess, str]:
         address_file = self.workdir / f"{name}.json"
         address_file.unlink(missing_ok=True)
         peer = self.start(name, ["bootstrap", "--config", str(DEBUG_CONFIG), "--identity",
-                                 str(self.workdir / f"{name}.key"), "--address-file", str(address_file), *extra])
+                                 str(self.workdir / f"{name}.key"), "--address-file", str(address_file), *extra],
+                          program)
         info = wait_for(lambda: read_json(address_file), timeout=STARTUP_TIMEOUT, what=f"{name} to start", alive=[peer])
         return peer, info["maddrs"][0]
 
-    def trainer(self, name: str, initial_peers: list[str], *sets: str, extra: tuple[str, ...] = ()) -> PeerProcess:
+    def trainer(self, name: str, initial_peers: list[str], *sets: str, extra: tuple[str, ...] = (),
+                program=None) -> PeerProcess:
         peer_dir = self.workdir / name
         args = ["join", "--config", str(DEBUG_CONFIG), "--status-file", str(peer_dir / "status.json"),
                 "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}"]
@@ -48,7 +51,7 @@ class Swarm:
             args += ["--initial-peers", *initial_peers]
         for item in sets:
             args += ["--set", item]
-        return self.start(name, args + list(extra))
+        return self.start(name, args + list(extra), program)
 
     def monitor(self, name: str, initial_peers: list[str], *sets: str) -> tuple[PeerProcess, str]:
         """A `swarm monitor` on port 0 with its history in ``workdir/<name>.sqlite``; returns it and its URL."""

@@ -9,17 +9,21 @@ from swarm import checkpoint as ckpt
 from swarm.errors import CheckpointError
 
 
+MODES = {"sync": ("averaging.mode=sync",), "diloco": ("averaging.mode=diloco", "diloco.inner_steps=5")}
+
+
 @pytest.mark.timeout(240)
-def test_resume_restores_model_optimizer_and_epoch(swarm):
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_restores_model_optimizer_and_epoch(swarm, mode):
     # A lone trainer is a swarm of one: no initial peers, nothing to wait for.
-    first = swarm.trainer("solo", [], "training.max_epochs=3", "checkpoint.every_epochs=1")
+    first = swarm.trainer("solo", [], "training.max_epochs=3", "checkpoint.every_epochs=1", *MODES[mode])
     assert first.proc.wait(150) == 0, first.log_tail()
     saved = swarm.status("solo")
     assert saved["epoch"] == 3 and saved["last_checkpoint_hash"]
     on_disk = torch.load(swarm.checkpoint("solo"), weights_only=True)
     assert on_disk["state_hash"] == saved["last_checkpoint_hash"] and on_disk["local_epoch"] == 3
 
-    resumed = swarm.trainer("solo", [], "training.max_epochs=5", extra=("--resume",))
+    resumed = swarm.trainer("solo", [], "training.max_epochs=5", *MODES[mode], extra=("--resume",))
     assert resumed.proc.wait(150) == 0, resumed.log_tail()
     status = swarm.status("solo")
     assert status["resumed_state_hash"] == saved["last_checkpoint_hash"]

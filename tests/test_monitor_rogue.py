@@ -9,6 +9,7 @@ malformed and an oversized one, an implausible one and a plausible one of its ow
 from __future__ import annotations
 
 import json
+import sys
 import urllib.request
 
 import pytest
@@ -51,7 +52,7 @@ def test_rogue_peer_cannot_forge_records_or_break_the_monitor(swarm):
     collections_before = get_json(url + "api/swarm")["collections"]
 
     report_file = swarm.workdir / "rogue.json"
-    rogue = swarm.start("rogue", [address, "swarm-debug", victim_id, str(report_file)], program=(str(ROGUE),))
+    rogue = swarm.start("rogue", [address, "swarm-debug", victim_id, str(report_file)], program=(sys.executable, str(ROGUE)))
     report = wait_for(lambda: read_json(report_file), timeout=120, what="the rogue's first attack", alive=[rogue])
     rogue_ids = report["peer_ids"]
 
