@@ -9,7 +9,11 @@ from swarm import checkpoint as ckpt
 from swarm.errors import CheckpointError
 
 
-MODES = {"sync": ("averaging.mode=sync",), "diloco": ("averaging.mode=diloco", "diloco.inner_steps=5")}
+MODES = {
+    "sync": ("averaging.mode=sync",),
+    "diloco": ("averaging.mode=diloco", "diloco.inner_steps=5"),
+    "sync-adamw8bit": ("averaging.mode=sync", "optimizer.name=adamw8bit"),  # bitsandbytes' 8-bit AdamW, on CPU here
+}
 
 
 @pytest.mark.timeout(240)

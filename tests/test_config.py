@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from peers.cli import build_parser
@@ -85,3 +86,20 @@ def test_cli_options_are_frozen():
         "join": sorted(["--config", "--initial-peers", "--resume", "--set", "--status-file", "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
     }
+
+
+def test_forced_device_that_is_missing_is_a_config_error():
+    from swarm.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="training.device: 'cuda' is not available"):
+            resolve_device("cuda")
+
+
+def test_config_codec_names_are_the_registry_names():
+    from swarm.compression import CODEC_NAMES
+    from swarm.config import CODECS
+
+    assert set(CODECS) == set(CODEC_NAMES)
