@@ -123,15 +123,20 @@ def _snapshot(model: torch.nn.Module, opt, config: SwarmConfig) -> ckpt.Checkpoi
 
 
 def _preflight_checkpoint(config: SwarmConfig, model_config: dict) -> Optional[ckpt.Checkpoint]:
-    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use."""
+    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use.
+
+    ``checkpoint.resume: auto`` resumes when a checkpoint is there and starts fresh otherwise, so a
+    container restarted with the same state volume carries on where it stopped.
+    """
     if config.checkpoint is None:
         return None
     path = ckpt.checkpoint_path(config.checkpoint.dir)
-    if config.checkpoint.resume:
+    resume = path.exists() if config.checkpoint.resume == "auto" else config.checkpoint.resume
+    if resume:
         return ckpt.load_checkpoint(config.checkpoint.dir, run_id=config.run_id, model_config=model_config)
     if path.exists():
         raise CheckpointError(
-            f"a checkpoint already exists at {path}; pass --resume to continue from it, "
-            f"or set checkpoint.dir to another folder"
+            f"a checkpoint already exists at {path}; pass --resume (or set checkpoint.resume=auto) to continue "
+            f"from it, or set checkpoint.dir to another folder"
         )
     return None

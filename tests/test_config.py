@@ -49,10 +49,16 @@ def test_environment_variables_reach_every_section():
         "SWARM_TRAINING_DEVICE": "cpu",
         "SWARM_CHECKPOINT_RESUME": "true",
         "SWARM_LOGLEVEL": "DEBUG",  # reserved: read by the entry point, not a config key
+        "SWARM_STATUS_FILE": "/var/lib/swarm/status.json",  # reserved too: the default of --status-file
     })
     assert config.network.initial_peers == [peer, peer]
     assert str(config.data.path) == "/data" and config.peer.display_name == "lab-7"
     assert config.peer.organization == "Uni" and config.training.device == "cpu" and config.checkpoint.resume
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_checkpoint_resume_is_true_false_or_auto(value, expected):
+    assert load_config(environ={"SWARM_CHECKPOINT_RESUME": value}).checkpoint.resume == expected
 
 
 def test_null_section_turns_feature_off():
@@ -65,6 +71,7 @@ def test_null_section_turns_feature_off():
     ("averaging.request_timeout=9", "must be below averaging.matchmaking_time"),
     ("run_id=has space", "run_id"),
     ("optimizer.name=sgd", "'adamw' or 'adamw8bit'"),
+    ("checkpoint.resume=sometimes", "checkpoint.resume: expected true, false or auto, got 'sometimes'"),
     ("nonsense", "section.key=value"),
 ])
 def test_errors_name_the_key(override, fragment):
