@@ -88,7 +88,10 @@ def test_cli_options_are_frozen():
     seen = {name: sorted(opt for action in sub._actions for opt in action.option_strings)
             for name, sub in commands.items() if name != "config"}
     assert seen == {
-        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--set", "-h", "--help"]),
-        "join": sorted(["--config", "--initial-peers", "--resume", "--set", "--status-file", "-h", "--help"]),
+        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--initial-peers-file",
+                             "--set", "--status-file", "-h", "--help"]),
+        "join": sorted(["--config", "--initial-peers", "--initial-peers-file", "--resume", "--set", "--status-file",
+                        "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
+        "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
     }
