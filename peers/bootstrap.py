@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
+from peers.status_file import StatusFile
 from swarm.config import SwarmConfig
 from swarm.errors import SwarmError
 from swarm.network import start_dht, visible_maddrs
@@ -21,10 +22,14 @@ DEFAULT_IDENTITY = Path("~/.swarm/bootstrap.key")
 LIVENESS_PERIOD = 2.0  # seconds between checks that the DHT process is still alive
 
 
-def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path]) -> None:
+def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path],
+                  status_path: Optional[Path] = None) -> None:
     stop = StopSignals()
     identity_path = Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY).expanduser()
     dht = start_dht(config.network, identity_path=identity_path, stop=stop.event)
+    state = {"peer_id": str(dht.peer_id), "role": "bootstrap", "finished": False}
+    status_file = StatusFile(status_path, dht=dht, snapshot=lambda: dict(state),
+                             initial_peers=len(config.network.initial_peers))
     try:
         set_log_peer("bootstrap", str(dht.peer_id))
         maddrs = visible_maddrs(dht)
@@ -34,10 +39,14 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
         print("swarm bootstrap peer is running. Others join with:", flush=True)
         for maddr in maddrs:
             print(f"  swarm join --initial-peers {maddr}", flush=True)
+        status_file.start()
         while not stop.event.wait(LIVENESS_PERIOD):
             if not dht.is_alive():
                 raise SwarmError("the DHT process of this bootstrap peer died; restart it")
         stop.disarm()
     finally:
+        status_file.shutdown()
         dht.shutdown()
+        state["finished"] = True
+        status_file.publish()
     logger.info("bootstrap peer left cleanly")

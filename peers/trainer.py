@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer, write_json_atomic
+from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer
+from peers.status_file import StatusFile
 from swarm import checkpoint as ckpt
 from swarm.config import SwarmConfig
 from swarm.data import load_dataset
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_SHUTDOWN_TIMEOUT = 8.0  # seconds to say goodbye to averaging groups before leaving anyway
 
 
-def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> TrainingStatus:
+def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> TrainingStatus:
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -50,7 +51,7 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
     model.to(device)
 
     dht = start_dht(config.network, stop=stop.event)
-    opt = None
+    opt = status_file = None
     try:
         set_log_peer(config.peer.role, str(dht.peer_id))
         logger.info(
@@ -72,9 +73,10 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             ckpt.save_checkpoint(config.checkpoint.dir, snapshot)
             return snapshot.state_hash
 
-        def publish(current: TrainingStatus) -> None:
-            if status_file is not None:
-                write_json_atomic(status_file, current.as_dict())
+        status.epoch = status.start_epoch = opt.local_epoch
+        status_file = StatusFile(status_path, dht=dht, snapshot=status.as_dict,
+                                 initial_peers=len(config.network.initial_peers))
+        status_file.start()
 
         loop = TrainingLoop(
             model=model,
@@ -88,22 +90,25 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             prefer_as_donor=config.peer.role == "institution",
             save_checkpoint=save if config.checkpoint is not None else None,
             checkpoint_every=config.checkpoint.every_epochs if config.checkpoint is not None else None,
-            on_status=publish,
+            on_status=lambda current: status_file.publish(),
         )
         try:
             loop.run(stop.event)
         except KeyboardInterrupt:
             logger.info("interrupted inside a step; leaving without finishing it")
         stop.disarm()
+        status_file.shutdown()
         run_bounded("optimizer shutdown", opt.shutdown, OPTIMIZER_SHUTDOWN_TIMEOUT)
         if config.checkpoint is not None:
             status.last_checkpoint_hash = save()
             logger.info(f"checkpoint saved to {ckpt.checkpoint_path(config.checkpoint.dir)}")
         status.finished = True
-        publish(status)
+        status_file.publish()
         return status
     finally:
         stop.disarm()
+        if status_file is not None:
+            status_file.shutdown()
         dht.shutdown()
         reap_children()
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here
@@ -116,15 +121,20 @@ def _snapshot(model: torch.nn.Module, opt, config: SwarmConfig) -> ckpt.Checkpoi
 
 
 def _preflight_checkpoint(config: SwarmConfig, model_config: dict) -> Optional[ckpt.Checkpoint]:
-    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use."""
+    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use.
+
+    ``checkpoint.resume: auto`` resumes when a checkpoint is there and starts fresh otherwise, so a
+    container restarted with the same state volume carries on where it stopped.
+    """
     if config.checkpoint is None:
         return None
     path = ckpt.checkpoint_path(config.checkpoint.dir)
-    if config.checkpoint.resume:
+    resume = path.exists() if config.checkpoint.resume == "auto" else config.checkpoint.resume
+    if resume:
         return ckpt.load_checkpoint(config.checkpoint.dir, run_id=config.run_id, model_config=model_config)
     if path.exists():
         raise CheckpointError(
-            f"a checkpoint already exists at {path}; pass --resume to continue from it, "
-            f"or set checkpoint.dir to another folder"
+            f"a checkpoint already exists at {path}; pass --resume (or set checkpoint.resume=auto) to continue "
+            f"from it, or set checkpoint.dir to another folder"
         )
     return None

@@ -82,6 +82,23 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return sorted(maddrs, key=lambda maddr: ("/127.0.0.1/" in maddr or "/::1/" in maddr, maddr))
 
 
+async def _list_connected_peers(_dht: hivemind.DHT, node) -> int:
+    return len(await node.p2p.list_peers())
+
+
+def count_connected_peers(dht: hivemind.DHT, timeout: float = 5.0) -> Optional[int]:
+    """How many peers this peer's libp2p daemon is connected to (DHT and averaging share it).
+
+    Runs inside the DHT process through ``DHT.run_coroutine``. None if the DHT did not answer within
+    ``timeout`` seconds or is gone, which callers report as "not connected".
+    """
+    try:
+        return dht.run_coroutine(_list_connected_peers, return_future=True).result(timeout)
+    except (TimeoutError, OSError, EOFError) as e:
+        logger.warning(f"the DHT did not report its connections: {e!r}")
+        return None
+
+
 def short_id(dht: hivemind.DHT) -> str:
     """The last characters of the peer id, enough to tell peers apart in logs."""
     return str(dht.peer_id)[-6:]

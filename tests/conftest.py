@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from containers import ContainerPeer
 from peers.processes import PeerProcess, read_json, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ class Swarm:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.processes: list[PeerProcess] = []
+        self.processes: list[PeerProcess | ContainerPeer] = []
 
     def start(self, name: str, args: list[str], program: tuple[str, ...] | None = None) -> PeerProcess:
         options = {"program": program} if program else {}
@@ -50,6 +51,14 @@ class Swarm:
         for item in sets:
             args += ["--set", item]
         return self.start(name, args + list(extra), program)
+
+    def container(self, name: str, args: list[str], *, data_dir: Path | None = None,
+                  env: dict | None = None) -> ContainerPeer:
+        """A peer in a container of the swarm image on the host's network; its state folder is
+        ``workdir/name``, so :meth:`status` and :meth:`checkpoint` read it like a process peer's."""
+        peer = ContainerPeer(name, args, state_dir=self.workdir / name, data_dir=data_dir, env=env)
+        self.processes.append(peer)
+        return peer
 
     def status(self, name: str) -> dict | None:
         return read_json(self.workdir / name / "status.json")

@@ -50,10 +50,16 @@ def test_environment_variables_reach_every_section():
         "SWARM_TRAINING_DEVICE": "cpu",
         "SWARM_CHECKPOINT_RESUME": "true",
         "SWARM_LOGLEVEL": "DEBUG",  # reserved: read by the entry point, not a config key
+        "SWARM_STATUS_FILE": "/var/lib/swarm/status.json",  # reserved too: the default of --status-file
     })
     assert config.network.initial_peers == [peer, peer]
     assert str(config.data.path) == "/data" and config.peer.display_name == "lab-7"
     assert config.peer.organization == "Uni" and config.training.device == "cpu" and config.checkpoint.resume
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_checkpoint_resume_is_true_false_or_auto(value, expected):
+    assert load_config(environ={"SWARM_CHECKPOINT_RESUME": value}).checkpoint.resume == expected
 
 
 def test_null_section_turns_feature_off():
@@ -66,6 +72,7 @@ def test_null_section_turns_feature_off():
     ("averaging.request_timeout=9", "must be below averaging.matchmaking_time"),
     ("run_id=has space", "run_id"),
     ("optimizer.name=sgd", "'adamw' or 'adamw8bit'"),
+    ("checkpoint.resume=sometimes", "checkpoint.resume: expected true, false or auto, got 'sometimes'"),
     ("nonsense", "section.key=value"),
 ])
 def test_errors_name_the_key(override, fragment):
@@ -82,9 +89,12 @@ def test_cli_options_are_frozen():
     seen = {name: sorted(opt for action in sub._actions for opt in action.option_strings)
             for name, sub in commands.items() if name != "config"}
     assert seen == {
-        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--set", "-h", "--help"]),
-        "join": sorted(["--config", "--initial-peers", "--resume", "--set", "--status-file", "-h", "--help"]),
+        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--initial-peers-file",
+                             "--set", "--status-file", "-h", "--help"]),
+        "join": sorted(["--config", "--initial-peers", "--initial-peers-file", "--resume", "--set", "--status-file",
+                        "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
+        "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
     }
 
 
