@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 from peers.lifecycle import StopSignals, run_bounded, set_log_peer, write_json_atomic
+from peers.status_file import StatusFile
 from swarm.config import SwarmConfig
-from swarm.keys import metrics_validators
 from swarm.errors import SwarmError
 from swarm.identity import load_identity
+from swarm.keys import metrics_validators
 from swarm.metrics import MetricsPublisher, PeerFacts
 from swarm.network import start_dht, visible_maddrs
 
@@ -27,12 +28,16 @@ LIVENESS_PERIOD = 2.0  # seconds between checks that the DHT process is still al
 METRICS_SHUTDOWN_TIMEOUT = 4.0
 
 
-def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path]) -> None:
+def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path],
+                  status_path: Optional[Path] = None) -> None:
     stop = StopSignals()
     identity = load_identity(Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY))
     dht = start_dht(config.network, identity=identity, stop=stop.event,
                     record_validators=metrics_validators(config.run_id, identity.private_key))
     publisher = None
+    state = {"peer_id": str(dht.peer_id), "role": "bootstrap", "finished": False}
+    status_file = StatusFile(status_path, dht=dht, snapshot=lambda: dict(state),
+                             initial_peers=len(config.network.initial_peers))
     try:
         set_log_peer("bootstrap", str(dht.peer_id))
         maddrs = visible_maddrs(dht)
@@ -45,6 +50,7 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
         print("swarm bootstrap peer is running. Others join with:", flush=True)
         for maddr in maddrs:
             print(f"  swarm join --initial-peers {maddr}", flush=True)
+        status_file.start()
         while not stop.event.wait(LIVENESS_PERIOD):
             if not dht.is_alive():
                 raise SwarmError("the DHT process of this bootstrap peer died; restart it")
@@ -56,7 +62,10 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
                         METRICS_SHUTDOWN_TIMEOUT)
             publisher = None
     finally:
+        status_file.shutdown()
         if publisher is not None:
             publisher.shutdown(leave=False, timeout=1.0)
         dht.shutdown()
+        state["finished"] = True
+        status_file.publish()
     logger.info("bootstrap peer left cleanly")

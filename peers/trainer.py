@@ -16,14 +16,15 @@ from typing import Optional
 
 import torch
 
-from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer, write_json_atomic
+from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer
+from peers.status_file import StatusFile
 from swarm import checkpoint as ckpt
 from swarm.config import SwarmConfig
 from swarm.data import load_dataset
 from swarm.device import describe_device, resolve_device
-from swarm.keys import metrics_validators
 from swarm.errors import CheckpointError
 from swarm.identity import load_identity
+from swarm.keys import metrics_validators
 from swarm.metrics import MetricsPublisher, PeerFacts
 from swarm.model import ByteGPT
 from swarm.collaboration import build_collaboration
@@ -36,7 +37,7 @@ OPTIMIZER_SHUTDOWN_TIMEOUT = 8.0  # seconds to say goodbye to averaging groups b
 METRICS_SHUTDOWN_TIMEOUT = 4.0  # seconds to publish the last "left" record before leaving anyway
 
 
-def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> TrainingStatus:
+def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> TrainingStatus:
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -57,7 +58,7 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
     identity = load_identity(config.network.identity_path)
     dht = start_dht(config.network, identity=identity, stop=stop.event,
                     record_validators=metrics_validators(config.run_id, identity.private_key))
-    opt = publisher = None
+    opt = status_file = publisher = None
     try:
         set_log_peer(config.peer.role, str(dht.peer_id))
         logger.info(
@@ -83,9 +84,13 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             ckpt.save_checkpoint(config.checkpoint.dir, snapshot)
             return snapshot.state_hash
 
+        status.epoch = status.start_epoch = opt.local_epoch
+        status_file = StatusFile(status_path, dht=dht, snapshot=status.as_dict,
+                                 initial_peers=len(config.network.initial_peers))
+        status_file.start()
+
         def publish(current: TrainingStatus) -> None:
-            if status_file is not None:
-                write_json_atomic(status_file, current.as_dict())
+            status_file.publish()
             if publisher is not None:
                 publisher.update(current)
 
@@ -108,6 +113,7 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         except KeyboardInterrupt:
             logger.info("interrupted inside a step; leaving without finishing it")
         stop.disarm()
+        status_file.shutdown()
         if publisher is not None:
             publisher.update(status)
             run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
@@ -118,10 +124,12 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             status.last_checkpoint_hash = save()
             logger.info(f"checkpoint saved to {ckpt.checkpoint_path(config.checkpoint.dir)}")
         status.finished = True
-        publish(status)
+        status_file.publish()
         return status
     finally:
         stop.disarm()
+        if status_file is not None:
+            status_file.shutdown()
         if publisher is not None:  # left through an error: no "left" record, the record just expires
             publisher.shutdown(leave=False, timeout=1.0)
         dht.shutdown()
@@ -136,15 +144,20 @@ def _snapshot(model: torch.nn.Module, opt, config: SwarmConfig) -> ckpt.Checkpoi
 
 
 def _preflight_checkpoint(config: SwarmConfig, model_config: dict) -> Optional[ckpt.Checkpoint]:
-    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use."""
+    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use.
+
+    ``checkpoint.resume: auto`` resumes when a checkpoint is there and starts fresh otherwise, so a
+    container restarted with the same state volume carries on where it stopped.
+    """
     if config.checkpoint is None:
         return None
     path = ckpt.checkpoint_path(config.checkpoint.dir)
-    if config.checkpoint.resume:
+    resume = path.exists() if config.checkpoint.resume == "auto" else config.checkpoint.resume
+    if resume:
         return ckpt.load_checkpoint(config.checkpoint.dir, run_id=config.run_id, model_config=model_config)
     if path.exists():
         raise CheckpointError(
-            f"a checkpoint already exists at {path}; pass --resume to continue from it, "
-            f"or set checkpoint.dir to another folder"
+            f"a checkpoint already exists at {path}; pass --resume (or set checkpoint.resume=auto) to continue "
+            f"from it, or set checkpoint.dir to another folder"
         )
     return None

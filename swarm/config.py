@@ -8,7 +8,7 @@ when set to ``null``. The tree is filled from YAML, ``SWARM_*`` environment vari
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -166,7 +166,21 @@ class CheckpointConfig(Section):
 
     dir: Path = Path("checkpoints")
     every_epochs: int = Field(5, ge=1)
-    resume: bool = Field(False, description="restore model, optimizer and epoch from dir/latest.pt")
+    resume: Union[Literal["auto"], bool] = Field(
+        False,
+        description="true: restore model, optimizer and epoch from dir/latest.pt (an error if it is missing); "
+        "auto: restore it if it exists, else start fresh (what a restarted container wants); "
+        "false: start fresh, and refuse to overwrite an existing checkpoint",
+    )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_choice(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true, false or auto, got {value!r}")
+        return value
 
 
 class MetricsConfig(Section):

@@ -103,6 +103,21 @@ def reachability(dht: hivemind.DHT) -> str:
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
     # a peer that found a relay announces circuit addresses: others reach it through the relay
     return "relayed" if any("/p2p-circuit" in maddr for maddr in maddrs) else "direct"
+async def _list_connected_peers(_dht: hivemind.DHT, node) -> int:
+    return len(await node.p2p.list_peers())
+
+
+def count_connected_peers(dht: hivemind.DHT, timeout: float = 5.0) -> Optional[int]:
+    """How many peers this peer's libp2p daemon is connected to (DHT and averaging share it).
+
+    Runs inside the DHT process through ``DHT.run_coroutine``. None if the DHT did not answer within
+    ``timeout`` seconds or is gone, which callers report as "not connected".
+    """
+    try:
+        return dht.run_coroutine(_list_connected_peers, return_future=True).result(timeout)
+    except (TimeoutError, OSError, EOFError) as e:
+        logger.warning(f"the DHT did not report its connections: {e!r}")
+        return None
 
 
 def short_id(dht: hivemind.DHT) -> str:

@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 
+from containers import ContainerPeer
 from peers.processes import PeerProcess, read_json, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ class Swarm:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.processes: list[PeerProcess] = []
+        self.processes: list[PeerProcess | ContainerPeer] = []
 
     def start(self, name: str, args: list[str], program: tuple[str, ...] | None = None) -> PeerProcess:
         options = {"program": program} if program else {}
@@ -64,6 +65,13 @@ class Swarm:
         peer = self.start(name, args)
         info = wait_for(lambda: read_json(url_file), timeout=STARTUP_TIMEOUT, what=f"{name} to serve", alive=[peer])
         return peer, info["url"]
+    def container(self, name: str, args: list[str], *, data_dir: Path | None = None,
+                  env: dict | None = None) -> ContainerPeer:
+        """A peer in a container of the swarm image on the host's network; its state folder is
+        ``workdir/name``, so :meth:`status` and :meth:`checkpoint` read it like a process peer's."""
+        peer = ContainerPeer(name, args, state_dir=self.workdir / name, data_dir=data_dir, env=env)
+        self.processes.append(peer)
+        return peer
 
     def status(self, name: str) -> dict | None:
         return read_json(self.workdir / name / "status.json")

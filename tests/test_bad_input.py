@@ -39,6 +39,17 @@ def test_multiaddr_without_peer_id():
     assert_one_clear_line(result, exit_codes.USAGE, "/p2p/<peer id>")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("content, fragment", [(None, "FileNotFoundError"), ("{}", "KeyError"),
+                                               ('{"maddrs": "/ip4/1.2.3.4"}', "list of multiaddrs")])
+def test_unusable_initial_peers_file(tmp_path, content, fragment):
+    address_file = tmp_path / "bootstrap.json"
+    if content is not None:
+        address_file.write_text(content)
+    result = join("--initial-peers-file", str(address_file))
+    assert_one_clear_line(result, exit_codes.USAGE, str(address_file), fragment)
+
+
 @pytest.mark.timeout(120)
 def test_unreachable_bootstrap_peer(tmp_path):
     # nothing listens on port 1; the peer retries with backoff for 6 s, then gives up with a clear line
