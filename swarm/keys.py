@@ -63,7 +63,7 @@ def diloco_state(run_id: str) -> str:
 
 
 METRICS_SUFFIX = "metrics"
-# A genuine record is about 700 bytes plus a 350-byte signature; anything far larger is an attack.
+# A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
 MAX_RECORD_BYTES = 4096
 ROLES = ("bootstrap", "volunteer", "institution")
 REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation")
