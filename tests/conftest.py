@@ -76,6 +76,11 @@ class Swarm:
     def status(self, name: str) -> dict | None:
         return read_json(self.workdir / name / "status.json")
 
+    def epoch(self, name: str) -> int:
+        """The trainer's epoch (a round in DiLoCo mode), -1 before it has reported one."""
+        status = self.status(name)
+        return status["epoch"] if status else -1
+
     def checkpoint(self, name: str) -> Path:
         return self.workdir / name / "checkpoints" / "latest.pt"
 

@@ -18,10 +18,6 @@ def identical(models) -> bool:
     return all(torch.equal(tensor, other[key]) for other in models[1:] for key, tensor in models[0].items())
 
 
-def round_of(swarm, name) -> int:
-    status = swarm.status(name)
-    return status["epoch"] if status else -1
-
 
 @pytest.mark.timeout(300)
 def test_three_diloco_trainers_end_bit_identical(swarm):
@@ -47,7 +43,7 @@ def test_diloco_late_joiner_adopts_the_swarm_state(swarm):
     rounds = 8
     _, address = swarm.bootstrap()
     early = [swarm.trainer(name, [address], *DILOCO, f"training.max_epochs={rounds}") for name in ("a", "b")]
-    wait_for(lambda: round_of(swarm, "a") >= 3, timeout=180, what="round 3", alive=early)
+    wait_for(lambda: swarm.epoch("a") >= 3, timeout=180, what="round 3", alive=early)
     late = swarm.trainer("late", [address], *DILOCO, f"training.max_epochs={rounds}")
     joined = wait_for(lambda: (s := swarm.status("late")) and s, timeout=120, what="the late joiner to start", alive=[late])
     assert joined["start_epoch"] >= 3, "the late joiner must start at the swarm's round, not at 0"
@@ -64,7 +60,7 @@ def test_diloco_survivors_of_a_killed_trainer_keep_rounds_going_and_agree(swarm)
     kill_at = 2
     rounds = kill_at + 4
     trainers = {name: swarm.trainer(name, [address], *DILOCO, f"training.max_epochs={rounds}") for name in "abc"}
-    wait_for(lambda: min(round_of(swarm, name) for name in "abc") >= kill_at, timeout=180,
+    wait_for(lambda: min(swarm.epoch(name) for name in "abc") >= kill_at, timeout=180,
              what=f"round {kill_at}", alive=list(trainers.values()))
     trainers["c"].kill_group()
     for name in "ab":
