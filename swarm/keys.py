@@ -5,9 +5,8 @@
 | ``{run_id}_metrics``: one subkey per peer, ``[owner:<its RSA key>]`` -> :class:`PeerMetrics`, signed | every trainer and the bootstrap peer, each its own subkey, every ``metrics.period`` s | ``swarm monitor``, ``swarm status`` | ``metrics.ttl`` after its last write; a clean leave writes a last ``state: left`` record |
 | ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer (signed with the peer's identity key, see :mod:`swarm.optim`) | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
 | ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
-| ``{run_id}_diloco_progress`` | each DiLoCo trainer: ``{round, samples, time}`` under its peer id | DiLoCo trainers: swarm samples this round, who takes part | ``PROGRESS_TTL``, refreshed every ~second |
+| ``{run_id}_diloco_peers`` | each DiLoCo trainer under its peer id, every ``diloco.refresh_period``: ``[[round, samples, time], [state round, total samples, state hash, role]]`` | DiLoCo trainers: swarm samples this round and who takes part (progress, a heartbeat), which state the swarm agrees on (state sync) | ``DILOCO_TTL``, refreshed |
 | ``{run_id}_diloco_ready_{round}`` | each DiLoCo trainer when it is ready to average ``round`` | matchmaking: who may lead the round | ``READY_TTL`` |
-| ``{run_id}_diloco_state`` | each DiLoCo trainer after every round: ``{round, hash, role, time}`` | state sync: who is ahead, which state the swarm agrees on | ``STATE_TTL``, refreshed |
 
 DiLoCo records are stored under the peer id (base58) as subkey, written by the peer itself.
 
@@ -45,21 +44,17 @@ from swarm.identity import peer_id_of_owner
 
 logger = get_logger(__name__)
 
-PROGRESS_TTL = 30.0
+DILOCO_TTL = 60.0
 READY_TTL = 120.0
-STATE_TTL = 60.0
 
 
-def diloco_progress(run_id: str) -> str:
-    return f"{run_id}_diloco_progress"
+def diloco_peers(run_id: str) -> str:
+    return f"{run_id}_diloco_peers"
 
 
 def diloco_ready(run_id: str, round_number: int) -> str:
     return f"{run_id}_diloco_ready_{round_number}"
 
-
-def diloco_state(run_id: str) -> str:
-    return f"{run_id}_diloco_state"
 
 
 METRICS_SUFFIX = "metrics"

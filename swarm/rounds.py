@@ -1,7 +1,7 @@
 """What the swarm is doing, as far as DiLoCo needs to know: a background reporter and reader.
 
-Every ``refresh_period`` seconds the tracker stores this peer's progress (round, samples so far)
-and its state record (round, total samples, state hash, role), and reads everyone else's. The
+Every ``refresh_period`` seconds the tracker stores this peer's record, its progress (round, samples
+so far) and its state (round, total samples, state hash, role), and reads everyone else's. The
 trainer's thread reads the latest snapshot without waiting on the network.
 """
 
@@ -128,18 +128,19 @@ class RoundTracker:
                 logger.warning(f"could not refresh swarm progress: {e!r}")
 
     def refresh(self) -> None:
-        """Store this peer's records and read everyone's (blocking DHT calls)."""
+        """Store this peer's record and read everyone's: one store and one get (blocking DHT calls).
+        Progress and state share one record so that the control traffic stays small next to the
+        averaged tensors (it is what dominates bytes per sample for small models)."""
         with self._lock:
             mine, my_state = self._mine, self._my_state
         now = get_dht_time()
-        if mine is not None:  # stamped now: the record doubles as this peer's heartbeat
-            self.dht.store(keys.diloco_progress(self.run_id), [mine.round, mine.samples, now],
-                           now + keys.PROGRESS_TTL, subkey=self.me)
-        if my_state is not None:
-            self.dht.store(keys.diloco_state(self.run_id), [my_state.round, my_state.total, my_state.hash, my_state.role],
-                           now + keys.STATE_TTL, subkey=self.me)
-        progress = _parse(self.dht.get(keys.diloco_progress(self.run_id), latest=True), _progress_of)
-        states = _parse(self.dht.get(keys.diloco_state(self.run_id), latest=True), _state_of)
+        if mine is not None or my_state is not None:  # stamped now: the record doubles as a heartbeat
+            progress = [mine.round, mine.samples, now] if mine is not None else []
+            state = [my_state.round, my_state.total, my_state.hash, my_state.role] if my_state is not None else []
+            self.dht.store(keys.diloco_peers(self.run_id), [progress, state], now + keys.DILOCO_TTL, subkey=self.me)
+        found = self.dht.get(keys.diloco_peers(self.run_id), latest=True)
+        progress = _parse(found, lambda value: _progress_of(value[0]) if _pair(value) else None)
+        states = _parse(found, lambda value: _state_of(value[1]) if _pair(value) else None)
         with self._lock:
             self._progress, self._states = progress, states
 
@@ -153,6 +154,10 @@ def _parse(found, convert) -> dict:
         if value is not None:
             parsed[str(subkey)] = value
     return parsed
+
+
+def _pair(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2
 
 
 def _progress_of(value) -> Optional[Progress]:

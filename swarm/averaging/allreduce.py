@@ -135,6 +135,7 @@ class _Run:
         self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
         self.results: dict[int, list[torch.Tensor]] = {}
         self.missing: set[int] = set()
+        self.gone: set[int] = set()  # members that failed to answer: not asked again this round
         self.contributors = self.refused = self.bytes_sent = self.bytes_received = 0
         self.weight, self.finite = 0.0, True
 
@@ -191,6 +192,7 @@ class _Run:
                 return await self.fetch(peer, self.key("in", me), max_bytes)
             except Exception as e:  # any failure to deliver leaves that member out of this part
                 logger.info(f"round {self.group.round}: no input from member {index} ({type(e).__name__}: {e})")
+                self.gone.add(index)
                 return None
 
         for reply in await asyncio.gather(*(fetch_input(index, peer) for index, peer in self.group.others())):
@@ -219,12 +221,17 @@ class _Run:
             self.results[me] = own
 
     async def gather_outputs(self) -> None:
-        """Fetch every other member's reduced part; a part that does not come is missing."""
+        """Fetch every other member's reduced part; a part that does not come is missing. A member that
+        already failed to answer this round is not waited for again: its part is missing at once, so a
+        dead peer costs one chunk timeout per round, not one per phase (the commit keeps this consistent)."""
         async def fetch_output(index: int, peer: PeerID):
+            if index in self.gone:
+                return index, None
             try:
                 _, payloads = await self.fetch(peer, self.key("out", index), 8 * sum(self.numels(index)) + 4096)
             except Exception as e:  # the reducer is gone or broken: its part is missing for this peer
                 logger.warning(f"round {self.group.round}: part {index} lost with its reducer ({type(e).__name__}: {e})")
+                self.gone.add(index)
                 return index, None
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
             return index, self.decode_all(payloads, index)
@@ -247,7 +254,8 @@ class _Run:
             except Exception:  # a member gone by now has no say in what the survivors keep
                 return []
 
-        for reported in await asyncio.gather(*(fetch_commit(peer) for _, peer in self.group.others())):
+        members = [peer for index, peer in self.group.others() if index not in self.gone]
+        for reported in await asyncio.gather(*(fetch_commit(peer) for peer in members)):
             self.missing.update(reported)
         if self.missing:
             logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by every member")
