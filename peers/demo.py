@@ -1,9 +1,10 @@
 """`swarm demo`: a whole swarm on this machine, as separate processes on 127.0.0.1.
 
 One bootstrap peer and N trainers (the first an institution, the rest volunteers) train the debug
-model on shards of the embedded corpus, and a monitor serves a live dashboard of them. Progress is read from the trainers' status files and shown
-as one line every few seconds; the summary compares held-out loss before and after and checks that
-the peers' final models agree.
+model on shards of the embedded corpus, and a monitor serves a live dashboard of them. The demo runs
+DiLoCo with 8-bit pseudo-gradients by default (``--set averaging.mode=sync`` shows hivemind.Optimizer
+instead). Progress is read from the trainers' status files and shown as one line every few seconds;
+the summary compares held-out loss before and after and checks that the peers' final models agree.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from swarm.config_loading import load_config
 from swarm.errors import ConfigError, SwarmError
 
 DEBUG_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
-DEFAULT_EPOCHS = 40
+DEFAULT_EPOCHS = 30  # rounds in DiLoCo mode: about 2.5 minutes on 2 CPU cores
+DEMO_DEFAULTS = ("averaging.mode=diloco", "averaging.compression=blockwise8")  # before the user's --set
 PROGRESS_PERIOD = 3.0  # seconds between progress lines
 STARTUP_TIMEOUT = 120.0
 STALL_TIMEOUT = 180.0  # give up if no trainer advances an epoch for this long
@@ -42,8 +44,11 @@ def run_demo(
     if not 1 <= num_peers <= 8:
         raise ConfigError(f"--peers must be between 1 and 8, got {num_peers}")
     epochs = epochs or DEFAULT_EPOCHS
-    overrides = [*overrides, f"training.max_epochs={epochs}"]
+    overrides = [*DEMO_DEFAULTS, *overrides, f"training.max_epochs={epochs}"]
     config = load_config(config_path, overrides)  # fail here, once, rather than in every child
+    unit = "round" if config.averaging.mode == "diloco" else "epoch"
+    what = (f"DiLoCo rounds of {config.diloco.inner_steps} local steps, {config.averaging.compression} pseudo-gradients"
+            if unit == "round" else f"sync epochs of {config.training.target_batch_size} samples")
 
     keep = workdir is not None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="swarm-demo-"))
@@ -51,7 +56,7 @@ def run_demo(
     base = ["--config", str(config_path), *[arg for item in overrides for arg in ("--set", item)]]
     started = time.monotonic()
     print(f"swarm demo: 1 bootstrap + {num_peers} trainers on 127.0.0.1, run {config.run_id!r}, "
-          f"{epochs} epochs of {config.training.target_batch_size} samples; logs in {workdir}", flush=True)
+          f"{epochs} {what}; logs in {workdir}", flush=True)
 
     peers: list[PeerProcess] = []
     try:
@@ -67,7 +72,7 @@ def run_demo(
         trainers = [_start_trainer(index, num_peers, base, address, workdir) for index in range(num_peers)]
         peers.extend(trainers)
         peers.append(_start_monitor(config_path, base, address, workdir, config.run_id))
-        _show_progress(trainers, workdir, epochs, started)
+        _show_progress(trainers, workdir, epochs, started, unit)
         for trainer in trainers:
             trainer.stop()
         return _summarize(trainers, workdir, started, num_peers, keep)
@@ -110,7 +115,7 @@ def _start_monitor(config_path: Path, base: list[str], address: str, workdir: Pa
     return monitor
 
 
-def _show_progress(trainers: list[PeerProcess], workdir: Path, epochs: int, started: float) -> None:
+def _show_progress(trainers: list[PeerProcess], workdir: Path, epochs: int, started: float, unit: str) -> None:
     last_line, last_advance, best_epoch = 0.0, time.monotonic(), -1
     while True:
         statuses = [read_json(workdir / f"peer{index}" / "status.json") for index in range(len(trainers))]
@@ -123,24 +128,24 @@ def _show_progress(trainers: list[PeerProcess], workdir: Path, epochs: int, star
         if time.monotonic() - last_advance > STALL_TIMEOUT:
             raise SwarmError(f"the swarm made no progress for {STALL_TIMEOUT:g}s; see the logs in {workdir}")
         if len(running) == len(trainers) and all(status["finished"] for status in running):
-            print(_progress_line(running, epochs, started), flush=True)
+            print(_progress_line(running, epochs, started, unit), flush=True)
             return
         if time.monotonic() - last_line >= PROGRESS_PERIOD:
             last_line = time.monotonic()
             if running:
-                print(_progress_line(running, epochs, started), flush=True)
+                print(_progress_line(running, epochs, started, unit), flush=True)
             else:
                 print(f"[{time.monotonic() - started:4.0f}s] starting {len(trainers)} trainers ...", flush=True)
         time.sleep(0.5)
 
 
-def _progress_line(statuses: list[dict], epochs: int, started: float) -> str:
+def _progress_line(statuses: list[dict], epochs: int, started: float, unit: str) -> str:
     epoch = max(status["epoch"] for status in statuses)
     heldout = _mean(status["heldout_loss"] for status in statuses)
     train = _mean(status["train_loss"] for status in statuses)
     speed = sum(status["samples_per_second"] for status in statuses if not status["finished"])
     peers = max(status["swarm_peers"] for status in statuses)
-    return (f"[{time.monotonic() - started:4.0f}s] epoch {epoch:3d}/{epochs} | train loss {_fmt(train)} | "
+    return (f"[{time.monotonic() - started:4.0f}s] {unit} {epoch:3d}/{epochs} | train loss {_fmt(train)} | "
             f"held-out {_fmt(heldout)} | {speed:4.0f} samples/s | {peers} peers training")
 
 
@@ -156,7 +161,7 @@ def _summarize(trainers: list[PeerProcess], workdir: Path, started: float, num_p
     )
     print(f"\nswarm demo finished in {time.monotonic() - started:.0f}s")
     print(f"  held-out loss   {before:.3f} -> {after:.3f} ({after - before:+.3f} nats/byte)")
-    print(f"  epochs          {max(status['epoch'] for status in statuses)} (all peers at "
+    print(f"  epochs/rounds   {max(status['epoch'] for status in statuses)} (all peers at "
           f"{sorted({status['epoch'] for status in statuses})})")
     shares = ", ".join(f"{status['role']} {status['samples']:,}" for status in statuses)
     print(f"  samples         {sum(status['samples'] for status in statuses):,} ({shares})")
