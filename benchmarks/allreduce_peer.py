@@ -103,7 +103,7 @@ def main() -> None:
             mine = contribution(args.index, round_number, numel)
             status = {"state": "matchmaking", "round": round_number, "time": time.time()}
             args.status.write_text(json.dumps(status))
-            record = {"round": round_number, "index": args.index, "codec": codec}
+            record = {"round": round_number, "index": args.index, "me": _index_of(dht.peer_id), "codec": codec}
             if round_number < args.warmup:
                 record["warmup"] = True
             try:
