@@ -247,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one set of peers to finish")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/allreduce_links.json)")
     parser.add_argument("--keep", type=Path, help="keep the peers' logs and records in this folder")
+    parser.add_argument("--rate", default=LINK["rate"],
+                        help="tbf rate of the links; 'none' leaves them uncapped, to see the software's own ceiling "
+                             "(ratios still use the 100 Mbit/s bound)")
     args = parser.parse_args(argv)
+    LINK["rate"] = None if args.rate == "none" else args.rate
     reason = available()
     if reason:
         print(f"skipped: {reason}")
@@ -276,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measured {impl} N={n} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})",
                       file=sys.stderr, flush=True)
     print(markdown_table(["setting", "value"], [
-        ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, both directions"],
+        ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, both directions"
+         if LINK["rate"] else "uncapped veth (bound and ratios still for 100 Mbit/s)"],
         ["M", f"{NUMEL * 4 / 2**20:.0f} MiB fp32"], ["bound (N=2, N=4)", ", ".join(
             f"{bound_seconds(n, NUMEL * 4):.2f} s" for n in (2, 4))],
         ["load average during the run", f"{min(loads):.1f}-{max(loads):.1f} on {env['cpus']} CPUs"]]))
