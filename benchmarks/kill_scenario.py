@@ -66,11 +66,13 @@ def wait_for_allreduce(status: Path, round_number: int, timeout: float) -> float
 
 def run_trial(trial: int, fault: str, victim: int, work: Path, timeout: float) -> dict:
     result = dict(trial=trial, fault=fault, victim=victim, load=load_average()[0])
+    started = time.monotonic()
     with Lab(3, **LINK) as lab:
         procs = start_averagers(lab, work, [0, 1, 2], [
             "--rounds", "3", "--expect", "3", "--chunk-timeout", str(CHUNK_TIMEOUT),
             "--request-timeout", str(REQUEST_TIMEOUT), "--round-timeout", str(ROUND_TIMEOUT)])
         entered = wait_for_allreduce(work / f"s{victim}.json", 1, 120)
+        result["setup_seconds"] = round(time.monotonic() - started, 1)  # start-up and round 0
         if entered is None:
             result["error"] = "the victim never entered round 1's all-reduce"
             return result
@@ -83,6 +85,7 @@ def run_trial(trial: int, fault: str, victim: int, work: Path, timeout: float) -
         result["fault_into_allreduce"] = fault_at - entered
         survivors = [host for host in procs if host != victim]
         result["finished"] = wait_all([procs[host] for host in survivors], timeout)
+        result["exit_seconds"] = round(time.time() - fault_at, 1)  # until both survivors have exited
         kill_group(procs[victim])
     records = {host: {r["round"]: r for r in read_records(work / f"p{host}.jsonl")} for host in procs}
     return evaluate(result, records, survivors)
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             trial = run_trial(number, fault, index % 3, work, args.timeout)
             trials.append(trial)
             print(f"trial {number} ({fault}, victim {index % 3}): {'met' if trial.get('met') else 'MISSED'} the bar "
-                  f"in {time.monotonic() - t0:.0f}s (load {trial['load']:.1f})", file=sys.stderr, flush=True)
+                  f"in {time.monotonic() - t0:.0f}s (start-up and round 0 {trial.get('setup_seconds', '-')}s, fault to "
+                  f"survivors' exit {trial.get('exit_seconds', '-')}s; load {trial['load']:.1f})", file=sys.stderr, flush=True)
     print(f"links: tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']} both directions; "
           f"16 MiB fp32 per peer; chunk timeout {CHUNK_TIMEOUT:g} s, request timeout {REQUEST_TIMEOUT:g} s, "
           f"round timeout {ROUND_TIMEOUT:g} s; load average {min(t['load'] for t in trials):.1f}-"
