@@ -148,6 +148,7 @@ def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int]) -> li
     rows = []
     for codec in dict.fromkeys(record["codec"] for record in records):
         times, wire, own, cpu, breakdown, bad = [], [], [], defaultdict(list), defaultdict(list), 0
+        matchmaking = []
         counted = 0
         for number, members in sorted(by_round.items()):
             if members[0]["codec"] != codec or members[0].get("warmup"):
@@ -158,6 +159,7 @@ def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int]) -> li
                 continue
             counted += 1
             times.append(max(m["seconds"] for m in good))
+            matchmaking.append(min(m.get("matchmaking_seconds", 0.0) for m in good))  # the last to arrive
             wire += [m["wire_sent"] for m in good]
             own += [m["bytes_sent"] for m in good]
             for m in good:
@@ -172,7 +174,7 @@ def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int]) -> li
             time_vs_bound=[t / bound_seconds(n, NUMEL * 4) for t in times],
             wire_vs_bound=[w / payload_bound for w in wire], own_vs_bound=median(o / payload_bound for o in own),
             cpu={name: median(values) for name, values in cpu.items()},
-            phases={name: median(values) for name, values in breakdown.items()},
+            phases={name: median(values) for name, values in breakdown.items()}, matchmaking=matchmaking,
         ))
     return rows
 
@@ -213,13 +215,14 @@ def print_tables(rows: list[dict]) -> None:
             EARLIER.get((row["n"], "hivemind" if row["impl"] == "swarm" else "gloo", row["codec"]), "-"),
         ])
     print(markdown_table(
-        ["N", "impl", "codec", "rounds", "seconds", "time ÷ bound", "time ÷ gloo fp32", "wire bytes ÷ bound",
+        ["N", "impl", "codec", "rounds", "seconds", "time ÷ bound (16 MiB)", "time ÷ gloo fp32",
+         "wire bytes sent per peer ÷ 2(N-1)/N·(codec's payload)",
          "CPU s/round (peer / p2pd / dht)", "earlier: hivemind or gloo ÷ bound"], table))
     print("\nWhere a swarm round's wall time went (seconds, median over rounds, the slowest peer):")
     names = ["prepare", "reduce_scatter", "reduce", "all_gather", "commit"]
-    print(markdown_table(["N", "codec", *names, "total"],
-                         [[row["n"], row["codec"], *(row["phases"].get(name) for name in names), median(row["seconds"])]
-                          for row in rows if row["impl"] == "swarm"]))
+    print(markdown_table(["N", "codec", *names, "total", "matchmaking before it, last peer to arrive (not in total)"],
+                         [[row["n"], row["codec"], *(row["phases"].get(name) for name in names), median(row["seconds"]),
+                           median(row["matchmaking"])] for row in rows if row["impl"] == "swarm"]))
 
 
 def targets(rows: list[dict]) -> list[str]:

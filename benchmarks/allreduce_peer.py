@@ -106,6 +106,7 @@ def main() -> None:
             record = {"round": round_number, "index": args.index, "me": _index_of(dht.peer_id), "codec": codec}
             if round_number < args.warmup:
                 record["warmup"] = True
+            matchmaking_started = time.perf_counter()
             try:
                 group = service.form_group(round_number, weight=1.0, expected=lambda: tracker.expected(round_number),
                                            timeout=args.round_timeout)
@@ -113,6 +114,7 @@ def main() -> None:
                 record.update(ok=False, error=str(e), ended_at=time.time())
                 _append(args.out, record)
                 continue
+            record["matchmaking_seconds"] = time.perf_counter() - matchmaking_started
             args.status.write_text(json.dumps({"state": "allreduce", "round": round_number, "time": time.time(),
                                                "group_size": group.size}))
             fetches.clear()
