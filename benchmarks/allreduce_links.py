@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -253,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", default=LINK["rate"],
                         help="tbf rate of the links; 'none' leaves them uncapped, to see the software's own ceiling "
                              "(ratios still use the 100 Mbit/s bound)")
+    parser.add_argument("--egress-only", action="store_true",
+                        help="cap only what each host sends (diagnostic: no second bottleneck toward the receiver)")
     args = parser.parse_args(argv)
     LINK["rate"] = None if args.rate == "none" else args.rate
+    if args.egress_only:
+        LINK["egress_only"] = True
     reason = available()
     if reason:
         print(f"skipped: {reason}")
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"measured {impl} N={n} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})",
                       file=sys.stderr, flush=True)
     print(markdown_table(["setting", "value"], [
-        ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, both directions"
+        ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, "
+                  f"{'egress only' if LINK.get('egress_only') else 'both directions'}"
          if LINK["rate"] else "uncapped veth (bound and ratios still for 100 Mbit/s)"],
         ["M", f"{NUMEL * 4 / 2**20:.0f} MiB fp32"], ["bound (N=2, N=4)", ", ".join(
             f"{bound_seconds(n, NUMEL * 4):.2f} s" for n in (2, 4))],

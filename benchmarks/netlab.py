@@ -53,11 +53,13 @@ class Lab:
     :param rate: tbf rate of every link in both directions (``None``: uncapped).
     :param burst, latency: tbf's bucket size and queue limit (BASELINES.md: ``burst 64kb`` and
       ``latency 50ms`` or ``200ms``).
+    :param egress_only: cap only what hosts send (no tbf on the bridge ports toward the hosts).
     """
 
     def __init__(self, hosts: int, *, rate: Optional[str] = "100mbit", burst: str = "64kb", latency: str = "50ms",
-                 net: int = 0):
+                 net: int = 0, egress_only: bool = False):
         self.hosts, self.rate, self.burst, self.latency = hosts, rate, burst, latency
+        self.egress_only = egress_only
         self.tag = uuid.uuid4().hex[:5]
         self.net = net or (100 + int(self.tag, 16) % 150)
         self.bridge_ns = f"swb{self.tag}br"
@@ -100,7 +102,7 @@ class Lab:
             _run("ip", "-n", ns, "addr", "add", f"{self.ip(host)}/24", "dev", "eth0")
             for where, dev in ((ns, "eth0"), (self.bridge_ns, f"port{host}")):
                 _run("ip", "-n", where, "link", "set", dev, "up")
-                if self.rate:
+                if self.rate and not (self.egress_only and where == self.bridge_ns):
                     _run("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                          "rate", self.rate, "burst", self.burst, "latency", self.latency)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
