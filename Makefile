@@ -2,12 +2,13 @@
 #   make demo   - a local swarm trains the debug model on the embedded corpus (about 2.5 minutes)
 #   make test   - the test suite (real peers as real processes on 127.0.0.1)
 #   make bench  - every benchmark, tables in benchmarks/results/report.md (root for the network ones;
-#                 about 25 minutes, BENCH_ARGS=--quick about 10)
+#                 about 15-20 minutes on 2 cores, BENCH_ARGS=--quick about 7)
+# and one joins a real swarm: make join PEERS=/ip4/.../tcp/31337/p2p/... [ARGS="--set data.path=..."]
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench
+.PHONY: demo test install join bench
 BENCH_ARGS ?=
 
 install: $(STAMP)
@@ -23,6 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# Same peer id on every run (the key file) and resume from the last checkpoint if there is one.
+join: $(STAMP)
+	$(if $(PEERS),,$(error set PEERS to the address of a peer of the swarm, e.g. make join PEERS=/ip4/.../p2p/...))
+	$(VENV)/bin/swarm join --config configs/default.yaml --initial-peers $(PEERS) \
+		--set network.identity_path=$(HOME)/.swarm/peer.key --set checkpoint.resume=auto $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py $(BENCH_ARGS)

@@ -67,7 +67,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--status", type=Path, required=True)
     parser.add_argument("--address-file", type=Path)
+    parser.add_argument("--dump", type=Path, help="save each round's result here as round<r>.pt")
+    parser.add_argument("--nan-at-round", type=int, default=-1, help="contribute NaN in this round (a broken peer)")
+    parser.add_argument("--rogue", action="store_true",
+                        help="skip this peer's own NaN check, as a hostile or buggy peer would, so NaN goes out")
     args = parser.parse_args()
+    if args.rogue:  # this process plays a peer running different code: it sends whatever it has
+        import swarm.averaging.allreduce as allreduce_module
+        from hivemind.compression.serialization import deserialize_torch_tensor
+
+        allreduce_module._decode = lambda payload, numel: deserialize_torch_tensor(payload).reshape(-1).float()
 
     setup_logging(f"averager{args.index}")
     stop = threading.Event()
@@ -101,6 +110,8 @@ def main() -> None:
             codec = codecs[max(0, round_number - args.warmup) // args.rounds]
             tracker.report(round_number, 1)
             mine = contribution(args.index, round_number, numel)
+            if round_number == args.nan_at_round:
+                mine[::7] = float("nan")
             status = {"state": "matchmaking", "round": round_number, "time": time.time()}
             args.status.write_text(json.dumps(status))
             record = {"round": round_number, "index": args.index, "me": _index_of(dht.peer_id), "codec": codec}
@@ -141,6 +152,9 @@ def main() -> None:
             seconds, ended_at = time.perf_counter() - started, time.time()
             wire_after, cpu_after = interface_bytes(), process_tree_cpu()
             members = [_index_of(peer) for peer in group.members]
+            if args.dump:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                torch.save(averaged, args.dump / f"round{round_number}.pt")
             record.update(
                 ok=True, group_size=group.size, seconds=seconds, started_at=started_at, ended_at=ended_at,
                 finite=bool(torch.isfinite(averaged).all()),

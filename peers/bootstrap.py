@@ -1,43 +1,71 @@
 """`swarm bootstrap`: a DHT-only peer that keeps the swarm reachable.
 
 Its identity lives in a key file, so its peer id and multiaddr survive restarts and the line other
-peers join with stays valid. It runs until SIGINT/SIGTERM and exits non-zero if its DHT dies.
+peers join with stays valid. It publishes a metrics record (role ``bootstrap``) as a sign of life,
+runs until SIGINT/SIGTERM and exits non-zero if its DHT dies.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
+from peers.lifecycle import StopSignals, run_bounded, set_log_peer, write_json_atomic
+from peers.status_file import StatusFile
 from swarm.config import SwarmConfig
 from swarm.errors import SwarmError
+from swarm.identity import load_identity
+from swarm.keys import metrics_validators
+from swarm.metrics import MetricsPublisher, PeerFacts
 from swarm.network import start_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_IDENTITY = Path("~/.swarm/bootstrap.key")
 LIVENESS_PERIOD = 2.0  # seconds between checks that the DHT process is still alive
+METRICS_SHUTDOWN_TIMEOUT = 4.0
 
 
-def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path]) -> None:
+def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path],
+                  status_path: Optional[Path] = None) -> None:
     stop = StopSignals()
-    identity_path = Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY).expanduser()
-    dht = start_dht(config.network, identity_path=identity_path, stop=stop.event)
+    identity = load_identity(Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY))
+    dht = start_dht(config.network, identity=identity, stop=stop.event,
+                    record_validators=metrics_validators(config.run_id, identity.private_key))
+    publisher = None
+    state = {"peer_id": str(dht.peer_id), "role": "bootstrap", "finished": False}
+    status_file = StatusFile(status_path, dht=dht, snapshot=lambda: dict(state),
+                             initial_peers=len(config.network.initial_peers))
     try:
         set_log_peer("bootstrap", str(dht.peer_id))
         maddrs = visible_maddrs(dht)
+        if config.metrics is not None:
+            publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
+                                         facts=PeerFacts(role="bootstrap", peer=config.peer)).start()
         if address_file is not None:
             write_json_atomic(address_file, {"peer_id": str(dht.peer_id), "maddrs": maddrs})
-        logger.info(f"identity {identity_path} (peer id {dht.peer_id}); run {config.run_id}")
+        logger.info(f"identity {identity.path} (peer id {dht.peer_id}); run {config.run_id}")
         print("swarm bootstrap peer is running. Others join with:", flush=True)
         for maddr in maddrs:
             print(f"  swarm join --initial-peers {maddr}", flush=True)
+        status_file.start()
         while not stop.event.wait(LIVENESS_PERIOD):
             if not dht.is_alive():
                 raise SwarmError("the DHT process of this bootstrap peer died; restart it")
+            if publisher is not None:
+                publisher.check()
         stop.disarm()
+        if publisher is not None:
+            run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
+                        METRICS_SHUTDOWN_TIMEOUT)
+            publisher = None
     finally:
+        status_file.shutdown()
+        if publisher is not None:
+            publisher.shutdown(leave=False, timeout=1.0)
         dht.shutdown()
+        state["finished"] = True
+        status_file.publish()
     logger.info("bootstrap peer left cleanly")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -10,10 +11,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from peers import exit_codes
-from peers.lifecycle import setup_logging
+from peers.health import DEFAULT_MAX_AGE, run_health
 from swarm import __version__
 from swarm.config_loading import dump_config, load_config
-from swarm.errors import SwarmError
+from swarm.errors import ConfigError, SwarmError
 
 logger = logging.getLogger("swarm.cli")
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swarm",
         description="Train one shared model together over the internet, peer to peer.",
         epilog="Exit codes: 0 ok or left cleanly, 1 internal error, 2 usage/config/multiaddr, "
-        "3 no initial peer answered, 4 data, 5 checkpoint, 130 interrupted.",
+        "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -41,20 +42,48 @@ def build_parser() -> argparse.ArgumentParser:
             "--initial-peers", nargs="+", default=None, metavar="MADDR",
             help="full multiaddr(s) of peers already in the swarm; one reachable is enough",
         )
+        sub.add_argument(
+            "--initial-peers-file", type=Path, metavar="FILE",
+            help="also join through the addresses in FILE, as written by `swarm bootstrap --address-file`",
+        )
+        return sub
+
+    def with_status(sub: argparse.ArgumentParser, help: str) -> argparse.ArgumentParser:
+        sub.add_argument("--status-file", type=Path, default=_env_path("SWARM_STATUS_FILE"), help=help)
         return sub
 
     bootstrap = with_peers(with_config(commands.add_parser("bootstrap", help="run a DHT-only peer that keeps the swarm reachable")))
     bootstrap.add_argument("--identity", type=Path, help="private key file (default: network.identity_path or ~/.swarm/bootstrap.key)")
     bootstrap.add_argument("--address-file", type=Path, help="also write the peer id and multiaddrs here as JSON")
+    with_status(bootstrap, "keep a JSON status of this peer here, for `swarm health` (default: $SWARM_STATUS_FILE)")
 
     join = with_peers(with_config(commands.add_parser("join", help="join a swarm as a trainer peer")))
     join.add_argument("--resume", action="store_true", help="restore model, optimizer and epoch from checkpoint.dir")
-    join.add_argument("--status-file", type=Path, help="keep a JSON status of this peer here (for scripts)")
+    with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
+                      "(default: $SWARM_STATUS_FILE)")
 
-    demo = with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers on 127.0.0.1"))
+    demo = with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
     demo.add_argument("--peers", type=int, default=3, help="number of trainer processes (default 3)")
     demo.add_argument("--epochs", type=int, default=None, help="swarm epochs to train (default: the demo's own)")
     demo.add_argument("--workdir", type=Path, help="keep logs and checkpoints here (default: a temporary folder)")
+
+    monitor = with_peers(with_config(commands.add_parser(
+        "monitor", help="watch a swarm: history in SQLite, a web dashboard, a JSON API and Prometheus /metrics")))
+    monitor.add_argument("--url-file", type=Path, help="also write the dashboard's address here as JSON (for scripts)")
+    monitor.add_argument("--export-csv", type=Path, metavar="DIR",
+                         help="write the history in monitor.db_path as CSV files into DIR and exit (no network)")
+
+    status = with_peers(with_config(commands.add_parser("status", help="print the swarm's peers as a table, from the DHT")))
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                        help="wait this long for the first metrics record (default 10)")
+
+    health = with_status(
+        commands.add_parser("health", help="exit 0 if the peer writing --status-file is alive and connected, else 1"),
+        "the status file of the peer to check (default: $SWARM_STATUS_FILE)",
+    )
+    health.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE, metavar="SECONDS",
+                        help=f"a status older than this means the peer is stuck or gone (default {DEFAULT_MAX_AGE:g})")
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -64,10 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":  # the container's health check: cheap, no logging set-up, no hivemind import
+        return _health(args)
+    from peers.lifecycle import setup_logging  # imports hivemind (about 2 s)
+
     role = {"join": "trainer"}.get(args.command, args.command)
     setup_logging(role)
     code = _run(args)
-    if args.command in ("join", "bootstrap"):
+    if args.command in ("join", "bootstrap", "monitor", "status"):
         # Everything was shut down explicitly. Skip interpreter finalization: hivemind's __del__ hooks
         # would try to shut the same averagers down again and can abort the process on the way out.
         sys.stdout.flush()
@@ -92,8 +125,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
-    if getattr(args, "initial_peers", None):
-        overrides.append("network.initial_peers=" + ",".join(args.initial_peers))
+    initial_peers = list(getattr(args, "initial_peers", None) or [])
+    if getattr(args, "initial_peers_file", None):
+        initial_peers += _read_address_file(args.initial_peers_file)
+    if initial_peers:
+        overrides.append("network.initial_peers=" + ",".join(initial_peers))
     if getattr(args, "resume", False):
         overrides.append("checkpoint.resume=true")
 
@@ -109,9 +145,44 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bootstrap":
         from peers.bootstrap import run_bootstrap
 
-        run_bootstrap(config, identity_path=args.identity, address_file=args.address_file)
+        run_bootstrap(config, identity_path=args.identity, address_file=args.address_file,
+                      status_path=args.status_file)
     elif args.command == "join":
         from peers.trainer import run_trainer
 
-        run_trainer(config, status_file=args.status_file)
+        run_trainer(config, status_path=args.status_file)
+    elif args.command == "monitor":
+        from peers.monitor import export_csv, run_monitor
+
+        if args.export_csv is not None:
+            export_csv(config, args.export_csv)
+        else:
+            run_monitor(config, url_file=args.url_file)
+    elif args.command == "status":
+        from peers.status import run_status
+
+        run_status(config, as_json=args.json, wait=args.wait)
     return exit_codes.OK
+
+
+def _health(args: argparse.Namespace) -> int:
+    if args.status_file is None:
+        print("swarm health: error: no status file: pass --status-file or set SWARM_STATUS_FILE", file=sys.stderr)
+        return exit_codes.USAGE
+    return run_health(args.status_file, max_age=args.max_age)
+
+
+def _read_address_file(path: Path) -> list[str]:
+    """The multiaddrs in a JSON file written by `swarm bootstrap --address-file`."""
+    try:
+        maddrs = json.loads(Path(path).read_text())["maddrs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read initial peers from {path} ({type(e).__name__}: {e}); it should be "
+                          f"the --address-file of a running `swarm bootstrap`") from None
+    if not isinstance(maddrs, list) or not all(isinstance(maddr, str) for maddr in maddrs):
+        raise ConfigError(f"{path}: 'maddrs' should be a list of multiaddrs")
+    return maddrs
+
+
+def _env_path(name: str) -> Optional[Path]:
+    return Path(os.environ[name]) if os.environ.get(name) else None

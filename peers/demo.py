@@ -1,7 +1,7 @@
 """`swarm demo`: a whole swarm on this machine, as separate processes on 127.0.0.1.
 
 One bootstrap peer and N trainers (the first an institution, the rest volunteers) train the debug
-model on shards of the embedded corpus. Progress is read from the trainers' status files and shown
+model on shards of the embedded corpus, and a monitor serves a live dashboard of them. Progress is read from the trainers' status files and shown
 as one line every few seconds; the summary compares held-out loss before and after and checks that
 the peers' final models agree.
 """
@@ -66,6 +66,7 @@ def run_demo(
                            what="the bootstrap peer", alive=[bootstrap])["maddrs"][0]
         trainers = [_start_trainer(index, num_peers, base, address, workdir) for index in range(num_peers)]
         peers.extend(trainers)
+        peers.append(_start_monitor(config_path, base, address, workdir, config.run_id))
         _show_progress(trainers, workdir, epochs, started)
         for trainer in trainers:
             trainer.stop()
@@ -87,6 +88,26 @@ def _start_trainer(index: int, num_peers: int, base: list[str], address: str, wo
          "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}", "--status-file", str(peer_dir / "status.json")],
         log_path=peer_dir / "trainer.log",
     )
+
+
+def _start_monitor(config_path: Path, base: list[str], address: str, workdir: Path, run_id: str) -> PeerProcess:
+    """A monitor on a free port; the demo goes on without it if it cannot start (it only watches)."""
+    monitor = PeerProcess(
+        "monitor",
+        ["monitor", "--config", str(config_path), "--set", "monitor.port=0",
+         "--set", f"monitor.db_path={workdir / 'monitor.sqlite'}", *base[2:], "--initial-peers", address,
+         "--url-file", str(workdir / "monitor.json")],
+        log_path=workdir / "monitor.log",
+    )
+    try:
+        url = wait_for(lambda: read_json(workdir / "monitor.json"), timeout=STARTUP_TIMEOUT, what="the monitor",
+                       alive=[monitor])["url"]
+    except (RuntimeError, TimeoutError) as e:
+        print(f"swarm demo: the monitor did not start ({e}); training goes on without it", flush=True)
+        return monitor
+    print(f"swarm demo: dashboard at {url} (JSON {url}api/swarm, Prometheus {url}metrics)", flush=True)
+    print(f"  or in a terminal: swarm status --config {config_path} --initial-peers {address}", flush=True)
+    return monitor
 
 
 def _show_progress(trainers: list[PeerProcess], workdir: Path, epochs: int, started: float) -> None:
@@ -141,7 +162,7 @@ def _summarize(trainers: list[PeerProcess], workdir: Path, started: float, num_p
     print(f"  samples         {sum(status['samples'] for status in statuses):,} ({shares})")
     print(f"  peers           {num_peers} trainers + 1 bootstrap; final models differ by at most {disagreement:.2e}")
     if keep:
-        print(f"  logs, checkpoints and status files in {workdir}")
+        print(f"  logs, checkpoints, status files and the monitor's history (monitor.sqlite) in {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if after < before else 1

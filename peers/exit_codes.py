@@ -1,6 +1,6 @@
 """Documented exit codes of the ``swarm`` command (also listed in README.md)."""
 
-from swarm.errors import CheckpointError, ConfigError, DataError, NetworkError, SwarmError
+from swarm.errors import CheckpointError, ConfigError, DataError, MonitorError, NetworkError, SwarmError
 
 OK = 0  # finished, or left the swarm cleanly on SIGINT/SIGTERM
 INTERNAL = 1  # a bug or an unexpected failure: the traceback is logged
@@ -8,9 +8,11 @@ USAGE = 2  # bad command line, config key, config value or multiaddr
 UNREACHABLE = 3  # none of the initial peers answered before network.bootstrap_timeout
 DATA = 4  # data folder missing, unreadable or without usable text
 CHECKPOINT = 5  # checkpoint corrupt, incompatible, missing for --resume, or in the way of a fresh start
+MONITOR = 6  # monitor: history database unreadable or of another run, or the dashboard's port is taken
 INTERRUPTED = 130  # a second SIGINT/SIGTERM cut the clean leave short
 
-_BY_ERROR = {ConfigError: USAGE, NetworkError: UNREACHABLE, DataError: DATA, CheckpointError: CHECKPOINT}
+_BY_ERROR = {ConfigError: USAGE, NetworkError: UNREACHABLE, DataError: DATA, CheckpointError: CHECKPOINT,
+             MonitorError: MONITOR}
 
 
 def for_error(error: SwarmError) -> int:

@@ -18,14 +18,16 @@ from typing import Callable, Optional, Sequence
 
 
 class PeerProcess:
-    """One ``swarm`` command running as its own process group; output goes to ``log_path``."""
+    """One ``swarm`` command (or another ``program``) running as its own process group; output goes
+    to ``log_path``."""
 
-    def __init__(self, name: str, args: Sequence[str], *, log_path: Path, env: Optional[dict] = None):
+    def __init__(self, name: str, args: Sequence[str], *, log_path: Path, env: Optional[dict] = None,
+                 program: Sequence[str] = (sys.executable, "-m", "peers")):
         self.name, self.args, self.log_path = name, list(args), Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "peers", *self.args],
+                [*program, *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -10,17 +10,22 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer, write_json_atomic
+from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer
+from peers.status_file import StatusFile
 from swarm import checkpoint as ckpt
 from swarm.config import SwarmConfig
 from swarm.data import load_dataset
-from swarm.device import resolve_device
+from swarm.device import describe_device, resolve_device
 from swarm.errors import CheckpointError
+from swarm.identity import load_identity
+from swarm.keys import metrics_validators
+from swarm.metrics import MetricsPublisher, PeerFacts
 from swarm.model import ByteGPT
 from swarm.collaboration import build_collaboration
 from swarm.network import start_dht, visible_maddrs
@@ -29,9 +34,10 @@ from swarm.training import TrainingLoop, TrainingStatus
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_SHUTDOWN_TIMEOUT = 8.0  # seconds to say goodbye to averaging groups before leaving anyway
+METRICS_SHUTDOWN_TIMEOUT = 4.0  # seconds to publish the last "left" record before leaving anyway
 
 
-def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> TrainingStatus:
+def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> TrainingStatus:
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -49,8 +55,10 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         model.load_state_dict(resume_from.model)  # before the optimizer copies the parameters
     model.to(device)
 
-    dht = start_dht(config.network, stop=stop.event)
-    opt = None
+    identity = load_identity(config.network.identity_path)
+    dht = start_dht(config.network, identity=identity, stop=stop.event,
+                    record_validators=metrics_validators(config.run_id, identity.private_key))
+    opt = status_file = publisher = None
     try:
         set_log_peer(config.peer.role, str(dht.peer_id))
         logger.info(
@@ -58,8 +66,12 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             f"{model.num_parameters() / 1e6:.2f}M parameters on {device}; data {dataset.source} "
             f"({dataset.num_train_files} files, {dataset.train.numel() / 1e6:.1f} MB)"
         )
-        opt = build_collaboration(config=config, dht=dht, model=model)
+        opt = build_collaboration(config=config, dht=dht, model=model, private_key=identity.private_key)
         status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
+        if config.metrics is not None:
+            facts = PeerFacts(role=config.peer.role, peer=config.peer, device=describe_device(device))
+            publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
+                                         facts=facts).start()
         if resume_from is not None:
             opt.load_state_dict(resume_from.optimizer)
             status.resumed_state_hash = _snapshot(model, opt, config).state_hash
@@ -72,9 +84,15 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
             ckpt.save_checkpoint(config.checkpoint.dir, snapshot)
             return snapshot.state_hash
 
+        status.epoch = status.start_epoch = opt.local_epoch
+        status_file = StatusFile(status_path, dht=dht, snapshot=status.as_dict,
+                                 initial_peers=len(config.network.initial_peers))
+        status_file.start()
+
         def publish(current: TrainingStatus) -> None:
-            if status_file is not None:
-                write_json_atomic(status_file, current.as_dict())
+            status_file.publish()
+            if publisher is not None:
+                publisher.update(current)
 
         loop = TrainingLoop(
             model=model,
@@ -95,15 +113,25 @@ def run_trainer(config: SwarmConfig, *, status_file: Optional[Path] = None) -> T
         except KeyboardInterrupt:
             logger.info("interrupted inside a step; leaving without finishing it")
         stop.disarm()
+        status_file.shutdown()
+        if publisher is not None:
+            publisher.update(status)
+            run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
+                        METRICS_SHUTDOWN_TIMEOUT)
+            publisher = None
         run_bounded("optimizer shutdown", opt.shutdown, OPTIMIZER_SHUTDOWN_TIMEOUT)
         if config.checkpoint is not None:
             status.last_checkpoint_hash = save()
             logger.info(f"checkpoint saved to {ckpt.checkpoint_path(config.checkpoint.dir)}")
         status.finished = True
-        publish(status)
+        status_file.publish()
         return status
     finally:
         stop.disarm()
+        if status_file is not None:
+            status_file.shutdown()
+        if publisher is not None:  # left through an error: no "left" record, the record just expires
+            publisher.shutdown(leave=False, timeout=1.0)
         dht.shutdown()
         reap_children()
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here
@@ -116,15 +144,20 @@ def _snapshot(model: torch.nn.Module, opt, config: SwarmConfig) -> ckpt.Checkpoi
 
 
 def _preflight_checkpoint(config: SwarmConfig, model_config: dict) -> Optional[ckpt.Checkpoint]:
-    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use."""
+    """The checkpoint to resume from, or None; refuses to overwrite one that --resume would use.
+
+    ``checkpoint.resume: auto`` resumes when a checkpoint is there and starts fresh otherwise, so a
+    container restarted with the same state volume carries on where it stopped.
+    """
     if config.checkpoint is None:
         return None
     path = ckpt.checkpoint_path(config.checkpoint.dir)
-    if config.checkpoint.resume:
+    resume = path.exists() if config.checkpoint.resume == "auto" else config.checkpoint.resume
+    if resume:
         return ckpt.load_checkpoint(config.checkpoint.dir, run_id=config.run_id, model_config=model_config)
     if path.exists():
         raise CheckpointError(
-            f"a checkpoint already exists at {path}; pass --resume to continue from it, "
-            f"or set checkpoint.dir to another folder"
+            f"a checkpoint already exists at {path}; pass --resume (or set checkpoint.resume=auto) to continue "
+            f"from it, or set checkpoint.dir to another folder"
         )
     return None

@@ -71,10 +71,11 @@ class Collaboration(ABC):
     def shutdown(self) -> None: ...
 
 
-def build_collaboration(*, config, dht, model) -> Collaboration:
+def build_collaboration(*, config, dht, model, private_key=None) -> Collaboration:
     """The collaboration that ``config.averaging.mode`` asks for, around ``model``'s parameters.
 
     :param config: the whole :class:`swarm.config.SwarmConfig` (each implementation takes its sections).
+    :param private_key: the peer's identity key (:mod:`swarm.identity`), for records it signs.
     """
     from swarm.optim import build_collaborative_optimizer, inner_optimizer_factory
 
@@ -86,4 +87,4 @@ def build_collaboration(*, config, dht, model) -> Collaboration:
                       averaging=config.averaging, batch_size=config.training.batch_size)
     return build_collaborative_optimizer(dht=dht, run_id=config.run_id, params=model.parameters(),
                                          optimizer=config.optimizer, training=config.training,
-                                         averaging=config.averaging)
+                                         averaging=config.averaging, private_key=private_key)

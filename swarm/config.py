@@ -8,7 +8,7 @@ when set to ``null``. The tree is filled from YAML, ``SWARM_*`` environment vari
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -166,7 +166,47 @@ class CheckpointConfig(Section):
 
     dir: Path = Path("checkpoints")
     every_epochs: int = Field(5, ge=1)
-    resume: bool = Field(False, description="restore model, optimizer and epoch from dir/latest.pt")
+    resume: Union[Literal["auto"], bool] = Field(
+        False,
+        description="true: restore model, optimizer and epoch from dir/latest.pt (an error if it is missing); "
+        "auto: restore it if it exists, else start fresh (what a restarted container wants); "
+        "false: start fresh, and refuse to overwrite an existing checkpoint",
+    )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_choice(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true, false or auto, got {value!r}")
+        return value
+
+
+class MetricsConfig(Section):
+    """The signed metrics record this peer publishes to the DHT (read by `swarm monitor` and `swarm status`)."""
+
+    period: float = Field(10.0, gt=0, le=3600, description="seconds between records")
+    ttl: float = Field(60.0, gt=0, description="a record expires this long after its last write; must exceed the period")
+
+    @model_validator(mode="after")
+    def _ttl_above_period(self):
+        if self.ttl <= self.period:
+            raise ValueError(f"metrics.ttl ({self.ttl:g}) must be above metrics.period ({self.period:g})")
+        return self
+
+
+class MonitorConfig(Section):
+    """`swarm monitor`: collects every peer's metrics, keeps history, serves a dashboard, an API and /metrics."""
+
+    period: float = Field(10.0, gt=0, le=3600, description="seconds between collections from the DHT")
+    db_path: Path = Field(Path("swarm-monitor.sqlite"), description="SQLite history; a restarted monitor carries on")
+    host: str = Field("127.0.0.1", description="dashboard interface; 0.0.0.0 shows it to the network (read-only)")
+    port: int = Field(8470, ge=0, le=65535, description="dashboard port; 0 picks a free one")
+    history_days: Optional[float] = Field(30.0, gt=0, description="forget history older than this; null = keep all")
+    max_samples_per_second: float = Field(
+        100_000.0, gt=0, description="flag a peer that claims more throughput than this as implausible"
+    )
 
 
 class SwarmConfig(Section):
@@ -180,3 +220,5 @@ class SwarmConfig(Section):
     averaging: AveragingConfig = AveragingConfig()
     diloco: DiLoCoConfig = DiLoCoConfig()
     checkpoint: Optional[CheckpointConfig] = CheckpointConfig()
+    metrics: Optional[MetricsConfig] = MetricsConfig()
+    monitor: MonitorConfig = MonitorConfig()

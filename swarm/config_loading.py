@@ -20,7 +20,7 @@ from swarm.errors import ConfigError
 
 ENV_PREFIX = "SWARM_"
 # Environment variables that are read elsewhere and are not config keys.
-RESERVED_ENV = {"SWARM_LOGLEVEL", "SWARM_HIVEMIND_LOGLEVEL", "SWARM_CONFIG"}
+RESERVED_ENV = {"SWARM_LOGLEVEL", "SWARM_HIVEMIND_LOGLEVEL", "SWARM_CONFIG", "SWARM_STATUS_FILE"}
 
 
 def load_config(

@@ -24,3 +24,11 @@ def resolve_device(requested: str) -> torch.device:
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+def describe_device(device: torch.device) -> str:
+    """A short name for metrics, e.g. ``cpu`` or ``cuda:0 NVIDIA H100 80GB HBM3`` (at most 64 characters)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"[:64]
+    return str(device)[:64]

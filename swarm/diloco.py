@@ -98,12 +98,16 @@ class DiLoCo(Collaboration):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._adopt(state["round"], state["total_samples"], state["outer_params"], state["momentum"])
+        """Restore a checkpoint; the model's own (local) parameters come from the checkpoint's model."""
+        self._adopt(state["round"], state["total_samples"], state["outer_params"], state["momentum"], keep_local=True)
         self.inner.load_state_dict(state["inner"])
         self._start_round()
         self._publish_state()
 
     def counters(self) -> Counters:
+        shared = self._shared[0] if self._shared is not None else {}
+        self._counters.extra = {"state_hash": shared.get("hash", "")[:16], "total_samples": self.total_samples,
+                                "residual_norm": round(self.compression.residual_norm(), 6)}
         return self._counters
 
     def shutdown(self) -> None:
@@ -215,13 +219,15 @@ class DiLoCo(Collaboration):
         logger.info(f"adopted the swarm's state from {peer[-6:]}: round {previous} -> {self.round}, "
                     f"{self.total_samples} samples seen")
 
-    def _adopt(self, round_number: int, total: int, outer_params: list[torch.Tensor], momentum: list[torch.Tensor]) -> None:
+    def _adopt(self, round_number: int, total: int, outer_params: list[torch.Tensor], momentum: list[torch.Tensor],
+               keep_local: bool = False) -> None:
         with torch.no_grad():
             for param, value, buffer in zip(self.outer_params, outer_params, momentum):
                 param.copy_(value)
                 self.outer.state[param]["momentum_buffer"].copy_(buffer)
-            for local, outer in zip(self.params, self.outer_params):
-                local.copy_(outer.to(local.device, local.dtype))
+            if not keep_local:
+                for local, outer in zip(self.params, self.outer_params):
+                    local.copy_(outer.to(local.device, local.dtype))
         self.round, self.total_samples = round_number, total
         self.compression.forget_residuals()
 

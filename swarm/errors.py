@@ -22,3 +22,7 @@ class DataError(SwarmError):
 
 class CheckpointError(SwarmError):
     """A checkpoint is corrupt, incompatible with the config, or would be overwritten."""
+
+
+class MonitorError(SwarmError):
+    """The monitor's history database is unusable or belongs to another run, or its port is taken."""

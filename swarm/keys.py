@@ -1,17 +1,49 @@
-"""Every DHT key the project uses, in one place.
+"""Every DHT key the project uses, in one place, with the schema and signature rules of the ones it writes.
 
 | key | written by | read by | lives |
 |---|---|---|---|
-| ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
+| ``{run_id}_metrics``: one subkey per peer, ``[owner:<its RSA key>]`` -> :class:`PeerMetrics`, signed | every trainer and the bootstrap peer, each its own subkey, every ``metrics.period`` s | ``swarm monitor``, ``swarm status`` | ``metrics.ttl`` after its last write; a clean leave writes a last ``state: left`` record |
+| ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer (signed with the peer's identity key, see :mod:`swarm.optim`) | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
 | ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
 | ``{run_id}_diloco_progress`` | each DiLoCo trainer: ``{round, samples, time}`` under its peer id | DiLoCo trainers: swarm samples this round, who takes part | ``PROGRESS_TTL``, refreshed every ~second |
 | ``{run_id}_diloco_ready_{round}`` | each DiLoCo trainer when it is ready to average ``round`` | matchmaking: who may lead the round | ``READY_TTL`` |
 | ``{run_id}_diloco_state`` | each DiLoCo trainer after every round: ``{round, hash, role, time}`` | state sync: who is ahead, which state the swarm agrees on | ``STATE_TTL``, refreshed |
 
 DiLoCo records are stored under the peer id (base58) as subkey, written by the peer itself.
+
+``{run_id}_metrics`` is protected three ways, on every peer that stores or fetches it:
+
+1. hivemind's :class:`RSASignatureValidator`: the subkey names the owner's RSA public key and the
+   value carries the owner's signature, so no one else can write or overwrite that subkey;
+2. hivemind's :class:`SchemaValidator` with :class:`MetricsSchema` (strict types, bounded sizes);
+3. :class:`MetricsRecordGuard`, which checks the same before them, counts what it refuses and why
+   (each peer publishes those counts in its own record, so attacks show swarm-wide), caps the
+   record's size, and checks that the ``peer_id`` a record claims is the one derived from the key
+   that signed it (see :mod:`swarm.identity`): a peer cannot speak for another peer id.
+
+Values that pass all three can still be implausible (a peer may lie about its own numbers); the
+monitor flags those (:mod:`swarm.collector`) rather than trusting them.
 """
 
 from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter, deque
+from typing import Dict, Optional
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_logger
+from hivemind.utils.crypto import RSAPrivateKey
+from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat, conint, constr
+
+from swarm.identity import peer_id_of_owner
+
+logger = get_logger(__name__)
 
 PROGRESS_TTL = 30.0
 READY_TTL = 120.0
@@ -28,3 +60,221 @@ def diloco_ready(run_id: str, round_number: int) -> str:
 
 def diloco_state(run_id: str) -> str:
     return f"{run_id}_diloco_state"
+
+
+METRICS_SUFFIX = "metrics"
+# A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
+MAX_RECORD_BYTES = 4096
+ROLES = ("bootstrap", "volunteer", "institution")
+REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation")
+STATES = ("running", "finished", "left")
+REACHABILITY = ("direct", "relayed", "client")
+
+
+def _one_of(values: tuple[str, ...]):
+    return constr(strict=True, regex="^(" + "|".join(values) + ")$")
+
+
+# pydantic v1 constrained types, named once: strict, so hivemind's SchemaValidator never converts
+_PeerId = constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # a base58 libp2p peer id
+_Role, _State, _Reachability, _Reason = (_one_of(ROLES), _one_of(STATES), _one_of(REACHABILITY),
+                                         _one_of(REFUSAL_REASONS))
+_Name = Optional[constr(strict=True, max_length=64)]
+_Count = conint(strict=True, ge=0, le=2**62)
+_Rate = confloat(strict=True, ge=0.0, le=1e12)
+_Seconds = confloat(strict=True, ge=0.0, le=1e10)
+_Loss = Optional[confloat(strict=True, ge=0.0, le=1e6)]
+_Version = constr(strict=True, max_length=32)
+
+
+class PeerMetrics(BaseModel):
+    """One peer's own report. Strict types: hivemind's SchemaValidator refuses anything it would convert."""
+
+    peer_id: _PeerId
+    role: _Role
+    state: _State
+    display_name: _Name
+    organization: _Name
+    device: _Name
+    epoch: _Count  # the peer's local epoch (swarm epochs it has applied)
+    samples_total: _Count  # samples this process trained on since it started
+    samples_per_second: _Rate
+    loss: _Loss  # training loss, exponential moving average over local steps
+    heldout_loss: _Loss  # mean loss on the fixed held-out batches at the last epoch change
+    bytes_sent: Optional[_Count]  # None: cannot be measured on this peer (see swarm.traffic)
+    bytes_received: Optional[_Count]
+    rounds_ok: _Count  # gradient all-reduce rounds that completed
+    rounds_failed: _Count  # rounds that failed or timed out (the peer then used its local gradients)
+    # distinct {run_id}_metrics records this peer's DHT node refused, by reason (attacks it has seen)
+    refused: Dict[_Reason, _Count]
+    reachability: _Reachability
+    uptime: _Seconds  # seconds since the peer process started
+    version: _Version
+    time: StrictFloat  # DHT time of writing
+
+    class Config:
+        extra = Extra.forbid
+
+
+class MetricsSchema(BaseModel):
+    """The schema of ``{run_id}_metrics`` for hivemind's SchemaValidator (its field name is the key suffix)."""
+
+    metrics: Dict[BytesWithPublicKey, PeerMetrics]
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_{METRICS_SUFFIX}"
+
+
+def metrics_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
+    """Validators every swarm peer's DHT needs; pass them to :func:`swarm.network.start_dht`.
+
+    ``private_key`` must be the peer's identity key: the DHT keeps the first RSASignatureValidator
+    it is given and signs every ``[owner:...]`` record with its key (hivemind.Optimizer's tracker
+    must get the same key, see :mod:`swarm.optim`).
+    """
+    signatures = RSASignatureValidator(private_key)
+    return [signatures, SchemaValidator(MetricsSchema, prefix=run_id), MetricsRecordGuard(run_id, signatures)]
+
+
+class RefusalLog:
+    """Distinct records this process's DHT node refused, by reason. Lives in the DHT process.
+
+    A rogue peer may send a new forgery every second: each distinct record is counted, but only the
+    first per (reason, sender) in every ``LOG_PERIOD`` seconds is logged, with how many came since.
+    """
+
+    MAX_REMEMBERED = 10_000
+    LOG_PERIOD = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: set[bytes] = set()
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, sender) -> (last logged, since)
+        self.counts: Counter = Counter()
+        self.recent: deque = deque(maxlen=20)
+
+    def add(self, reason: str, record: DHTRecord, sender: str, detail: str) -> Optional[int]:
+        """Count a refusal once per distinct record. Returns the number of refusals to mention in a log
+        line now (this one and those held back since the last line), or None to stay quiet."""
+        digest = hashlib.sha256(record.subkey + b"\0" + record.value).digest()
+        with self._lock:
+            if digest in self._seen:
+                return None
+            if len(self._seen) >= self.MAX_REMEMBERED:
+                self._seen.clear()
+            self._seen.add(digest)
+            self.counts[reason] += 1
+            self.recent.append({"reason": reason, "detail": detail})
+            now = time.monotonic()
+            last, held = self._logged.get((reason, sender), (-float("inf"), 0))
+            if now - last < self.LOG_PERIOD:
+                self._logged[(reason, sender)] = (last, held + 1)
+                return None
+            self._logged[(reason, sender)] = (now, 0)
+            return held + 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"counts": dict(self.counts), "recent": list(self.recent)}
+
+
+REFUSALS = RefusalLog()
+
+
+async def read_refusals(dht, node) -> dict:
+    """For ``dht.run_coroutine``: the refusals counted by that DHT's own process."""
+    return REFUSALS.snapshot()
+
+
+class MetricsRecordGuard(RecordValidatorBase):
+    """Checks ``{run_id}_metrics`` records before hivemind's validators do, and says why it refuses one.
+
+    Reasons: ``oversized``, ``unsigned`` (the subkey names no RSA owner), ``bad_signature``, ``schema``,
+    ``impersonation`` (the claimed peer id is not the signer's). Each distinct refused record is
+    counted once in :data:`REFUSALS` and logged once at WARNING.
+    """
+
+    def __init__(self, run_id: str, signatures: RSASignatureValidator):
+        self.run_id = run_id
+        self._key_id = DHTID.generate(source=metrics_key(run_id)).to_bytes()
+        self._signatures = signatures
+
+    @property
+    def priority(self) -> int:
+        return 20  # validation runs in decreasing priority: before RSASignatureValidator (10)
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        reason, detail = self.check(record)
+        if reason is None:
+            return True
+        to_log = REFUSALS.add(reason, record, self._sender(record), detail)
+        if to_log is not None:
+            repeats = f" ({to_log} such records from this sender since the last line)" if to_log > 1 else ""
+            logger.warning(f"refused a {metrics_key(self.run_id)} record ({reason}): {detail}{repeats}")
+        return False
+
+    @staticmethod
+    def _owner_peer_id(record: DHTRecord) -> Optional[str]:
+        try:
+            owner = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # msgpack raises several types for garbage; all mean the same here
+            return None
+        return peer_id_of_owner(owner) if isinstance(owner, bytes) else None
+
+    def _sender(self, record: DHTRecord) -> str:
+        return self._owner_peer_id(record) or "unsigned"
+
+    def check(self, record: DHTRecord) -> tuple[Optional[str], str]:
+        """(None, "") for a genuine record, else (reason, detail)."""
+        if len(record.value) > MAX_RECORD_BYTES:
+            return "oversized", f"{len(record.value)} bytes, at most {MAX_RECORD_BYTES} allowed"
+        owner_peer_id = self._owner_peer_id(record)
+        if owner_peer_id is None:
+            return "unsigned", "the subkey names no [owner:<RSA key>]"
+        if not self._signatures.validate(record):
+            return "bad_signature", f"signature does not match the owner key of {owner_peer_id}"
+        try:
+            value = MSGPackSerializer.loads(self._signatures.strip_value(record))
+            parsed = PeerMetrics.parse_obj(value)
+        except (ValidationError, ValueError, TypeError) as e:
+            return "schema", f"from {owner_peer_id}: {_first_line(e)}"
+        except Exception as e:  # msgpack's errors for truncated or garbage bytes
+            return "schema", f"from {owner_peer_id}: undecodable value ({type(e).__name__})"
+        if parsed.dict() != value:
+            return "schema", f"from {owner_peer_id}: missing fields or values of the wrong type"
+        if parsed.peer_id != owner_peer_id:
+            return "impersonation", f"signed by {owner_peer_id} but claims to be {parsed.peer_id}"
+        return None, ""
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, MetricsRecordGuard) and other.run_id == self.run_id
+
+
+def parse_metrics(value) -> tuple[list[tuple[str, PeerMetrics]], list[dict]]:
+    """Records of a ``dht.get(metrics_key(...), latest=True)`` result: genuine ``(owner peer id, metrics)``
+    pairs, and a description of each entry that fails the same checks (normally none: the DHT node
+    already dropped them, this is a second line of defence in the reading process)."""
+    entries = getattr(value, "value", None)
+    if not isinstance(entries, dict):
+        return [], []
+    genuine, refused = [], []
+    for owner, item in entries.items():
+        payload = getattr(item, "value", None)
+        owner_peer_id = peer_id_of_owner(owner) if isinstance(owner, bytes) else None
+        try:
+            metrics = PeerMetrics.parse_obj(payload)
+        except (ValidationError, TypeError) as e:
+            refused.append({"reason": "schema", "detail": _first_line(e)})
+            continue
+        if owner_peer_id is None or metrics.peer_id != owner_peer_id:
+            refused.append({"reason": "impersonation", "detail": f"claims {metrics.peer_id}"})
+            continue
+        genuine.append((owner_peer_id, metrics))
+    return genuine, refused
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from pathlib import Path
 from typing import Iterable, Optional
 
 import hivemind
@@ -19,6 +18,7 @@ from hivemind.utils import get_logger
 
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
+from swarm.identity import Identity, load_identity
 
 logger = get_logger(__name__)
 
@@ -28,36 +28,44 @@ _BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connec
 def start_dht(
     config: NetworkConfig,
     *,
+    identity: Optional[Identity] = None,
     record_validators: Iterable[RecordValidatorBase] = (),
-    identity_path: Optional[Path] = None,
+    client_mode: Optional[bool] = None,
     stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (its own process and a p2pd daemon) joined to the swarm.
 
-    :param identity_path: private key file that fixes the peer id; overrides network.identity_path.
+    :param identity: the key that makes this peer's id (see :mod:`swarm.identity`); default: the one at
+      network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
+    :param record_validators: e.g. :func:`swarm.keys.metrics_validators` for this identity.
+    :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
     :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.
     :raises ConfigError: the identity is already used by another peer of the swarm.
     """
-    identity_path = identity_path or config.identity_path
-    if identity_path is not None:
-        Path(identity_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    identity = identity or load_identity(config.identity_path)
+    identity_path = identity.path
+    client_mode = config.client_mode if client_mode is None else client_mode
     stop = stop or threading.Event()
     deadline = time.monotonic() + config.bootstrap_timeout
     delay, attempt = 1.0, 0
     while True:
         attempt += 1
         try:
-            return hivemind.DHT(
+            dht = hivemind.DHT(
                 initial_peers=config.initial_peers,
                 start=True,
                 host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs or None,
-                client_mode=config.client_mode,
+                client_mode=client_mode,
                 use_auto_relay=config.use_auto_relay,
-                identity_path=str(Path(identity_path).expanduser()) if identity_path is not None else None,
+                identity_path=str(identity_path),
+                # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
+                check_if_identity_free=not identity.fresh,
                 record_validators=list(record_validators),
             )
+            identity.discard_file()
+            return dht
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
                 raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
@@ -80,6 +88,36 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     """Addresses others can join with, loopback last (it works only on this machine)."""
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs(latest=True)]
     return sorted(maddrs, key=lambda maddr: ("/127.0.0.1/" in maddr or "/::1/" in maddr, maddr))
+
+
+def client_network(config: NetworkConfig) -> NetworkConfig:
+    """The network section for a short-lived client on this machine (monitor, status): any free port,
+    whatever port the run's config fixes for its peers."""
+    return config.model_copy(update={"port": 0})
+
+
+def reachability(dht: hivemind.DHT) -> str:
+    """``client`` (outbound only), ``relayed`` (reachable through a libp2p relay) or ``direct``."""
+    if dht.client_mode:
+        return "client"
+    maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
+    # a peer that found a relay announces circuit addresses: others reach it through the relay
+    return "relayed" if any("/p2p-circuit" in maddr for maddr in maddrs) else "direct"
+async def _list_connected_peers(_dht: hivemind.DHT, node) -> int:
+    return len(await node.p2p.list_peers())
+
+
+def count_connected_peers(dht: hivemind.DHT, timeout: float = 5.0) -> Optional[int]:
+    """How many peers this peer's libp2p daemon is connected to (DHT and averaging share it).
+
+    Runs inside the DHT process through ``DHT.run_coroutine``. None if the DHT did not answer within
+    ``timeout`` seconds or is gone, which callers report as "not connected".
+    """
+    try:
+        return dht.run_coroutine(_list_connected_peers, return_future=True).result(timeout)
+    except (TimeoutError, OSError, EOFError) as e:
+        logger.warning(f"the DHT did not report its connections: {e!r}")
+        return None
 
 
 def short_id(dht: hivemind.DHT) -> str:

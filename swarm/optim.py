@@ -8,12 +8,14 @@ peer's inner optimizer with the same averaged gradient, so parameters stay in ag
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import hivemind
 import torch
+from hivemind.averaging.control import StepControl
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.collaboration import Collaboration, Counters, SwarmView
 from swarm.compression import make_codec
@@ -42,6 +44,46 @@ def warmup_scheduler_factory(config: OptimizerConfig):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: min(1.0, (epoch + 1) / warmup))
 
 
+def count_round(counters: Counters, control: StepControl) -> None:
+    """Add one finished all-reduce round to ``counters`` by its outcome (a done StepControl)."""
+    if control.cancelled():
+        return  # hivemind cancels a pre-scheduled round when no other peer is left: not a round
+    if control.exception() is None:
+        counters.rounds_ok += 1
+    else:
+        counters.rounds_failed += 1  # then hivemind.Optimizer proceeds with local gradients
+
+
+class RoundCounting:
+    """Mixin for hivemind's gradient averagers: reports each round's outcome to a :class:`Counters`.
+
+    hivemind.Optimizer counts nothing itself: it logs "Averaging gradients failed" and proceeds with
+    local gradients. Every round it runs goes through ``step(control=..., wait=False)``, which returns
+    the round's StepControl, a future that ends with the group on success or an error on failure.
+    tests/test_monitor.py checks that both trainers of a swarm count successful rounds.
+    The counters are written by one thread (the futures' backend) and read by others.
+    """
+
+    def __init__(self, *args, counters: Counters, **kwargs):
+        self.round_counters = counters
+        super().__init__(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        wait = kwargs.get("wait", True)
+        kwargs["wait"] = False
+        control = super().step(*args, **kwargs)
+        control.add_done_callback(partial(count_round, self.round_counters))
+        return control.result(kwargs.get("timeout")) if wait else control
+
+
+class CountingGradientAverager(RoundCounting, GradientAverager):
+    pass
+
+
+class CountingPowerSGDAverager(RoundCounting, PowerSGDGradientAverager):
+    pass
+
+
 def build_collaborative_optimizer(
     *,
     dht: hivemind.DHT,
@@ -50,6 +92,7 @@ def build_collaborative_optimizer(
     optimizer: OptimizerConfig,
     training: TrainingConfig,
     averaging: AveragingConfig,
+    private_key: Optional[RSAPrivateKey] = None,
 ) -> HivemindSync:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
 
@@ -57,11 +100,15 @@ def build_collaborative_optimizer(
     disagree on its default otherwise. Gradients travel with ``averaging.compression``; ``powersgd``
     uses hivemind's own PowerSGD averager (which keeps its own error feedback); the per-tensor codecs
     have none in this mode.
+
+    :param private_key: the peer's identity key (:mod:`swarm.identity`). The DHT signs ``[owner:...]``
+      records with one key only, so the progress tracker must sign with the same one.
     """
-    averager = partial(GradientAverager, request_timeout=averaging.request_timeout)
+    counters = Counters()
+    averager = partial(CountingGradientAverager, counters=counters, request_timeout=averaging.request_timeout)
     compression = make_codec("none")
     if averaging.compression == "powersgd":
-        averager = partial(PowerSGDGradientAverager, averager_rank=averaging.powersgd_rank,
+        averager = partial(CountingPowerSGDAverager, counters=counters, averager_rank=averaging.powersgd_rank,
                            request_timeout=averaging.request_timeout)
     else:
         compression = make_codec(averaging.compression, adaptive_threshold=averaging.adaptive_threshold)
@@ -82,17 +129,18 @@ def build_collaborative_optimizer(
         # hivemind 1.1.12 forwards averager_opts to the state averager only, not to the gradient averager
         grad_averager_factory=averager,
         grad_compression=compression,
+        tracker_opts=dict(private_key=private_key) if private_key is not None else None,
         verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
-    ))
+    ), counters)
 
 
 class HivemindSync(Collaboration):
     """``averaging.mode: sync``: hivemind.Optimizer averages gradients once the swarm has gathered
     ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
 
-    def __init__(self, opt: hivemind.Optimizer):
+    def __init__(self, opt: hivemind.Optimizer, counters: Optional[Counters] = None):
         self.opt = opt
-        self._counters = Counters()
+        self._counters = counters or Counters()  # rounds by outcome; bytes are not measured in this mode
 
     @property
     def local_epoch(self) -> int:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from containers import ContainerPeer
 from peers.processes import PeerProcess, read_json, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,22 +26,25 @@ class Swarm:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.processes: list[PeerProcess] = []
+        self.processes: list[PeerProcess | ContainerPeer] = []
 
-    def start(self, name: str, args: list[str]) -> PeerProcess:
-        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log")
+    def start(self, name: str, args: list[str], program: tuple[str, ...] | None = None) -> PeerProcess:
+        options = {"program": program} if program else {}
+        peer = PeerProcess(name, args, log_path=self.workdir / f"{name}.log", **options)
         self.processes.append(peer)
         return peer
 
-    def bootstrap(self, *extra: str, name: str = "bootstrap") -> tuple[PeerProcess, str]:
+    def bootstrap(self, *extra: str, name: str = "bootstrap", program=None) -> tuple[PeerProcess, str]:
         address_file = self.workdir / f"{name}.json"
         address_file.unlink(missing_ok=True)
         peer = self.start(name, ["bootstrap", "--config", str(DEBUG_CONFIG), "--identity",
-                                 str(self.workdir / f"{name}.key"), "--address-file", str(address_file), *extra])
+                                 str(self.workdir / f"{name}.key"), "--address-file", str(address_file), *extra],
+                          program)
         info = wait_for(lambda: read_json(address_file), timeout=STARTUP_TIMEOUT, what=f"{name} to start", alive=[peer])
         return peer, info["maddrs"][0]
 
-    def trainer(self, name: str, initial_peers: list[str], *sets: str, extra: tuple[str, ...] = ()) -> PeerProcess:
+    def trainer(self, name: str, initial_peers: list[str], *sets: str, extra: tuple[str, ...] = (),
+                program=None) -> PeerProcess:
         peer_dir = self.workdir / name
         args = ["join", "--config", str(DEBUG_CONFIG), "--status-file", str(peer_dir / "status.json"),
                 "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}"]
@@ -46,10 +52,34 @@ class Swarm:
             args += ["--initial-peers", *initial_peers]
         for item in sets:
             args += ["--set", item]
-        return self.start(name, args + list(extra))
+        return self.start(name, args + list(extra), program)
+
+    def monitor(self, name: str, initial_peers: list[str], *sets: str) -> tuple[PeerProcess, str]:
+        """A `swarm monitor` on port 0 with its history in ``workdir/<name>.sqlite``; returns it and its URL."""
+        url_file = self.workdir / f"{name}.url.json"
+        url_file.unlink(missing_ok=True)
+        args = ["monitor", "--config", str(DEBUG_CONFIG), "--initial-peers", *initial_peers, "--url-file", str(url_file),
+                "--set", "monitor.port=0", "--set", f"monitor.db_path={self.workdir / name}.sqlite"]
+        for item in sets:
+            args += ["--set", item]
+        peer = self.start(name, args)
+        info = wait_for(lambda: read_json(url_file), timeout=STARTUP_TIMEOUT, what=f"{name} to serve", alive=[peer])
+        return peer, info["url"]
+    def container(self, name: str, args: list[str], *, data_dir: Path | None = None,
+                  env: dict | None = None) -> ContainerPeer:
+        """A peer in a container of the swarm image on the host's network; its state folder is
+        ``workdir/name``, so :meth:`status` and :meth:`checkpoint` read it like a process peer's."""
+        peer = ContainerPeer(name, args, state_dir=self.workdir / name, data_dir=data_dir, env=env)
+        self.processes.append(peer)
+        return peer
 
     def status(self, name: str) -> dict | None:
         return read_json(self.workdir / name / "status.json")
+
+    def epoch(self, name: str) -> int:
+        """The trainer's epoch (a round in DiLoCo mode), -1 before it has reported one."""
+        status = self.status(name)
+        return status["epoch"] if status else -1
 
     def checkpoint(self, name: str) -> Path:
         return self.workdir / name / "checkpoints" / "latest.pt"
@@ -59,15 +89,32 @@ class Swarm:
             peer.kill_group()
 
 
+@contextlib.contextmanager
+def running_swarm(workdir: Path, failed: Callable[[], bool]):
+    swarm = Swarm(workdir)
+    try:
+        yield swarm
+    finally:
+        if failed():  # the logs of every peer are the first thing one wants when a swarm test fails
+            for peer in swarm.processes:
+                print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(80)}")
+        swarm.teardown()
+
+
 @pytest.fixture
 def swarm(tmp_path: Path, request):
-    swarm = Swarm(tmp_path)
-    yield swarm
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    if failed:  # the logs of every peer are the first thing one wants when a swarm test fails
-        for peer in swarm.processes:
-            print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(80)}")
-    swarm.teardown()
+    with running_swarm(tmp_path, lambda: getattr(request.node, "rep_call", None) is not None
+                       and request.node.rep_call.failed) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def module_swarm(tmp_path_factory, request):
+    """One swarm shared by the tests of a module (started by the first test that asks for it)."""
+    failures_before = request.session.testsfailed
+    with running_swarm(tmp_path_factory.mktemp(request.module.__name__),
+                       lambda: request.session.testsfailed > failures_before) as swarm:
+        yield swarm
 
 
 @pytest.hookimpl(wrapper=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 
 import pytest
 
@@ -36,6 +37,17 @@ def test_malformed_multiaddr():
 def test_multiaddr_without_peer_id():
     result = join("--initial-peers", "/ip4/127.0.0.1/tcp/31337")
     assert_one_clear_line(result, exit_codes.USAGE, "/p2p/<peer id>")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("content, fragment", [(None, "FileNotFoundError"), ("{}", "KeyError"),
+                                               ('{"maddrs": "/ip4/1.2.3.4"}', "list of multiaddrs")])
+def test_unusable_initial_peers_file(tmp_path, content, fragment):
+    address_file = tmp_path / "bootstrap.json"
+    if content is not None:
+        address_file.write_text(content)
+    result = join("--initial-peers-file", str(address_file))
+    assert_one_clear_line(result, exit_codes.USAGE, str(address_file), fragment)
 
 
 @pytest.mark.timeout(120)
@@ -111,3 +123,54 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(tmp_path):
 def test_resume_without_checkpoint(tmp_path):
     result = join("--resume", "--set", f"checkpoint.dir={tmp_path}")
     assert_one_clear_line(result, exit_codes.CHECKPOINT, "no checkpoint to resume from")
+
+
+# `swarm monitor` and `swarm status`: mistakes end before the network is touched
+
+FAKE_PEER = f"/ip4/127.0.0.1/tcp/1/p2p/{A_PEER_ID}"
+
+
+def monitor(*args: str, timeout: float = 60.0):
+    return run_cli("monitor", "--config", str(DEBUG_CONFIG), "--initial-peers", FAKE_PEER, *args, timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+def test_monitor_history_of_another_run(tmp_path):
+    from swarm.history import History
+
+    History(tmp_path / "m.sqlite", "another-run").close()
+    result = monitor("--set", f"monitor.db_path={tmp_path / 'm.sqlite'}", "--set", "monitor.port=0")
+    assert_one_clear_line(result, exit_codes.MONITOR, "holds the history of run 'another-run'")
+
+
+@pytest.mark.timeout(60)
+def test_monitor_history_file_that_is_not_a_database(tmp_path):
+    (tmp_path / "m.sqlite").write_bytes(b"definitely not sqlite" * 100)
+    result = monitor("--set", f"monitor.db_path={tmp_path / 'm.sqlite'}", "--set", "monitor.port=0")
+    assert_one_clear_line(result, exit_codes.MONITOR, "cannot use", "m.sqlite")
+    assert (tmp_path / "m.sqlite").read_bytes() == b"definitely not sqlite" * 100
+
+
+@pytest.mark.timeout(60)
+def test_monitor_port_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = monitor("--set", f"monitor.db_path={tmp_path / 'm.sqlite'}", "--set", f"monitor.port={port}")
+    assert_one_clear_line(result, exit_codes.MONITOR, f"127.0.0.1:{port}", "monitor.port")
+
+
+@pytest.mark.timeout(60)
+def test_monitor_and_status_need_a_peer_address():
+    for command in ("monitor", "status"):
+        result = run_cli(command, "--config", str(DEBUG_CONFIG))
+        assert_one_clear_line(result, exit_codes.USAGE, "needs the address of a peer")
+
+
+@pytest.mark.timeout(60)
+def test_csv_export_without_history(tmp_path):
+    result = run_cli("monitor", "--config", str(DEBUG_CONFIG), "--set", f"monitor.db_path={tmp_path / 'none.sqlite'}",
+                     "--export-csv", str(tmp_path / "csv"))
+    assert_one_clear_line(result, exit_codes.MONITOR, "no monitor history")
+    assert not (tmp_path / "none.sqlite").exists()

@@ -9,21 +9,46 @@ from swarm import checkpoint as ckpt
 from swarm.errors import CheckpointError
 
 
+MODES = {
+    "sync": ("averaging.mode=sync",),
+    "diloco": ("averaging.mode=diloco", "diloco.inner_steps=5"),
+    "sync-adamw8bit": ("averaging.mode=sync", "optimizer.name=adamw8bit"),  # bitsandbytes' 8-bit AdamW, on CPU here
+}
+
+
 @pytest.mark.timeout(240)
-def test_resume_restores_model_optimizer_and_epoch(swarm):
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_restores_model_optimizer_and_epoch(swarm, mode):
     # A lone trainer is a swarm of one: no initial peers, nothing to wait for.
-    first = swarm.trainer("solo", [], "training.max_epochs=3", "checkpoint.every_epochs=1")
+    first = swarm.trainer("solo", [], "training.max_epochs=3", "checkpoint.every_epochs=1", *MODES[mode])
     assert first.proc.wait(150) == 0, first.log_tail()
     saved = swarm.status("solo")
     assert saved["epoch"] == 3 and saved["last_checkpoint_hash"]
     on_disk = torch.load(swarm.checkpoint("solo"), weights_only=True)
     assert on_disk["state_hash"] == saved["last_checkpoint_hash"] and on_disk["local_epoch"] == 3
 
-    resumed = swarm.trainer("solo", [], "training.max_epochs=5", extra=("--resume",))
+    resumed = swarm.trainer("solo", [], "training.max_epochs=5", *MODES[mode], extra=("--resume",))
     assert resumed.proc.wait(150) == 0, resumed.log_tail()
     status = swarm.status("solo")
     assert status["resumed_state_hash"] == saved["last_checkpoint_hash"]
     assert (status["start_epoch"], status["epoch"]) == (3, 5), "it should continue from epoch 3, not start over"
+
+
+@pytest.mark.timeout(240)
+def test_resume_auto_starts_fresh_then_resumes(swarm):
+    """What a container does (SWARM_CHECKPOINT_RESUME=auto): the same command on its first start and
+    after every restart."""
+    auto = "checkpoint.resume=auto"
+    first = swarm.trainer("solo", [], auto, "training.max_epochs=1")
+    assert first.proc.wait(150) == 0, first.log_tail()
+    saved = swarm.status("solo")
+    assert saved["start_epoch"] == 0 and saved["resumed_state_hash"] is None
+
+    again = swarm.trainer("solo", [], auto, "training.max_epochs=2")
+    assert again.proc.wait(150) == 0, again.log_tail()
+    status = swarm.status("solo")
+    assert status["resumed_state_hash"] == saved["last_checkpoint_hash"]
+    assert (status["start_epoch"], status["epoch"]) == (1, 2)
 
 
 def _tiny_checkpoint(value: float) -> ckpt.Checkpoint:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from peers.cli import build_parser
@@ -49,14 +50,27 @@ def test_environment_variables_reach_every_section():
         "SWARM_TRAINING_DEVICE": "cpu",
         "SWARM_CHECKPOINT_RESUME": "true",
         "SWARM_LOGLEVEL": "DEBUG",  # reserved: read by the entry point, not a config key
+        "SWARM_STATUS_FILE": "/var/lib/swarm/status.json",  # reserved too: the default of --status-file
     })
     assert config.network.initial_peers == [peer, peer]
     assert str(config.data.path) == "/data" and config.peer.display_name == "lab-7"
     assert config.peer.organization == "Uni" and config.training.device == "cpu" and config.checkpoint.resume
 
 
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_checkpoint_resume_is_true_false_or_auto(value, expected):
+    assert load_config(environ={"SWARM_CHECKPOINT_RESUME": value}).checkpoint.resume == expected
+
+
 def test_null_section_turns_feature_off():
     assert load_config(overrides=["checkpoint=null"], environ={}).checkpoint is None
+    assert load_config(overrides=["metrics=null"], environ={}).metrics is None
+
+
+def test_monitor_settings_from_environment():
+    config = load_config(environ={"SWARM_MONITOR_PORT": "9000", "SWARM_MONITOR_DB_PATH": "/data/m.sqlite",
+                                  "SWARM_METRICS_PERIOD": "5"})
+    assert (config.monitor.port, str(config.monitor.db_path), config.metrics.period) == (9000, "/data/m.sqlite", 5.0)
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -65,6 +79,9 @@ def test_null_section_turns_feature_off():
     ("averaging.request_timeout=9", "must be below averaging.matchmaking_time"),
     ("run_id=has space", "run_id"),
     ("optimizer.name=sgd", "'adamw' or 'adamw8bit'"),
+    ("metrics.ttl=1", "metrics.ttl (1) must be above metrics.period (10)"),
+    ("monitor.port=70000", "monitor.port"),
+    ("checkpoint.resume=sometimes", "checkpoint.resume: expected true, false or auto, got 'sometimes'"),
     ("nonsense", "section.key=value"),
 ])
 def test_errors_name_the_key(override, fragment):
@@ -81,7 +98,31 @@ def test_cli_options_are_frozen():
     seen = {name: sorted(opt for action in sub._actions for opt in action.option_strings)
             for name, sub in commands.items() if name != "config"}
     assert seen == {
-        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--set", "-h", "--help"]),
-        "join": sorted(["--config", "--initial-peers", "--resume", "--set", "--status-file", "-h", "--help"]),
+        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--initial-peers-file",
+                             "--set", "--status-file", "-h", "--help"]),
+        "join": sorted(["--config", "--initial-peers", "--initial-peers-file", "--resume", "--set", "--status-file",
+                        "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
+        "monitor": sorted(["--config", "--export-csv", "--initial-peers", "--initial-peers-file", "--set", "--url-file",
+                           "-h", "--help"]),
+        "status": sorted(["--config", "--initial-peers", "--initial-peers-file", "--json", "--set", "--wait", "-h",
+                          "--help"]),
+        "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
     }
+
+
+def test_forced_device_that_is_missing_is_a_config_error():
+    from swarm.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="training.device: 'cuda' is not available"):
+            resolve_device("cuda")
+
+
+def test_config_codec_names_are_the_registry_names():
+    from swarm.compression import CODEC_NAMES
+    from swarm.config import CODECS
+
+    assert set(CODECS) == set(CODEC_NAMES)

@@ -18,6 +18,12 @@ MIN_LOSS_DROP = 1.0
 # Peers apply identical averaged gradients to identical parameters: they agree to ~1e-10. A peer that
 # missed a round (local gradients) differs by 1e-3 or more, so 1e-4 tells agreement from divergence.
 PARAM_TOLERANCE = 1e-4
+# hivemind.Optimizer lets a peer that is exactly one epoch behind catch up with a step on its own
+# gradients instead of downloading state; when that happens in the last epoch nothing averages it away.
+# One AdamW step moves a parameter by at most a few times lr (3e-3): 2e-2 bounds that, while a peer
+# that never synced differs in held-out loss by far more than LOSS_AGREEMENT.
+LATE_PARAM_TOLERANCE = 2e-2
+LOSS_AGREEMENT = 0.05
 
 
 def max_param_difference(*paths) -> float:
@@ -25,14 +31,10 @@ def max_param_difference(*paths) -> float:
     return max(float((tensor - other[name]).abs().max()) for other in models[1:] for name, tensor in models[0].items())
 
 
-def epoch_of(swarm, name: str) -> int:
-    status = swarm.status(name)
-    return status["epoch"] if status else -1
-
 
 @pytest.mark.timeout(300)
 def test_three_trainers_train_one_model(swarm):
-    epochs = 10
+    epochs = 8
     _, address = swarm.bootstrap()
     names = ["a", "b", "c"]
     trainers = [swarm.trainer(name, [address], f"training.max_epochs={epochs}", f"data.num_shards=3",
@@ -51,13 +53,13 @@ def test_three_trainers_train_one_model(swarm):
 
 @pytest.mark.timeout(300)
 def test_late_joiner_downloads_state_and_catches_up(swarm):
-    epochs = 14
+    epochs = 11
     _, address = swarm.bootstrap()
     early = [swarm.trainer(name, [address], f"training.max_epochs={epochs}") for name in ("a", "b")]
-    wait_for(lambda: epoch_of(swarm, "a") >= 5, timeout=180, what="the swarm to reach epoch 5", alive=early)
+    wait_for(lambda: swarm.epoch("a") >= 4, timeout=180, what="the swarm to reach epoch 4", alive=early)
 
     swarm.trainer("late", [address], f"training.max_epochs={epochs}")
-    joined_at = epoch_of(swarm, "a")
+    joined_at = swarm.epoch("a")
     # Training alone from scratch, the late peer would need 192 / 16 = 12 steps for each epoch it skips.
     synced = wait_for(lambda: (s := swarm.status("late")) and s["epoch"] >= joined_at and s,
                       timeout=120, what="the late joiner to reach the swarm's epoch")
@@ -66,19 +68,21 @@ def test_late_joiner_downloads_state_and_catches_up(swarm):
     for name in ("a", "b", "late"):
         assert swarm.processes[["bootstrap", "a", "b", "late"].index(name)].proc.wait(180) == 0
     assert {swarm.status(name)["epoch"] for name in ("a", "b", "late")} == {epochs}
-    assert max_param_difference(*(swarm.checkpoint(name) for name in ("a", "b", "late"))) < PARAM_TOLERANCE
+    assert max_param_difference(swarm.checkpoint("a"), swarm.checkpoint("b")) < PARAM_TOLERANCE
+    assert max_param_difference(swarm.checkpoint("a"), swarm.checkpoint("late")) < LATE_PARAM_TOLERANCE
+    assert abs(swarm.status("late")["heldout_loss"] - swarm.status("a")["heldout_loss"]) < LOSS_AGREEMENT
 
 
 @pytest.mark.timeout(300)
 def test_swarm_survives_a_killed_trainer_and_peers_leave_cleanly(swarm):
     _, address = swarm.bootstrap()
     a, b, c = (swarm.trainer(name, [address]) for name in ("a", "b", "c"))
-    wait_for(lambda: min(epoch_of(swarm, name) for name in "abc") >= 3, timeout=180,
+    wait_for(lambda: min(swarm.epoch(name) for name in "abc") >= 3, timeout=180,
              what="all trainers at epoch 3", alive=[a, b, c])
 
     c.kill_group()  # the machine of peer c dies: the peer, its DHT process and its p2pd at once
-    killed_at = max(epoch_of(swarm, "a"), epoch_of(swarm, "b"))
-    wait_for(lambda: min(epoch_of(swarm, "a"), epoch_of(swarm, "b")) >= killed_at + 3, timeout=150,
+    killed_at = max(swarm.epoch("a"), swarm.epoch("b"))
+    wait_for(lambda: min(swarm.epoch("a"), swarm.epoch("b")) >= killed_at + 3, timeout=150,
              what="the survivors to advance 3 epochs after the kill", alive=[a, b])
 
     b_members = b.group_members()
@@ -91,5 +95,19 @@ def test_swarm_survives_a_killed_trainer_and_peers_leave_cleanly(swarm):
     wait_for(lambda: not b.group_members(), timeout=10, what="b's p2pd and helper processes to exit")
     assert swarm.status("b")["finished"]
 
-    alone_at = epoch_of(swarm, "a")
-    wait_for(lambda: epoch_of(swarm, "a") >= alone_at + 2, timeout=120, what="a to carry on alone", alive=[a])
+    alone_at = swarm.epoch("a")
+    wait_for(lambda: swarm.epoch("a") >= alone_at + 2, timeout=120, what="a to carry on alone", alive=[a])
+
+
+@pytest.mark.timeout(240)
+def test_peers_of_different_runs_never_train_together(swarm):
+    _, address = swarm.bootstrap()
+    runs = {"x": "run-x", "y": "run-y"}
+    trainers = [swarm.trainer(name, [address], f"run_id={run}", "training.max_epochs=4", "training.finish_timeout=0")
+                for name, run in runs.items()]
+    wait_for(lambda: min(swarm.epoch(name) for name in runs) >= 2, timeout=180,
+             what="both runs to train at once", alive=trainers)
+    for name in runs:  # both alive and training on one DHT, yet each sees only itself
+        assert swarm.status(name)["swarm_peers"] == 1
+    for trainer in trainers:
+        assert trainer.proc.wait(120) == 0, trainer.log_tail()

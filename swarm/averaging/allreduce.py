@@ -107,119 +107,155 @@ async def run_allreduce(
     :param fetch: coroutine(peer, outbox key, max_bytes) -> (header, payloads) from that peer's outbox.
     """
     started = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    gid, me, n = group.group_id, group.my_index, group.size
-    buckets = await loop.run_in_executor(None, _Buckets.build, tensors, choose_codec)
-    bounds = [slice_bounds(vector.numel(), n) for vector in buckets.vectors]
-
-    # 1. offer every slice to its reducer, compressed; refuse to send NaN/Inf (also after compression:
-    #    fp16 turns values beyond 65504 into Inf)
-    def compress_inputs():
-        payloads = [[_compress(codec, vector[bb[j][0]:bb[j][1]]) for codec, vector, bb in
-                     zip(buckets.codecs, buckets.vectors, bounds)] for j in range(n)]
-        decoded = [[_decode(payloads[j][k], b - a) for j, (a, b) in enumerate(bounds[k])]
-                   for k in range(len(buckets.vectors))]
-        if any(part is None for parts in decoded for part in parts):
-            return payloads, None
-        return payloads, [torch.cat(parts) for parts in decoded]
-
-    payloads, sent = await loop.run_in_executor(None, compress_inputs)
-    finite = sent is not None
-    if not finite:
-        logger.warning(f"round {group.round}: this peer's update holds NaN/Inf; it abstains from averaging")
-        weight, sent = 0.0, [vector.clone() for vector in buckets.vectors]
-    for j in range(n):
-        header = {"weight": weight} if finite else {"weight": 0.0, "abstain": True}
-        outbox.put((gid, phase, "in", j), Entry(payloads[j] if finite else [], header))
-    bytes_sent = sum(len(p.buffer) for j, row in enumerate(payloads) if j != me for p in row) if finite else 0
-
-    # 2. reduce my part: my own slices plus every other member's
-    my_numels = [b - a for a, b in (bucket_bounds[me] for bucket_bounds in bounds)]
-    totals = [vector[a:b] * weight for vector, (a, b) in zip(buckets.vectors, (bb[me] for bb in bounds))]
-    total_weight, contributors, refused, received = weight, int(finite), 0, 0
-
-    async def gather_input(index: int, peer: PeerID):
-        try:
-            return await fetch(peer, (gid, phase, "in", me), 8 * sum(my_numels) + 4096)
-        except Exception as e:  # a member that cannot deliver is left out of this part
-            logger.info(f"round {group.round}: no input from member {index} ({type(e).__name__}: {e})")
-            return None
-
-    for reply in await asyncio.gather(*(gather_input(index, peer) for index, peer in group.others())):
-        if reply is None:
-            continue
-        header, parts = reply
-        received += sum(len(p.buffer) for p in parts)
-        if header.get("abstain"):
-            continue
-        decoded = [_decode(p, numel) for p, numel in zip(parts, my_numels)] if len(parts) == len(my_numels) else [None]
-        peer_weight = header.get("weight")
-        if any(part is None for part in decoded) or not isinstance(peer_weight, (int, float)) or not peer_weight >= 0:
-            refused += 1
-            logger.warning(f"round {group.round}: refused an input (NaN/Inf, wrong size or bad weight)")
-            continue
-        totals = [acc + part * float(peer_weight) for acc, part in zip(totals, decoded)]
-        total_weight += float(peer_weight)
-        contributors += 1
-    averaged = [acc / total_weight if total_weight > 0 else torch.zeros_like(acc) for acc in totals]
-    reduced = [_compress(codec, part) for codec, part in zip(buckets.codecs, averaged)]
-    outbox.put((gid, phase, "out", me), Entry(reduced, {"contributors": contributors}))
-
-    # 3. fetch every reduced part; my own is used as the others will decode it
-    results: dict[int, list[torch.Tensor]] = {}
-    missing: set[int] = set()
-    mine = [_decode(p, numel) for p, numel in zip(reduced, my_numels)]
-    if any(part is None for part in mine):
-        missing.add(me)
-    else:
-        results[me] = mine
-
-    async def gather_output(index: int, peer: PeerID):
-        numels = [bucket_bounds[index][1] - bucket_bounds[index][0] for bucket_bounds in bounds]
-        try:
-            header, parts = await fetch(peer, (gid, phase, "out", index), 8 * sum(numels) + 4096)
-        except Exception as e:
-            logger.warning(f"round {group.round}: part {index} lost with its reducer ({type(e).__name__}: {e})")
-            return index, None, 0
-        decoded = [_decode(p, numel) for p, numel in zip(parts, numels)] if len(parts) == len(numels) else [None]
-        return index, (None if any(part is None for part in decoded) else decoded), sum(len(p.buffer) for p in parts)
-
-    for index, decoded, size in await asyncio.gather(*(gather_output(i, peer) for i, peer in group.others())):
-        received += size
-        if decoded is None:
-            missing.add(index)
-        else:
-            results[index] = decoded
-
-    # 4. commit: agree on which parts to drop
-    outbox.put((gid, phase, "commit", 0), Entry([], {"missing": sorted(missing)}))
-
-    async def gather_commit(peer: PeerID):
-        try:
-            header, _ = await fetch(peer, (gid, phase, "commit", 0), 4096)
-            return [int(i) for i in header.get("missing", []) if 0 <= int(i) < n]
-        except Exception:
-            return []  # a member gone by now has no say in what survivors keep
-
-    for reported in await asyncio.gather(*(gather_commit(peer) for _, peer in group.others())):
-        missing.update(reported)
-    if missing:
-        logger.warning(f"round {group.round}: {len(missing)}/{n} parts dropped by every member (reducer failed)")
-
-    vectors = []
-    for k, vector in enumerate(buckets.vectors):
-        pieces = []
-        for index, (a, b) in enumerate(bounds[k]):
-            pieces.append(torch.zeros(b - a) if index in missing else results[index][k])
-        vectors.append(torch.cat(pieces) if pieces else vector.clone())
+    buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
+    run = _Run(group, buckets, phase, outbox, fetch)
+    sent = await run.offer_inputs(weight)
+    await run.reduce_my_part()
+    await run.gather_outputs()
+    await run.commit()
     return AllreduceResult(
-        tensors=buckets.unflatten(vectors, tensors),
-        group_size=n,
-        contributors=contributors,
-        missing_parts=sorted(missing),
-        refused_inputs=refused,
-        bytes_sent=bytes_sent + sum(len(p.buffer) for p in reduced) * (n - 1),
-        bytes_received=received,
+        tensors=buckets.unflatten(run.assemble(), tensors),
+        group_size=group.size,
+        contributors=run.contributors,
+        missing_parts=sorted(run.missing),
+        refused_inputs=run.refused,
+        bytes_sent=run.bytes_sent,
+        bytes_received=run.bytes_received,
         seconds=time.perf_counter() - started,
         sent=buckets.unflatten(sent, tensors),
     )
+
+
+class _Run:
+    """One all-reduce of one group, phase by phase. Part ``i`` of bucket ``k`` is
+    ``vectors[k][bounds[k][i][0]:bounds[k][i][1]]``; member ``i`` reduces it."""
+
+    def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch):
+        self.group, self.buckets, self.phase, self.outbox, self.fetch = group, buckets, phase, outbox, fetch
+        self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
+        self.results: dict[int, list[torch.Tensor]] = {}
+        self.missing: set[int] = set()
+        self.contributors = self.refused = self.bytes_sent = self.bytes_received = 0
+        self.weight, self.finite = 0.0, True
+
+    def numels(self, index: int) -> list[int]:
+        return [bucket[index][1] - bucket[index][0] for bucket in self.bounds]
+
+    def key(self, kind: str, index: int) -> tuple:
+        return (self.group.group_id, self.phase, kind, index)
+
+    def decode_all(self, payloads: list[runtime_pb2.Tensor], index: int) -> Optional[list[torch.Tensor]]:
+        """Part ``index`` decoded, or None if any piece is malformed or not finite."""
+        numels = self.numels(index)
+        if len(payloads) != len(numels):
+            return None
+        decoded = [_decode(payload, numel) for payload, numel in zip(payloads, numels)]
+        return None if any(part is None for part in decoded) else decoded
+
+    async def offer_inputs(self, weight: float) -> list[torch.Tensor]:
+        """Compress every part for its reducer. NaN/Inf is never sent, also when compression makes it
+        (fp16 turns values beyond 65504 into Inf): this peer then abstains. Returns what was sent."""
+        n, buckets = self.group.size, self.buckets
+
+        def compress():
+            payloads = [[_compress(codec, vector[bounds[j][0]:bounds[j][1]]) for codec, vector, bounds in
+                         zip(buckets.codecs, buckets.vectors, self.bounds)] for j in range(n)]
+            decoded = [self.decode_all(payloads[j], j) for j in range(n)]
+            if any(parts is None for parts in decoded):
+                return payloads, None
+            return payloads, [torch.cat([decoded[j][k] for j in range(n)]) for k in range(len(buckets.vectors))]
+
+        payloads, sent = await asyncio.get_running_loop().run_in_executor(None, compress)
+        self.finite = sent is not None
+        if not self.finite:
+            logger.warning(f"round {self.group.round}: this peer's update holds NaN/Inf; it abstains from averaging")
+            sent = [vector.clone() for vector in buckets.vectors]
+        self.weight = weight if self.finite else 0.0
+        for j in range(n):
+            header = {"weight": self.weight} if self.finite else {"weight": 0.0, "abstain": True}
+            self.outbox.put(self.key("in", j), Entry(payloads[j] if self.finite else [], header))
+            if self.finite and j != self.group.my_index:
+                self.bytes_sent += sum(len(payload.buffer) for payload in payloads[j])
+        return sent
+
+    async def reduce_my_part(self) -> None:
+        """Average my part over my own input and every input that arrives, and offer the result."""
+        me = self.group.my_index
+        mine = [vector[a:b] for vector, (a, b) in zip(self.buckets.vectors, (bounds[me] for bounds in self.bounds))]
+        totals = [part * self.weight if self.finite else torch.zeros_like(part) for part in mine]  # NaN * 0 = NaN
+        total_weight, self.contributors = self.weight, int(self.finite)
+        max_bytes = 8 * sum(self.numels(me)) + 4096
+
+        async def fetch_input(index: int, peer: PeerID):
+            try:
+                return await self.fetch(peer, self.key("in", me), max_bytes)
+            except Exception as e:  # any failure to deliver leaves that member out of this part
+                logger.info(f"round {self.group.round}: no input from member {index} ({type(e).__name__}: {e})")
+                return None
+
+        for reply in await asyncio.gather(*(fetch_input(index, peer) for index, peer in self.group.others())):
+            if reply is None:
+                continue
+            header, payloads = reply
+            self.bytes_received += sum(len(payload.buffer) for payload in payloads)
+            if header.get("abstain"):
+                continue
+            decoded, peer_weight = self.decode_all(payloads, me), header.get("weight")
+            if decoded is None or not isinstance(peer_weight, (int, float)) or not 0 <= peer_weight < float("inf"):
+                self.refused += 1
+                logger.warning(f"round {self.group.round}: refused an input (NaN/Inf, wrong size or bad weight)")
+                continue
+            totals = [total + part * float(peer_weight) for total, part in zip(totals, decoded)]
+            total_weight += float(peer_weight)
+            self.contributors += 1
+        averaged = [total / total_weight if total_weight > 0 else torch.zeros_like(total) for total in totals]
+        reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
+        self.outbox.put(self.key("out", me), Entry(reduced, {"contributors": self.contributors}))
+        self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
+        own = self.decode_all(reduced, me)  # used as the others will decode it
+        if own is None:
+            self.missing.add(me)
+        else:
+            self.results[me] = own
+
+    async def gather_outputs(self) -> None:
+        """Fetch every other member's reduced part; a part that does not come is missing."""
+        async def fetch_output(index: int, peer: PeerID):
+            try:
+                _, payloads = await self.fetch(peer, self.key("out", index), 8 * sum(self.numels(index)) + 4096)
+            except Exception as e:  # the reducer is gone or broken: its part is missing for this peer
+                logger.warning(f"round {self.group.round}: part {index} lost with its reducer ({type(e).__name__}: {e})")
+                return index, None
+            self.bytes_received += sum(len(payload.buffer) for payload in payloads)
+            return index, self.decode_all(payloads, index)
+
+        for index, decoded in await asyncio.gather(*(fetch_output(i, peer) for i, peer in self.group.others())):
+            if decoded is None:
+                self.missing.add(index)
+            else:
+                self.results[index] = decoded
+
+    async def commit(self) -> None:
+        """Tell the others which parts this peer lacks and learn theirs: every member drops the union."""
+        n = self.group.size
+        self.outbox.put(self.key("commit", 0), Entry([], {"missing": sorted(self.missing)}))
+
+        async def fetch_commit(peer: PeerID) -> list[int]:
+            try:
+                header, _ = await self.fetch(peer, self.key("commit", 0), 4096)
+                return [int(index) for index in header.get("missing", []) if 0 <= int(index) < n]
+            except Exception:  # a member gone by now has no say in what the survivors keep
+                return []
+
+        for reported in await asyncio.gather(*(fetch_commit(peer) for _, peer in self.group.others())):
+            self.missing.update(reported)
+        if self.missing:
+            logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by every member")
+
+    def assemble(self) -> list[torch.Tensor]:
+        vectors = []
+        for k, bounds in enumerate(self.bounds):
+            pieces = [torch.zeros(b - a) if index in self.missing else self.results[index][k]
+                      for index, (a, b) in enumerate(bounds)]
+            vectors.append(torch.cat(pieces))
+        return vectors

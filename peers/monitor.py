@@ -1,0 +1,70 @@
+"""`swarm monitor`: watch a swarm from a DHT client peer; history, dashboard, JSON API, /metrics, CSV.
+
+The history file is opened and the dashboard's port bound before the network is touched, so a
+wrong path or a taken port ends in one line (exit 6) at once. ``--export-csv DIR`` only reads the
+history file and writes CSV files; it does not join the swarm.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
+from swarm.collector import Collector
+from swarm.config import SwarmConfig
+from swarm.keys import metrics_validators
+from swarm.errors import ConfigError, MonitorError, SwarmError
+from swarm.history import History
+from swarm.identity import load_identity
+from swarm.monitor import Monitor
+from swarm.network import client_network, start_dht
+
+logger = logging.getLogger(__name__)
+
+LIVENESS_PERIOD = 2.0  # seconds between checks that the DHT, the collector and the web server live
+
+
+def run_monitor(config: SwarmConfig, *, url_file: Optional[Path]) -> None:
+    if not config.network.initial_peers:
+        raise ConfigError("swarm monitor needs the address of a peer: --initial-peers /ip4/.../tcp/.../p2p/...")
+    stop = StopSignals()
+    monitor = Monitor(history=History(config.monitor.db_path, config.run_id), config=config.monitor,
+                      run_id=config.run_id)
+    dht = None
+    try:
+        monitor.serve()
+        identity = load_identity(None)
+        dht = start_dht(client_network(config.network), identity=identity, client_mode=True, stop=stop.event,
+                        record_validators=metrics_validators(config.run_id, identity.private_key))
+        set_log_peer("monitor", str(dht.peer_id))
+        monitor.start(Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second))
+        if url_file is not None:
+            write_json_atomic(url_file, {"url": monitor.url, "peer_id": str(dht.peer_id)})
+        logger.info(f"watching run {config.run_id}; history in {config.monitor.db_path}")
+        print(f"swarm monitor: dashboard at {monitor.url}", flush=True)
+        print(f"  JSON {monitor.url}api/swarm | Prometheus {monitor.url}metrics | CSV {monitor.url}export/swarm.csv",
+              flush=True)
+        while not stop.event.wait(LIVENESS_PERIOD):
+            if not dht.is_alive():
+                raise SwarmError("the DHT process of this monitor died; restart it")
+            monitor.check()
+        stop.disarm()
+    finally:
+        monitor.shutdown()
+        if dht is not None:
+            dht.shutdown()
+    logger.info("monitor stopped; its history stays in the database")
+
+
+def export_csv(config: SwarmConfig, directory: Path) -> None:
+    path = Path(config.monitor.db_path)
+    if not path.is_file():
+        raise MonitorError(f"no monitor history at {path} (monitor.db_path); nothing to export")
+    history = History(path, config.run_id)
+    try:
+        for written in history.export_csv(directory):
+            print(written, flush=True)
+    finally:
+        history.close()

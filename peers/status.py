@@ -1,0 +1,112 @@
+"""`swarm status`: print the swarm as a table, straight from the DHT; ``--json`` for scripts.
+
+A short-lived DHT client joins through the given peer, reads every peer's signed metrics record
+once (waiting up to ``--wait`` seconds for the first), prints them, and leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from peers.lifecycle import StopSignals
+from swarm.collector import Collector, SwarmView
+from swarm.config import SwarmConfig
+from swarm.keys import metrics_validators
+from swarm.errors import ConfigError
+from swarm.identity import load_identity
+from swarm.network import client_network, start_dht
+
+RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet
+
+
+def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
+    if not config.network.initial_peers:
+        raise ConfigError("swarm status needs the address of a peer: --initial-peers /ip4/.../tcp/.../p2p/...")
+    stop = StopSignals()
+    identity = load_identity(None)
+    dht = start_dht(client_network(config.network), identity=identity, client_mode=True, stop=stop.event,
+                    record_validators=metrics_validators(config.run_id, identity.private_key))
+    try:
+        collector = Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second)
+        deadline = time.monotonic() + wait
+        view = collector.collect()
+        while not (view.peers or view.left or view.flagged) and time.monotonic() < deadline:
+            if stop.event.wait(RETRY_PERIOD):
+                break
+            view = collector.collect()
+        stop.disarm()
+    finally:
+        dht.shutdown()
+    print(json.dumps(view.as_dict(), indent=2) if as_json else format_table(view), flush=True)
+
+
+COLUMNS = ["PEER", "ROLE", "NAME", "STATE", "EPOCH", "SAMPLES", "SAMPLES/S", "LOSS", "ROUNDS OK/FAILED",
+           "SENT", "RECEIVED", "REACH", "UPTIME"]
+
+
+def format_table(view: SwarmView) -> str:
+    totals = view.totals
+    roles = ", ".join(f"{count} {role}" for role, count in sorted(totals["by_role"].items())) or "none"
+    lines = [
+        f"run {view.run_id}: {totals['peers_online']} peers online ({roles}); epoch {_opt(totals['epoch'])}; "
+        f"{totals['samples_per_second']:,.0f} samples/s; loss {_loss(totals['loss'])}",
+    ]
+    rows = [_row(peer) for peer in view.peers] + [_row(peer) for peer in view.left]
+    if rows:
+        widths = [max(len(column), *(len(row[index]) for row in rows)) for index, column in enumerate(COLUMNS)]
+        lines.append("  ".join(column.ljust(width) for column, width in zip(COLUMNS, widths)).rstrip())
+        lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    else:
+        lines.append("no peer of this run has published metrics (is run_id the same as the swarm's?)")
+    for peer in view.flagged:
+        lines.append(f"flagged {peer['peer_id']} ({peer['display_name'] or '-'}): {'; '.join(peer['reasons'])}")
+    for label, counts in (("by the peers", totals["refused"]), ("by this node", view.refused)):
+        if counts:
+            shown = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+            lines.append(f"metrics records refused {label}: {shown}")
+    return "\n".join(lines)
+
+
+def _row(peer: dict) -> list[str]:
+    return [
+        "…" + peer["peer_id"][-8:],
+        peer["role"],
+        peer["display_name"] or "-",
+        peer["state"],
+        str(peer["epoch"]),
+        f"{peer['samples_total']:,}",
+        f"{peer['samples_per_second']:,.1f}",
+        _loss(peer["loss"]),
+        f"{peer['rounds_ok']}/{peer['rounds_failed']}",
+        _bytes(peer["bytes_sent"]),
+        _bytes(peer["bytes_received"]),
+        peer["reachability"],
+        _duration(peer["uptime"]),
+    ]
+
+
+def _opt(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _loss(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _bytes(value: Optional[int]) -> str:
+    if value is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return "?"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,139 @@
+"""Read every peer's metrics record from the DHT and make one swarm-wide view of them.
+
+Records reach this process already checked for signature, schema and identity by the DHT node
+(:mod:`swarm.keys`). What a peer says about itself can still be implausible; such records are
+*flagged*: kept apart with the reasons, never counted in the swarm's totals. Used by `swarm status`
+(one collection) and `swarm monitor` (one every ``monitor.period``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import hivemind
+from hivemind.utils import get_dht_time, get_logger
+
+from swarm.keys import PeerMetrics, metrics_key, parse_metrics, read_refusals
+
+logger = get_logger(__name__)
+
+FUTURE_SLACK = 30.0  # seconds a record's time may run ahead of ours (clocks differ, see hivemind's DHT time)
+MAX_EPOCH_LEAD = 10  # epochs a trainer may be ahead of every other trainer before it looks made up
+GET_TIMEOUT = 30.0
+
+
+@dataclass
+class SwarmView:
+    """One collection: genuine peers, flagged records, refused-record counts and swarm totals."""
+
+    run_id: str
+    time: float  # wall-clock time of the collection
+    peers: list[dict] = field(default_factory=list)  # genuine records of peers that are online
+    left: list[dict] = field(default_factory=list)  # genuine records that say "left"
+    flagged: list[dict] = field(default_factory=list)  # implausible records, each with "reasons"
+    refused: dict = field(default_factory=dict)  # records this monitor's DHT node refused, by reason
+    totals: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plausibility_problems(metrics: PeerMetrics, previous: Optional[PeerMetrics], *, now: float,
+                          max_samples_per_second: float) -> list[str]:
+    """Why a signed, well-formed record cannot be true; empty if it can."""
+    problems = []
+    if metrics.samples_per_second > max_samples_per_second:
+        problems.append(f"claims {metrics.samples_per_second:,.0f} samples/s, above "
+                        f"monitor.max_samples_per_second ({max_samples_per_second:,.0f})")
+    if metrics.samples_total > (metrics.uptime + 1.0) * max_samples_per_second:
+        problems.append(f"claims {metrics.samples_total:,} samples in {metrics.uptime:,.0f}s of uptime")
+    if metrics.time > now + FUTURE_SLACK:
+        problems.append(f"written {metrics.time - now:,.0f}s in the future")
+    if previous is not None and metrics.uptime >= previous.uptime and metrics.time > previous.time:
+        if metrics.samples_total < previous.samples_total:
+            problems.append("samples_total went down although the peer did not restart")
+        rate = (metrics.samples_total - previous.samples_total) / (metrics.time - previous.time)
+        if rate > max_samples_per_second:
+            problems.append(f"samples_total grew by {rate:,.0f} samples/s since its previous record")
+    return problems
+
+
+def totals_of(peers: list[dict]) -> dict:
+    """Swarm-wide figures over genuine records of peers that are online."""
+    trainers = [peer for peer in peers if peer["role"] != "bootstrap"]
+    by_role: dict[str, int] = {}
+    for peer in peers:
+        by_role[peer["role"]] = by_role.get(peer["role"], 0) + 1
+    losses = [peer["loss"] for peer in trainers if peer["loss"] is not None]
+    heldout = [peer["heldout_loss"] for peer in trainers if peer["heldout_loss"] is not None]
+    sent = [peer["bytes_sent"] for peer in peers if peer["bytes_sent"] is not None]
+    received = [peer["bytes_received"] for peer in peers if peer["bytes_received"] is not None]
+    refused: dict[str, int] = {}
+    for peer in peers:
+        for reason, count in peer["refused"].items():
+            refused[reason] = refused.get(reason, 0) + count
+    return dict(
+        peers_online=len(peers),
+        by_role=by_role,
+        trainers=len(trainers),
+        samples_per_second=sum(peer["samples_per_second"] for peer in trainers if peer["state"] == "running"),
+        epoch=max((peer["epoch"] for peer in trainers), default=None),
+        loss=statistics.fmean(losses) if losses else None,
+        heldout_loss=statistics.fmean(heldout) if heldout else None,
+        samples_total=sum(peer["samples_total"] for peer in trainers),
+        rounds_ok=sum(peer["rounds_ok"] for peer in trainers),
+        rounds_failed=sum(peer["rounds_failed"] for peer in trainers),
+        bytes_sent=sum(sent) if sent else None,
+        bytes_received=sum(received) if received else None,
+        refused=refused,  # refusals the peers report (one bad record refused by 3 peers counts 3)
+    )
+
+
+class Collector:
+    """Collects the swarm's records through a DHT node; remembers each peer's previous record."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, *, max_samples_per_second: float):
+        self.dht, self.run_id, self.max_samples_per_second = dht, run_id, max_samples_per_second
+        self._previous: dict[str, PeerMetrics] = {}
+
+    def collect(self) -> SwarmView:
+        raw = self.dht.get(metrics_key(self.run_id), latest=True, return_future=True).result(GET_TIMEOUT)
+        genuine, refused = parse_metrics(raw)
+        counts = dict(self.dht.run_coroutine(read_refusals)["counts"])
+        for item in refused:  # normally none: the DHT node drops them first
+            counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+        return self.assemble(genuine, counts, now=get_dht_time())
+
+    def assemble(self, genuine: list[tuple[str, PeerMetrics]], refused: dict, *, now: float,
+                 collected_at: Optional[float] = None) -> SwarmView:
+        """:param now: DHT time, to judge the records' own times; :param collected_at: wall-clock time of the view."""
+        view = SwarmView(run_id=self.run_id, time=time.time() if collected_at is None else collected_at, refused=refused)
+        plausible: list[PeerMetrics] = []
+        for peer_id, metrics in sorted(genuine, key=lambda item: item[0]):
+            problems = plausibility_problems(metrics, self._previous.get(peer_id), now=now,
+                                             max_samples_per_second=self.max_samples_per_second)
+            self._previous[peer_id] = metrics
+            if problems:
+                view.flagged.append({**metrics.dict(), "reasons": problems})
+            else:
+                plausible.append(metrics)
+        for metrics in plausible:
+            lead = self._epoch_lead(metrics, plausible)
+            if lead is not None:
+                view.flagged.append({**metrics.dict(), "reasons": [lead]})
+            elif metrics.state == "left":
+                view.left.append(metrics.dict())
+            else:
+                view.peers.append({**metrics.dict(), "age": max(0.0, now - metrics.time)})
+        view.totals = totals_of(view.peers)
+        return view
+
+    @staticmethod
+    def _epoch_lead(metrics: PeerMetrics, peers: list[PeerMetrics]) -> Optional[str]:
+        others = [peer.epoch for peer in peers if peer.role != "bootstrap" and peer.peer_id != metrics.peer_id]
+        if metrics.role == "bootstrap" or not others or metrics.epoch <= max(others) + MAX_EPOCH_LEAD:
+            return None
+        return f"claims epoch {metrics.epoch}, more than {MAX_EPOCH_LEAD} ahead of every other trainer ({max(others)})"

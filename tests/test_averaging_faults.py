@@ -1,0 +1,139 @@
+"""The all-reduce under faults, with real averaging peers as real processes on 127.0.0.1.
+
+Each peer is ``benchmarks/allreduce_peer.py``: rounds of swarm's all-reduce on a known per-peer tensor,
+one JSON line per round. Faults come through seams: SIGKILL of a peer's process group mid-round, a
+peer whose update holds NaN, and a rogue peer that sends NaN past its own check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from peers.processes import PeerProcess, read_json, wait_for
+
+HARNESS = REPO / "benchmarks" / "allreduce_peer.py"
+spec = importlib.util.spec_from_file_location("allreduce_peer", HARNESS)
+harness = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(harness)
+
+
+class Averagers:
+    def __init__(self, workdir: Path):
+        self.workdir, self.peers = workdir, []
+
+    def start(self, index: int, *extra: str, initial: str | None = None) -> PeerProcess:
+        args = ["--index", str(index), "--out", str(self.out(index)), "--status", str(self.workdir / f"s{index}.json")]
+        if initial is None:
+            args += ["--address-file", str(self.workdir / "address.json")]
+        else:
+            args += ["--initial-peers", initial]
+        peer = PeerProcess(f"averager{index}", [*args, *extra], log_path=self.workdir / f"averager{index}.log",
+                           program=(sys.executable, str(HARNESS)))
+        self.peers.append(peer)
+        return peer
+
+    def swarm(self, count: int, *extra: str, extra_for=lambda index: ()) -> list[PeerProcess]:
+        """``count`` averagers; ``extra_for(index)`` adds arguments for one of them."""
+        first = self.start(0, *extra, *extra_for(0))
+        address = wait_for(lambda: read_json(self.workdir / "address.json"), timeout=90, what="the first averager",
+                           alive=[first])["maddrs"][0]
+        return [first] + [self.start(index, *extra, *extra_for(index), initial=address) for index in range(1, count)]
+
+    def out(self, index: int) -> Path:
+        return self.workdir / f"p{index}.jsonl"
+
+    def records(self, index: int) -> dict[int, dict]:
+        try:
+            lines = self.out(index).read_text().splitlines()
+        except OSError:
+            return {}
+        return {record["round"]: record for record in map(json.loads, lines)}
+
+    def status(self, index: int) -> dict:
+        return read_json(self.workdir / f"s{index}.json") or {}
+
+
+@pytest.fixture
+def averagers(tmp_path, request):
+    group = Averagers(tmp_path)
+    yield group
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        for peer in group.peers:
+            print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
+    for peer in group.peers:
+        peer.kill_group()
+
+
+@pytest.mark.timeout(300)
+def test_survivors_of_a_peer_killed_mid_allreduce_stay_identical_and_average_again(averagers):
+    rounds, faulty = 5, 2
+    peers = averagers.swarm(3, "--expect", "3", "--rounds", str(rounds), "--megabytes", "8", "--chunk-timeout", "5")
+    victim = peers[2]
+    wait_for(lambda: averagers.status(2).get("state") == "allreduce" and averagers.status(2).get("round") == faulty,
+             timeout=180, period=0.01, what="the victim to enter the faulty round's all-reduce", alive=peers)
+    time.sleep(0.2)  # let the round get under way: parts are moving when the peer dies
+    victim.kill_group()
+    killed_at = time.monotonic()
+    for survivor in peers[:2]:
+        assert survivor.proc.wait(120) == 0, survivor.log_tail()
+    took = time.monotonic() - killed_at
+
+    a, b = averagers.records(0), averagers.records(1)
+    for round_number in range(faulty, rounds):
+        assert a[round_number]["ok"] and b[round_number]["ok"], (a[round_number], b[round_number])
+        assert a[round_number]["finite"] and b[round_number]["finite"]
+        assert a[round_number]["hash"] == b[round_number]["hash"], f"survivors disagree after round {round_number}"
+    assert a[faulty]["group_size"] == 3 and a[faulty]["seconds"] < 2 * 5 + 5, "detection must be bounded by the chunk timeout"
+    assert a[faulty + 1]["group_size"] == b[faulty + 1]["group_size"] == 2, "the survivors must average together next"
+    assert took < 60, f"survivors needed {took:.0f}s to finish after the kill"
+
+
+def _exact_average(indices: list[int], round_number: int, numel: int) -> torch.Tensor:
+    return torch.stack([harness.contribution(index, round_number, numel) for index in indices]).mean(0)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("rogue", [False, True], ids=["nan-update-abstains", "rogue-sends-nan"])
+def test_nan_from_one_peer_never_reaches_the_average(averagers, tmp_path, rogue):
+    poisoned = 2
+
+    def extra_for(index: int) -> list[str]:
+        extra = ["--dump", str(tmp_path / f"dump{index}")]
+        if index == poisoned:
+            extra += ["--nan-at-round", "1"] + (["--rogue"] if rogue else [])
+        return extra
+
+    peers = averagers.swarm(3, "--expect", "3", "--rounds", "3", "--megabytes", "1", extra_for=extra_for)
+    for peer in peers:
+        assert peer.proc.wait(150) == 0, peer.log_tail()
+
+    numel = averagers.records(0)[1]["numel"]
+    honest = [0, 1]
+    for index in honest:
+        record = averagers.records(index)[1]
+        assert record["ok"] and record["finite"], record
+        result = torch.load(tmp_path / f"dump{index}" / "round1.pt")
+        assert torch.isfinite(result).all()
+        dropped = record["missing_parts"]
+        expected = _exact_average(honest, 1, numel)
+        if dropped:  # the rogue's own part (it reduced NaN) is dropped by everyone: zeros there, exact elsewhere
+            assert rogue
+            kept = result != 0
+            assert torch.allclose(result[kept], expected[kept], atol=1e-5)
+        else:
+            assert torch.allclose(result, expected, atol=1e-5)
+    assert averagers.records(0)[1]["hash"] == averagers.records(1)[1]["hash"]
+    log = (tmp_path / "averager0.log").read_text() + (tmp_path / "averager1.log").read_text()
+    if rogue:
+        assert "refused an input" in log
+    else:
+        assert "holds NaN/Inf; it abstains" in (tmp_path / f"averager{poisoned}.log").read_text()

@@ -1,0 +1,98 @@
+"""The compose files and the image's environment agree with the CLI and the config tree.
+
+No compose engine runs here, so these read the files: every service's command parses with the real
+`swarm` parser, and every SWARM_* variable (the image's own and each service's) names a config key
+with a valid value. The container test (test_container.py) runs the image itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from peers.cli import build_parser
+from swarm.config_loading import load_config
+
+DOCKER = REPO / "docker"
+PEER = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"
+# What an institution puts in its .env file: compose substitutes these into docker/institution.yaml.
+EXAMPLE_DOTENV = {"INITIAL_PEERS": PEER, "DATA_DIR": "/srv/our-text", "DISPLAY_NAME": "uni-lab"}
+
+
+def compose(name: str) -> dict:
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def services() -> list[tuple[str, str]]:
+    return [(name, service) for name in ("compose.yaml", "institution.yaml") for service in compose(name)["services"]]
+
+
+def image_environment() -> dict[str, str]:
+    """The ENV instructions of the Dockerfile's final stage."""
+    final_stage = (DOCKER / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    env = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", final_stage, flags=re.MULTILINE):
+        env.update(re.findall(r"(\w+)=(\S+)", block.replace("\\\n", " ")))
+    return env
+
+
+def substitute(value, dotenv: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} interpolation."""
+    def one(match: re.Match) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3) or ""
+        if name in dotenv:
+            return dotenv[name]
+        if op == ":?":
+            raise KeyError(f"{name} is required: {arg}")
+        return arg
+    return re.sub(r"\$\{(\w+)(:-|:\?)?([^}]*)\}", one, str(value))
+
+
+def test_the_image_paths_are_config_keys():
+    env = image_environment()
+    assert env["SWARM_DATA_PATH"] == "/data" and env["SWARM_CHECKPOINT_RESUME"] == "auto"
+    config = load_config(REPO / "configs" / "default.yaml", environ=env)
+    assert str(config.network.identity_path).startswith("/var/lib/swarm/")
+    assert str(config.checkpoint.dir).startswith("/var/lib/swarm/")
+
+
+@pytest.mark.parametrize("file, service", services(), ids=lambda item: item)
+def test_every_service_command_and_environment_is_valid(file, service):
+    spec = compose(file)["services"][service]
+    parser = build_parser()
+    role = spec["command"][0]
+    if role not in parser._subparsers._group_actions[0].choices:
+        pytest.skip(f"`swarm {role}` is not part of this build of swarm")
+    parser.parse_args(spec["command"])  # exits (fails the test) on an unknown option
+
+    env = {**image_environment(), **{key: substitute(value, EXAMPLE_DOTENV)
+                                     for key, value in spec.get("environment", {}).items()}}
+    config_file = REPO / "configs" / Path(env.pop("SWARM_CONFIG")).name
+    load_config(config_file, environ=env)  # raises ConfigError naming a bad variable or value
+
+
+def test_local_swarm_gives_each_peer_its_own_state_and_shard():
+    spec = compose("compose.yaml")["services"]
+    assert {"bootstrap", "trainer-1", "trainer-2", "monitor"} <= set(spec)
+    trainers = [spec[name] for name in spec if name.startswith("trainer")]
+    state_volumes = [volume for service in spec.values() for volume in service.get("volumes", [])
+                     if volume.endswith(":/var/lib/swarm")]
+    assert len(state_volumes) == len(set(state_volumes)) == 1 + len(trainers), "one identity per peer"
+    assert sorted(t["environment"]["SWARM_DATA_SHARD_INDEX"] for t in trainers) == ["0", "1"]
+    assert spec["monitor"]["ports"], "the dashboard port must be published"
+    assert all(service["depends_on"]["bootstrap"]["condition"] == "service_healthy"
+               for name, service in spec.items() if name != "bootstrap")
+
+
+def test_institution_peer_mounts_data_read_only_and_reserves_gpus():
+    spec = compose("institution.yaml")["services"]["peer"]
+    assert substitute(spec["volumes"][0], EXAMPLE_DOTENV) == "/srv/our-text:/data:ro"
+    assert "state:/var/lib/swarm" in spec["volumes"]
+    devices = spec["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    with pytest.raises(KeyError, match="INITIAL_PEERS"):
+        substitute(spec["environment"]["SWARM_NETWORK_INITIAL_PEERS"], {})

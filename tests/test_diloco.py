@@ -1,0 +1,71 @@
+"""DiLoCo end to end: real trainers through the real CLI, averaging pseudo-gradients once per round."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peers.processes import wait_for
+
+DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=blockwise8")
+
+
+def final_models(swarm, names):
+    return [torch.load(swarm.checkpoint(name), weights_only=True)["model"] for name in names]
+
+
+def identical(models) -> bool:
+    return all(torch.equal(tensor, other[key]) for other in models[1:] for key, tensor in models[0].items())
+
+
+
+@pytest.mark.timeout(300)
+def test_three_diloco_trainers_end_bit_identical(swarm):
+    rounds = 5
+    _, address = swarm.bootstrap()
+    names = ["a", "b", "c"]
+    trainers = [swarm.trainer(name, [address], *DILOCO, f"training.max_epochs={rounds}", "data.num_shards=3",
+                              f"data.shard_index={index}") for index, name in enumerate(names)]
+    for trainer in trainers:
+        assert trainer.proc.wait(240) == 0, trainer.log_tail()
+    statuses = [swarm.status(name) for name in names]
+    assert [status["epoch"] for status in statuses] == [rounds] * 3
+    # every member applies the same outer step to the same parameters: equality is exact, not approximate
+    assert identical(final_models(swarm, names))
+    for status in statuses:
+        assert status["heldout_loss"] < status["initial_heldout_loss"] - 1.0, status
+        assert status["averaging"]["rounds_ok"] >= 2, status["averaging"]
+        assert status["averaging"]["bytes_sent"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_diloco_late_joiner_adopts_the_swarm_state(swarm):
+    rounds = 8
+    _, address = swarm.bootstrap()
+    early = [swarm.trainer(name, [address], *DILOCO, f"training.max_epochs={rounds}") for name in ("a", "b")]
+    wait_for(lambda: swarm.epoch("a") >= 3, timeout=180, what="round 3", alive=early)
+    late = swarm.trainer("late", [address], *DILOCO, f"training.max_epochs={rounds}")
+    joined = wait_for(lambda: (s := swarm.status("late")) and s, timeout=120, what="the late joiner to start", alive=[late])
+    assert joined["start_epoch"] >= 3, "the late joiner must start at the swarm's round, not at 0"
+    for trainer in [*early, late]:
+        assert trainer.proc.wait(200) == 0, trainer.log_tail()
+    assert swarm.status("late")["averaging"]["state_downloads"] >= 1
+    assert {swarm.status(name)["epoch"] for name in ("a", "b", "late")} == {rounds}
+    assert identical(final_models(swarm, ["a", "b", "late"]))
+
+
+@pytest.mark.timeout(300)
+def test_diloco_survivors_of_a_killed_trainer_keep_rounds_going_and_agree(swarm):
+    _, address = swarm.bootstrap()
+    kill_at = 2
+    rounds = kill_at + 4
+    trainers = {name: swarm.trainer(name, [address], *DILOCO, f"training.max_epochs={rounds}") for name in "abc"}
+    wait_for(lambda: min(swarm.epoch(name) for name in "abc") >= kill_at, timeout=180,
+             what=f"round {kill_at}", alive=list(trainers.values()))
+    trainers["c"].kill_group()
+    for name in "ab":
+        assert trainers[name].proc.wait(200) == 0, trainers[name].log_tail()
+    assert swarm.status("a")["epoch"] == swarm.status("b")["epoch"] == rounds
+    assert identical(final_models(swarm, ["a", "b"]))
+    for name in "ab":
+        assert swarm.status(name)["averaging"]["nonfinite_updates"] == 0

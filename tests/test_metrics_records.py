@@ -1,0 +1,208 @@
+"""Metrics records without a network: identity binding, the validators a DHT node runs, plausibility,
+the history's arithmetic, and the traffic meter's parser. Fast; the end-to-end tests are in test_monitor*.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import sqlite3
+
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.p2p import PeerID
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.collector import Collector, plausibility_problems
+from swarm.keys import MAX_RECORD_BYTES, REFUSALS, PeerMetrics, metrics_key, metrics_validators
+from swarm.errors import ConfigError, MonitorError
+from swarm.history import History
+from swarm.identity import load_identity, peer_id_of_owner
+from swarm.collaboration import Counters
+from swarm.optim import count_round
+from swarm.traffic import parse_ss
+
+RUN = "unit-run"
+
+
+def record_of(peer_id: str, **changes) -> dict:
+    record = dict(peer_id=peer_id, role="volunteer", state="running", display_name="lab", organization=None,
+                  device="cpu", epoch=3, samples_total=480, samples_per_second=40.0, loss=3.2, heldout_loss=3.1,
+                  bytes_sent=1000, bytes_received=2000, rounds_ok=3, rounds_failed=0, refused={},
+                  reachability="direct", uptime=12.0, version="0.1.0", time=1000.0)
+    record.update(changes)
+    return record
+
+
+def dht_record(value: dict, *, owner_key: RSAPrivateKey, signing_key: RSAPrivateKey | None = None) -> DHTRecord:
+    """The record a DHT node would receive: msgpack'd subkey and value, signed like hivemind signs."""
+    owner = RSASignatureValidator(owner_key).local_public_key
+    unsigned = DHTRecord(DHTID.generate(source=metrics_key(RUN)).to_bytes(), MSGPackSerializer.dumps(owner),
+                         MSGPackSerializer.dumps(value), 2e9)
+    signer = signing_key or owner_key
+    signature = signer.sign(MSGPackSerializer.dumps(dataclasses.astuple(unsigned)))
+    return dataclasses.replace(unsigned, value=unsigned.value + b"[signature:" + signature + b"]")
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return [load_identity(None) for _ in range(2)]
+
+
+def test_peer_id_is_the_one_libp2p_derives_from_the_signing_key(keys, tmp_path):
+    identity = keys[0]
+    assert peer_id_of_owner(identity.owner) == identity.peer_id
+    kept = load_identity(tmp_path / "id.key")
+    assert load_identity(tmp_path / "id.key").peer_id == kept.peer_id and kept.fresh
+    assert str(PeerID.from_identity((tmp_path / "id.key").read_bytes())) == kept.peer_id
+    signature = kept.private_key.sign(b"x")
+    assert kept.private_key.get_public_key().verify(b"x", signature)
+    (tmp_path / "bad.key").write_bytes(b"not a key")
+    with pytest.raises(ConfigError, match="does not hold an RSA private key"):
+        load_identity(tmp_path / "bad.key")
+
+
+def _verdicts(record: DHTRecord, key: RSAPrivateKey) -> tuple[bool, str | None]:
+    """What a swarm DHT node decides: hivemind's composite of our validators, and our guard's reason."""
+    validators = metrics_validators(RUN, key)
+    return CompositeValidator(validators).validate(record), validators[-1].check(record)[0]
+
+
+def test_dht_node_accepts_a_genuine_record_and_refuses_forgeries(keys):
+    victim, rogue = keys
+    genuine = dht_record(record_of(victim.peer_id), owner_key=victim.private_key)
+    assert _verdicts(genuine, rogue.private_key) == (True, None)
+
+    cases = {
+        "bad_signature": dht_record(record_of(victim.peer_id, display_name="FORGED"), owner_key=victim.private_key,
+                                    signing_key=rogue.private_key),
+        "impersonation": dht_record(record_of(victim.peer_id), owner_key=rogue.private_key),
+        "schema": dht_record(record_of(rogue.peer_id, samples_per_second="fast"), owner_key=rogue.private_key),
+        "oversized": dht_record(record_of(rogue.peer_id, display_name="X" * MAX_RECORD_BYTES),
+                                owner_key=rogue.private_key),
+    }
+    for reason, record in cases.items():
+        assert _verdicts(record, victim.private_key) == (False, reason), reason
+    unsigned = dataclasses.replace(genuine, subkey=MSGPackSerializer.dumps(b"not an owner"))
+    assert _verdicts(unsigned, victim.private_key) == (False, "unsigned")
+
+
+@pytest.mark.parametrize("change", [
+    dict(samples_per_second=40),  # an int where the schema wants a float: hivemind refuses conversions
+    dict(loss=math.nan),  # NaN never equals itself; the publisher sends None instead
+    dict(role="admin"),
+    dict(refused={"made_up_reason": 1}),
+    dict(extra_field=1),
+])
+def test_schema_is_strict(keys, change):
+    rogue = keys[1]
+    record = dht_record(record_of(rogue.peer_id, **change), owner_key=rogue.private_key)
+    assert _verdicts(record, rogue.private_key) == (False, "schema")
+
+
+def test_missing_field_is_refused(keys):
+    rogue = keys[1]
+    value = record_of(rogue.peer_id)
+    del value["device"]
+    assert _verdicts(dht_record(value, owner_key=rogue.private_key), rogue.private_key) == (False, "schema")
+
+
+def test_each_distinct_refusal_is_counted_once(keys):
+    victim, rogue = keys
+    before = REFUSALS.snapshot()["counts"].get("impersonation", 0)
+    record = dht_record(record_of(victim.peer_id, epoch=7), owner_key=rogue.private_key)
+    guard = metrics_validators(RUN, victim.private_key)[-1]
+    assert not guard.validate(record) and not guard.validate(record)
+    assert REFUSALS.snapshot()["counts"]["impersonation"] == before + 1
+
+
+def test_plausibility():
+    metrics = PeerMetrics.parse_obj(record_of("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"))
+    assert plausibility_problems(metrics, None, now=1000.0, max_samples_per_second=1000) == []
+    fast = metrics.copy(update=dict(samples_per_second=5e6))
+    assert "above monitor.max_samples_per_second" in plausibility_problems(fast, None, now=1000.0,
+                                                                             max_samples_per_second=1000)[0]
+    grew = metrics.copy(update=dict(samples_total=metrics.samples_total + 100_000, time=1010.0, uptime=22.0))
+    assert any("grew by" in problem for problem in plausibility_problems(grew, metrics, now=1010.0,
+                                                                          max_samples_per_second=1000))
+    future = metrics.copy(update=dict(time=5000.0))
+    assert any("future" in problem for problem in plausibility_problems(future, None, now=1000.0,
+                                                                         max_samples_per_second=1000))
+
+
+def test_a_trainer_far_ahead_of_all_others_is_flagged():
+    honest = PeerMetrics.parse_obj(record_of("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", epoch=5))
+    liar = PeerMetrics.parse_obj(record_of("QmZwAwoVV6EjCQ41XLtXt4MnvehfLvRWApMUC8XqYq37Zm", epoch=10_000))
+    view = Collector(dht=None, run_id=RUN, max_samples_per_second=1000).assemble(
+        [(honest.peer_id, honest), (liar.peer_id, liar)], {}, now=1000.0)
+    assert [peer["peer_id"] for peer in view.peers] == [honest.peer_id]
+    assert "ahead of every other trainer" in view.flagged[0]["reasons"][0]
+    assert view.totals["epoch"] == 5 and view.totals["samples_per_second"] == 40.0
+
+
+def _view(records: list[dict], when: float):
+    parsed = [PeerMetrics.parse_obj(record) for record in records]
+    return Collector(dht=None, run_id=RUN, max_samples_per_second=1e5).assemble(
+        [(metrics.peer_id, metrics) for metrics in parsed], {}, now=when, collected_at=when)
+
+
+def test_history_counts_contribution_across_peer_and_monitor_restarts(tmp_path):
+    peer = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    history = History(tmp_path / "h.sqlite", RUN)
+    history.record(_view([record_of(peer, samples_total=100, uptime=10.0, time=1000.0)], 1000.0))
+    history.record(_view([record_of(peer, samples_total=300, uptime=20.0, time=1010.0)], 1010.0))
+    history.close()
+    history = History(tmp_path / "h.sqlite", RUN)  # the monitor restarted; then the peer restarted too
+    history.record(_view([record_of(peer, samples_total=50, uptime=5.0, time=1030.0)], 1030.0))
+    assert history.peers()[0]["contributed"] == 350
+    assert [row["peers_online"] for row in history.swarm_series()] == [1, 1, 1]
+    history.record(_view([], 1040.0))
+    assert history.peers()[0]["state"] == "left"
+    csv_text = "".join(history.csv_rows("peer_samples"))
+    assert csv_text.splitlines()[0].startswith("time,peer_id,") and len(csv_text.splitlines()) == 4
+    history.prune(older_than=1020.0)
+    assert len(history.swarm_series()) == 2 and history.peers()[0]["contributed"] == 350
+    many = History(tmp_path / "many.sqlite", RUN)
+    for index in range(50):
+        many.record(_view([], 1000.0 + index))
+    assert 5 <= len(many.swarm_series(max_points=10)) <= 11
+
+
+def test_history_of_another_run_or_a_broken_file_is_refused(tmp_path):
+    History(tmp_path / "h.sqlite", "other-run").close()
+    with pytest.raises(MonitorError, match="holds the history of run 'other-run'"):
+        History(tmp_path / "h.sqlite", RUN)
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(MonitorError, match="cannot use"):
+        History(tmp_path / "junk.sqlite", RUN)
+    assert sqlite3.sqlite_version  # the standard library's SQLite is all the monitor needs
+
+
+def test_averaging_rounds_count_outcomes():
+    counters = Counters()
+    ok, failed, cancelled = (concurrent.futures.Future() for _ in range(3))
+    ok.set_result({"group": 2})
+    failed.set_exception(TimeoutError("no group"))
+    cancelled.cancel()
+    for future in (ok, failed, cancelled):
+        count_round(counters, future)
+    assert (counters.rounds_ok, counters.rounds_failed) == (1, 1)
+
+
+SS_OUTPUT = """\
+0      0      127.0.0.1:32779 127.0.0.1:35995 users:(("p2pd",pid=15600,fd=12))
+\t bbr wscale:10,10 rto:212 bytes_sent:4872 bytes_acked:4873 bytes_received:5168 segs_out:73
+0      0      127.0.0.1:34141 127.0.0.1:35995 users:(("p2pd",pid=15643,fd=12))
+\t bbr wscale:10,10 rto:212 bytes_sent:4004 bytes_acked:4005 bytes_received:4841 segs_out:62
+0      0      127.0.0.1:40000 127.0.0.1:35995 users:(("p2pd",pid=15600,fd=13))
+\t cubic bytes_acked:10 bytes_received:20
+"""
+
+
+def test_traffic_meter_reads_only_its_own_p2pd():
+    assert parse_ss(SS_OUTPUT, 15600) == {("127.0.0.1:32779", "127.0.0.1:35995"): (4873, 5168),
+                                          ("127.0.0.1:40000", "127.0.0.1:35995"): (10, 20)}
+    assert parse_ss(SS_OUTPUT, 1) == {}
