@@ -74,7 +74,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.rogue:  # this process plays a peer running different code: it sends whatever it has
         import swarm.averaging.allreduce as allreduce_module
-        from hivemind.compression.serialization import deserialize_torch_tensor
 
         allreduce_module._decode = lambda payload, numel: deserialize_torch_tensor(payload).reshape(-1).float()
 
@@ -96,10 +95,10 @@ def main() -> None:
         _trace_fetches(service, fetches)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
-    for plan in plans.values():  # pay for imports (bitsandbytes: seconds) before the timed rounds
-        codec = plan.choose_codec(torch.zeros(numel))
-        deserialize_torch_tensor(codec.compress(torch.ones(65536), CompressionInfo.from_tensor(torch.ones(65536))))
     try:
+        for plan in plans.values():  # pay for imports (bitsandbytes: seconds) before the timed rounds
+            codec = plan.choose_codec(torch.zeros(numel))
+            deserialize_torch_tensor(codec.compress(torch.ones(65536), CompressionInfo.from_tensor(torch.ones(65536))))
         tracker.report(0, 0)
         deadline = time.monotonic() + 120
         while len(tracker.expected(0)) < args.expect and time.monotonic() < deadline and not stop.is_set():
