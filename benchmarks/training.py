@@ -1,4 +1,4 @@
-"""Training benchmark: the debug model to the same number of samples, trained five ways; held-out loss and
+"""Training benchmark: the debug model to the same number of samples, trained six ways; held-out loss and
 bytes sent per sample.
 
     sudo .venv/bin/python benchmarks/training.py [--samples 4800] [--quick]
@@ -11,7 +11,9 @@ Configurations (``configs/debug.yaml``: ~0.87M parameters, batch 16, swarm epoch
 - ``diloco H=10`` and ``diloco H=50``: ``averaging.mode=diloco`` with ``diloco.inner_steps`` = H and
   ``averaging.compression=blockwise8``;
 - ``ddp``: torch DistributedDataParallel over gloo, 3 ranks x 4 batches of 16 = 192 per step.
-Swarm configurations run the real CLI (``python -m peers bootstrap`` and 3 x ``python -m peers join``);
+Swarm configurations run the real CLI (``python -m peers bootstrap`` and 3 x ``python -m peers join``,
+with ``metrics=null``: the signed metrics records every peer publishes for the monitor are DHT traffic of
+their own, the same in every mode; ``--metrics`` keeps them);
 they and the DDP ranks each run in a network namespace of their own on a bridge (links not capped:
 only bytes matter here), so the bytes are the kernel's counters of every host's interface, bootstrap
 included, summed over the whole run (start-up, DHT traffic, state downloads: everything sent).
@@ -44,6 +46,7 @@ from benchmarks.report import environment, markdown_table, median, write_json  #
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "debug.yaml"
 TRAINERS = 3
+KEEP_METRICS = False  # --metrics: keep the config's metrics records (monitoring traffic, the same in every mode)
 BATCH, EPOCH_SAMPLES = 16, 192  # configs/debug.yaml: training.batch_size, training.target_batch_size
 CONFIGS = {  # name -> (kind, options)
     "local b192": ("local", dict(accum=12, warmup=True)),
@@ -172,7 +175,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         epochs = math.ceil(samples / (options["inner_steps"] * BATCH * TRAINERS))
         sets = ["averaging.mode=diloco", f"averaging.compression={options['compression']}",
                 f"diloco.inner_steps={options['inner_steps']}"]
-    sets += [f"training.max_epochs={epochs}", "checkpoint=null"]
+    sets += [f"training.max_epochs={epochs}", "checkpoint=null"] + ([] if KEEP_METRICS else ["metrics=null"])
     hosts = TRAINERS + 1  # host 0: the bootstrap peer
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
     with Lab(hosts, rate=None) as lab:
@@ -286,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/training.json)")
     parser.add_argument("--keep", type=Path, help="keep logs and status files in this folder")
+    parser.add_argument("--metrics", action="store_true",
+                        help="keep the config's metrics records (off by default: monitoring, not averaging)")
     args = parser.parse_args(argv)
+    global KEEP_METRICS
+    KEEP_METRICS = args.metrics
     reason = available()
     if reason:
         print(f"skipped: {reason}")
@@ -307,13 +314,14 @@ def main(argv: list[str] | None = None) -> int:
             run = {"local": run_local, "ddp": run_ddp, "swarm": run_swarm}[kind]
             results[name] = {**run(options, samples, work, args.timeout), "seconds": time.monotonic() - t0}
             print(f"trained {name} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
-    print(f"{samples} samples per configuration (debug model, batch {BATCH}; swarm and DDP: {TRAINERS} trainers); "
+    print(f"{samples} samples per configuration (debug model, batch {BATCH}; swarm and DDP: {TRAINERS} trainers; "
+          f"swarm peers' metrics records {'on' if KEEP_METRICS else 'off'}); "
           f"load average {min(loads):.1f}-{max(loads):.1f} on {env['cpus']} CPUs\n")
     lines = print_table(results)
     print()
     for line in lines:
         print(line)
-    path = write_json("training.json", dict(environment=env, samples=samples, loads=loads, results=results,
+    path = write_json("training.json", dict(environment=env, samples=samples, loads=loads, results=results, metrics=KEEP_METRICS,
                                             targets=lines, seconds=time.monotonic() - started), args.out)
     print(f"\nwrote {path} ({time.monotonic() - started:.0f}s)")
     return 0
