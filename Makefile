@@ -2,7 +2,7 @@
 #   make demo   - a local swarm trains the debug model on the embedded corpus (about 2.5 minutes)
 #   make test   - the test suite (real peers as real processes on 127.0.0.1)
 #   make bench  - every benchmark, tables in benchmarks/results/report.md (root for the network ones;
-#                 about 15-20 minutes on 2 cores, BENCH_ARGS=--quick about 7)
+#                 13-17 minutes on 2 shared cores, BENCH_ARGS=--quick about 7)
 # and one joins a real swarm: make join PEERS=/ip4/.../tcp/31337/p2p/... [ARGS="--set data.path=..."]
 PYTHON ?= python3
 VENV := .venv

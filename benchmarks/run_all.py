@@ -12,7 +12,7 @@
    hivemind's figures from BASELINES.md.
 Benchmarks 2-4 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
-every table. About 25 minutes on 2 busy cores (``--quick``: about 10).
+every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7).
 """
 
 from __future__ import annotations
