@@ -1,12 +1,15 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+):
 #   make demo   - a local swarm trains the debug model on the embedded corpus (about 2.5 minutes)
 #   make test   - the test suite (real peers as real processes on 127.0.0.1)
+#   make bench  - every benchmark, tables in benchmarks/results/report.md (root for the network ones;
+#                 13-17 minutes on 2 shared cores, BENCH_ARGS=--quick about 7)
 # and one joins a real swarm: make join PEERS=/ip4/.../tcp/31337/p2p/... [ARGS="--set data.path=..."]
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install join
+.PHONY: demo test install join bench
+BENCH_ARGS ?=
 
 install: $(STAMP)
 
@@ -27,3 +30,6 @@ join: $(STAMP)
 	$(if $(PEERS),,$(error set PEERS to the address of a peer of the swarm, e.g. make join PEERS=/ip4/.../p2p/...))
 	$(VENV)/bin/swarm join --config configs/default.yaml --initial-peers $(PEERS) \
 		--set network.identity_path=$(HOME)/.swarm/peer.key --set checkpoint.resume=auto $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/run_all.py $(BENCH_ARGS)

@@ -1,0 +1,68 @@
+"""Run every benchmark in turn and keep their tables in one report.
+
+    sudo .venv/bin/python benchmarks/run_all.py [--quick] [--only codecs,allreduce,training,kill]
+    make bench            # the same (BENCH_ARGS=--quick for the short version)
+
+1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
+2. ``allreduce_links.py``: all-reduce of 16 MiB over 100 Mbit/s namespace links, N = 2 and 4, per codec,
+   next to torch.distributed (gloo);
+3. ``training.py``: the debug model trained to the same samples in one process, the swarm in sync and
+   DiLoCo modes, and DDP: held-out loss and bytes per sample;
+4. ``kill_scenario.py``: one of three peers killed (or cut off) mid all-reduce, repeated, next to
+   hivemind's figures from BASELINES.md.
+Benchmarks 2-4 need root (network namespaces) and are skipped with a message without it. Each writes
+its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
+every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {  # name -> (script, arguments for --quick)
+    "codecs": ("codecs.py", ["--reps", "3"]),
+    "allreduce": ("allreduce_links.py", ["--quick"]),
+    "training": ("training.py", ["--quick"]),
+    "kill": ("kill_scenario.py", ["--quick"]),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, samples and trials")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="which benchmarks, comma-separated")
+    parser.add_argument("--report", type=Path, default=HERE / "results" / "report.md")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    sections, failures = [], []
+    started = time.monotonic()
+    for name in chosen:
+        script, quick = BENCHMARKS[name]
+        command = [sys.executable, str(HERE / script), *(quick if args.quick else [])]
+        print(f"== {name}: {' '.join(command[1:])}", flush=True)
+        t0 = time.monotonic()
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes through
+        print(result.stdout, flush=True)
+        seconds = time.monotonic() - t0
+        if result.returncode != 0:
+            failures.append(name)
+        sections.append(f"## {name} ({seconds / 60:.1f} min{', FAILED' if result.returncode else ''})\n\n"
+                        f"`{' '.join(['python', 'benchmarks/' + script, *command[2:]])}`\n\n{result.stdout.strip()}\n")
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(f"# Benchmarks{' (quick)' if args.quick else ''}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+                           + "\n".join(sections))
+    print(f"all done in {(time.monotonic() - started) / 60:.1f} min; tables in {args.report}"
+          + (f"; FAILED: {', '.join(failures)}" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Training benchmark: the debug model to the same number of samples, trained six ways; held-out loss and
+bytes sent per sample.
+
+    sudo .venv/bin/python benchmarks/training.py [--samples 4800] [--quick]
+
+Configurations (``configs/debug.yaml``: ~0.87M parameters, batch 16, swarm epoch = 192 samples):
+- ``local b192``: one process, each step the average of 12 clipped batches of 16 (the swarm's
+  192-sample epoch in ``sync`` mode, without a network), warm-up as configured;
+- ``local b16``: one process, a plain loop, one AdamW step per batch of 16 (what a DiLoCo inner step is);
+- ``sync``: the swarm in ``averaging.mode=sync`` (hivemind.Optimizer), uncompressed;
+- ``diloco H=10`` and ``diloco H=50``: ``averaging.mode=diloco`` with ``diloco.inner_steps`` = H and
+  ``averaging.compression=blockwise8``;
+- ``ddp``: torch DistributedDataParallel over gloo, 3 ranks x 4 batches of 16 = 192 per step.
+Swarm configurations run the real CLI (``python -m peers bootstrap`` and 3 x ``python -m peers join``,
+with ``metrics=null``: the signed metrics records every peer publishes for the monitor are DHT traffic of
+their own, the same in every mode; ``--metrics`` keeps them);
+they and the DDP ranks each run in a network namespace of their own on a bridge (links not capped:
+only bytes matter here), so the bytes are the kernel's counters of every host's interface, bootstrap
+included, summed over the whole run (start-up, DHT traffic, state downloads: everything sent).
+Bytes per sample = that total ÷ the samples all trainers processed. DiLoCo's own counter of
+averaging payload is shown next to it. The local references (``benchmarks/reference_trainer.py``) use
+the library's model, data, initial weights, held-out set and optimizer.
+Needs root; prints a table and writes ``benchmarks/results/training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.allreduce_links import wait_all  # noqa: E402
+from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for  # noqa: E402
+from benchmarks.report import environment, markdown_table, median, write_json  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "configs" / "debug.yaml"
+TRAINERS = 3
+KEEP_METRICS = False  # --metrics: keep the config's metrics records (monitoring traffic, the same in every mode)
+BATCH, EPOCH_SAMPLES = 16, 192  # configs/debug.yaml: training.batch_size, training.target_batch_size
+CONFIGS = {  # name -> (kind, options)
+    "local b192": ("local", dict(accum=12, warmup=True)),
+    "local b16": ("local", dict(accum=1, warmup=False)),
+    "ddp b192": ("ddp", dict(accum=4, warmup=True)),
+    "sync": ("swarm", dict(mode="sync", compression="none")),
+    "diloco H=10 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=10)),
+    "diloco H=50 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=50)),
+}
+
+
+class Sampler(threading.Thread):
+    """Every ``period`` seconds: bytes sent so far by every host of the lab, and each trainer's status
+    file (samples, epoch, held-out loss, finished). Stopped with :meth:`finish`, which takes a last tick."""
+
+    def __init__(self, lab: Lab, hosts: list[int], statuses: list[Path], period: float = 0.5):
+        super().__init__(daemon=True)
+        self.lab, self.hosts, self.statuses, self.period = lab, hosts, statuses, period
+        self.ticks: list[dict] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period):
+            self.tick()
+
+    def tick(self) -> None:
+        states = []
+        for path in self.statuses:
+            try:
+                states.append(json.loads(path.read_text()))
+            except (FileNotFoundError, ValueError):  # not written yet
+                states.append(None)
+        self.ticks.append(dict(time=time.monotonic(), sent=sum(self.lab.counters(h)[0] for h in self.hosts),
+                               states=states))
+
+    def finish(self) -> list[dict]:
+        self._stop_event.set()
+        self.join()
+        self.tick()
+        return self.ticks
+
+
+def window(ticks: list[dict], epoch_key: str, last_epoch: int) -> Optional[dict]:
+    """Bytes and samples from the first tick at which every trainer is past epoch 0 to the first tick at
+    which every trainer has reached the last epoch: whole rounds (or optimizer steps), their averaging
+    included, without the start-up (connections, the first round, whose group may have formed before
+    every trainer was up) and without the idle wait at the end."""
+    def samples(tick):
+        return sum(state["samples"] for state in tick["states"])
+
+    usable = [t for t in ticks if all(state is not None for state in t["states"])]
+    start = next((t for t in usable if all(s[epoch_key] >= 1 for s in t["states"])), None)
+    end = next((t for t in usable if all(s[epoch_key] >= last_epoch for s in t["states"])), None)
+    if start is None or end is None or samples(end) <= samples(start):
+        return None
+
+    def payload(tick):  # DiLoCo's own count of averaging bytes sent; absent in sync mode and DDP
+        return sum(state.get("averaging", {}).get("bytes_sent", 0) for state in tick["states"])
+
+    return dict(bytes=end["sent"] - start["sent"], samples=samples(end) - samples(start),
+                seconds=end["time"] - start["time"], payload=payload(end) - payload(start))
+
+
+def loss_curve(ticks: list[dict]) -> list[tuple[int, float]]:
+    """(samples of all trainers together, held-out loss) whenever a trainer published a new held-out loss."""
+    points, seen = [], {}
+    for tick in ticks:
+        if any(state is None for state in tick["states"]):
+            continue
+        total = sum(state["samples"] for state in tick["states"])
+        for index, state in enumerate(tick["states"]):
+            key = (state.get("epoch"), state.get("heldout_loss"))
+            if state.get("heldout_loss") is not None and seen.get(index) != key:
+                seen[index] = key
+                points.append((total, state["heldout_loss"]))
+    return points
+
+
+def loss_at(curve: list[tuple[int, float]], samples: int) -> Optional[float]:
+    """The held-out loss at ``samples``, interpolated linearly between the two nearest evaluations."""
+    before = [p for p in curve if p[0] <= samples]
+    after = [p for p in curve if p[0] >= samples]
+    if not before or not after:
+        return None
+    (x0, y0), (x1, y1) = max(before), min(after)
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (samples - x0) / (x1 - x0)
+
+
+def run_local(options: dict, samples: int, work: Path, timeout: float) -> dict:
+    out = work / "result.json"
+    command = [sys.executable, str(HERE / "reference_trainer.py"), "--config", str(CONFIG), "--samples", str(samples),
+               "--accum", str(options["accum"]), "--out", str(out)] + (["--warmup"] if options["warmup"] else [])
+    with open(work / "log.txt", "wb") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    if not out.exists():
+        return dict(error=f"no result; see {work / 'log.txt'}")
+    result = json.loads(out.read_text())
+    return dict(samples=result["samples"], losses=[result["heldout_loss"]], bytes_total=0)
+
+
+def run_ddp(options: dict, samples: int, work: Path, timeout: float) -> dict:
+    out, status = work / "result.json", work / "status.json"
+    steps = math.ceil(samples / (BATCH * options["accum"] * TRAINERS))
+    with Lab(TRAINERS, rate=None) as lab:
+        sampler = Sampler(lab, list(range(TRAINERS)), [status])
+        sampler.start()
+        procs = [lab.popen(rank, [
+            sys.executable, str(HERE / "reference_trainer.py"), "--config", str(CONFIG), "--samples", str(samples),
+            "--accum", str(options["accum"]), "--world", str(TRAINERS), "--rank", str(rank), "--master", lab.ip(0),
+            "--out", str(out), "--status", str(status)] + (["--warmup"] if options["warmup"] else []),
+            log=work / f"rank{rank}.log", env={"GLOO_SOCKET_IFNAME": "eth0"}) for rank in range(TRAINERS)]
+        finished = wait_all(procs, timeout)
+        ticks = sampler.finish()
+    if not out.exists():
+        return dict(error="ranks did not finish" if not finished else f"no result; see {work}")
+    result = json.loads(out.read_text())
+    return dict(samples=result["samples"], losses=[result["heldout_loss"]], bytes_total=ticks[-1]["sent"],
+                steady=window(ticks, "step", steps))
+
+
+def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
+    if options["mode"] == "sync":
+        epochs = math.ceil(samples / EPOCH_SAMPLES)
+        sets = ["averaging.mode=sync", f"averaging.compression={options['compression']}"]
+    else:
+        epochs = math.ceil(samples / (options["inner_steps"] * BATCH * TRAINERS))
+        sets = ["averaging.mode=diloco", f"averaging.compression={options['compression']}",
+                f"diloco.inner_steps={options['inner_steps']}"]
+    sets += [f"training.max_epochs={epochs}", "checkpoint=null"] + ([] if KEEP_METRICS else ["metrics=null"])
+    hosts = TRAINERS + 1  # host 0: the bootstrap peer
+    statuses = [work / f"status{host}.json" for host in range(1, hosts)]
+    with Lab(hosts, rate=None) as lab:
+        sampler = Sampler(lab, list(range(hosts)), statuses)
+        sampler.start()
+        address = work / "address.json"
+        bootstrap = lab.popen(0, [
+            sys.executable, "-m", "peers", "bootstrap", "--config", str(CONFIG), "--identity", str(work / "bootstrap.key"),
+            "--address-file", str(address), "--set", f"network.listen_host={lab.ip(0)}"], log=work / "bootstrap.log")
+        if not wait_for(lambda: address.exists() or bootstrap.poll() is not None, 90) or not address.exists():
+            return dict(error=f"the bootstrap peer did not start; see {work / 'bootstrap.log'}")
+        maddr = next(m for m in json.loads(address.read_text())["maddrs"] if f"/{lab.ip(0)}/" in m)
+        trainers = []
+        for host in range(1, hosts):
+            command = [sys.executable, "-m", "peers", "join", "--config", str(CONFIG), "--initial-peers", maddr,
+                       "--status-file", str(statuses[host - 1]), "--set", f"network.listen_host={lab.ip(host)}"]
+            for item in sets:
+                command += ["--set", item]
+            trainers.append(lab.popen(host, command, log=work / f"trainer{host}.log"))
+        finished = wait_all(trainers, timeout)
+        ticks = sampler.finish()
+        if bootstrap.poll() is None:
+            bootstrap.send_signal(signal.SIGTERM)
+            try:
+                bootstrap.wait(10)
+            except subprocess.TimeoutExpired:
+                kill_group(bootstrap)
+        sent = [lab.counters(host)[0] for host in range(hosts)]
+    final = [state for state in ticks[-1]["states"] if state is not None]
+    if not final:
+        return dict(error=f"no trainer status; see {work}")
+    curve = loss_curve(ticks)
+    return dict(
+        samples=sum(s["samples"] for s in final), losses=[s["heldout_loss"] for s in final],
+        epochs=[s["epoch"] for s in final], target_epochs=epochs, finished=finished and all(s["finished"] for s in final),
+        bytes_total=sum(sent), bytes_bootstrap=sent[0], steady=window(ticks, "epoch", epochs), curve=curve,
+        loss_at_target=loss_at(curve, samples),
+        own_payload=sum(s.get("averaging", {}).get("bytes_sent", 0) for s in final) if options["mode"] == "diloco" else None,
+        averaging=[s.get("averaging", {}) for s in final],
+    )
+
+
+def sync_loss_at(results: dict[str, dict], samples: int) -> Optional[float]:
+    """sync's held-out loss at ``samples`` (interpolated on its curve), or its final loss if out of range."""
+    sync = results.get("sync", {})
+    if "losses" not in sync:
+        return None
+    return loss_at(sync.get("curve", []), samples) or median(sync["losses"])
+
+
+def per_sample(r: dict, steady: bool) -> Optional[float]:
+    if steady:
+        return r["steady"]["bytes"] / r["steady"]["samples"] if r.get("steady") else None
+    return r["bytes_total"] / r["samples"] if r.get("samples") else None
+
+
+def print_table(results: dict[str, dict]) -> list[str]:
+    sync = results.get("sync", {})
+    sync_bps = {steady: per_sample(sync, steady) if "samples" in sync else None for steady in (False, True)}
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", r["error"]])
+            continue
+        loss, reference = median(r["losses"]), sync_loss_at(results, r["samples"])
+        spread = max(r["losses"]) - min(r["losses"])
+        whole, steady = per_sample(r, False), per_sample(r, True)
+
+        def factor(mine, theirs):
+            return f"{theirs / mine:.0f}x" if mine and theirs else "-"
+
+        window_ = r.get("steady") or {}
+        payload = window_.get("payload") or None
+        rows.append([
+            name, r["samples"], f"{loss:.4f}" + (f" (±{spread / 2:.4f})" if len(r["losses"]) > 1 else ""),
+            "1 (reference)" if name == "sync" else f"{loss / reference:.3f}" if reference else "-",
+            f"{r['bytes_total'] / 1e6:.1f}", f"{whole / 1e3:.2f}" if whole is not None else "-",
+            f"{steady / 1e3:.2f}" if steady is not None else "-",
+            f"{factor(whole, sync_bps[False])} / {factor(steady, sync_bps[True])}" if name != "sync" else "1x / 1x",
+            f"{payload / window_['samples'] / 1e3:.2f}" if payload else "-",
+            f"{(window_['bytes'] - payload) / window_['seconds'] / 1e3:.1f}" if payload else "-",
+            f"{r['seconds']:.0f}",
+            "" if r.get("finished", True) else "did not finish in time",
+        ])
+    print(markdown_table(["config", "samples", "held-out loss", "÷ sync at equal samples", "MB sent (all hosts)",
+                          "KB sent / sample", "KB / sample, steady state", "sync's bytes/sample ÷ this (whole / steady)",
+                          "steady: averaging payload KB / sample (own counter)", "steady: other traffic KB/s (DHT, headers)",
+                          "wall s", "note"], rows))
+    lines = []
+    for name in ("diloco H=10 8-bit", "diloco H=50 8-bit"):
+        r = results.get(name, {})
+        reference = sync_loss_at(results, r.get("samples", 0)) if r else None
+        if "error" in r or not r or not sync_bps[False] or not reference:
+            continue
+        factors = [sync_bps[steady] / per_sample(r, steady) if sync_bps[steady] and per_sample(r, steady) else None
+                   for steady in (False, True)]
+        loss_ratio = median(r["losses"]) / reference
+        shown = " / ".join(f"{f:.0f}x" if f else "-" for f in factors)
+        met = [f is not None and f >= 100 for f in factors]
+        lines.append(f"{name}: {shown} fewer bytes per sample than uncompressed sync (whole run / steady state; target "
+                     f"≥ 100x: {'met' if all(met) else 'met in steady state only' if met[1] else 'missed'}); held-out loss "
+                     f"{loss_ratio:.3f}x sync's at equal samples ({'met' if loss_ratio <= 1.05 else 'missed'}: target ≤ 1.05x)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=4800, help="samples per configuration, all trainers together")
+    parser.add_argument("--quick", action="store_true", help="2400 samples")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma-separated")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one configuration may take")
+    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/training.json)")
+    parser.add_argument("--keep", type=Path, help="keep logs and status files in this folder")
+    parser.add_argument("--metrics", action="store_true",
+                        help="keep the config's metrics records (off by default: monitoring, not averaging)")
+    args = parser.parse_args(argv)
+    global KEEP_METRICS
+    KEEP_METRICS = args.metrics
+    reason = available()
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    samples = 2400 if args.quick else args.samples
+    env = environment()
+    started = time.monotonic()
+    results: dict[str, dict] = {}
+    loads = []
+    with TemporaryDirectory(prefix="swb-training-") as tmp:
+        root = args.keep or Path(tmp)
+        for name in [n.strip() for n in args.configs.split(",") if n.strip()]:
+            kind, options = CONFIGS[name]
+            work = root / name.replace(" ", "_").replace("=", "")
+            work.mkdir(parents=True, exist_ok=True)
+            loads.append(load_average()[0])
+            t0 = time.monotonic()
+            run = {"local": run_local, "ddp": run_ddp, "swarm": run_swarm}[kind]
+            results[name] = {**run(options, samples, work, args.timeout), "seconds": time.monotonic() - t0}
+            print(f"trained {name} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
+    print(f"{samples} samples per configuration (debug model, batch {BATCH}; swarm and DDP: {TRAINERS} trainers; "
+          f"swarm peers' metrics records {'on' if KEEP_METRICS else 'off'}); "
+          f"load average {min(loads):.1f}-{max(loads):.1f} on {env['cpus']} CPUs\n")
+    lines = print_table(results)
+    print()
+    for line in lines:
+        print(line)
+    path = write_json("training.json", dict(environment=env, samples=samples, loads=loads, results=results, metrics=KEEP_METRICS,
+                                            targets=lines, seconds=time.monotonic() - started), args.out)
+    print(f"\nwrote {path} ({time.monotonic() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
