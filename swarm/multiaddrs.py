@@ -16,7 +16,7 @@ _TRANSPORTS = {"tcp", "udp", "quic", "quic-v1", "ws", "wss"}
 
 
 def parse_peer_multiaddr(text: str) -> Multiaddr:
-    """Parse one full peer address such as ``/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...``.
+    """Parse one full peer address such as ``/ip4/203.0.113.5/tcp/31337/p2p/QmYyQSo1c1Ym...``.
 
     :raises ValueError: with a one-line message naming the address and what is wrong with it.
     """
@@ -30,7 +30,7 @@ def parse_peer_multiaddr(text: str) -> Multiaddr:
     if "p2p" not in protocols:
         raise ValueError(
             f"multiaddr {text!r} has no /p2p/<peer id> part; copy the full address a peer prints "
-            f"(e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW...)"
+            f"(e.g. /ip4/1.2.3.4/tcp/31337/p2p/QmYyQSo1c1Ym...)"
         )
     if not _TRANSPORTS.intersection(protocols) and protocols[0] != "p2p":
         raise ValueError(f"multiaddr {text!r} names no transport (tcp, udp/quic, ...)")

@@ -3,6 +3,11 @@
 Every ``refresh_period`` seconds the tracker stores this peer's record, its progress (round, samples
 so far) and its state (round, total samples, state hash, role), and reads everyone else's. The
 trainer's thread reads the latest snapshot without waiting on the network.
+
+A progress record doubles as a heartbeat: a peer whose record has not been renewed for a while is
+taken for gone. "A while" is measured against this peer's own reads, not the wall clock: when the DHT
+is slow (a node of it unreachable, so every lookup waits out a timeout) or a read fails, silence is
+not evidence, and a peer that is merely hard to reach must not be dropped from the next round.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class RoundTracker:
         self._my_state: Optional[StateRecord] = None
         self._progress: dict[str, Progress] = {}
         self._states: dict[str, StateRecord] = {}
+        self._expires: dict[str, float] = {}  # peer -> when its record, as last seen, expires in the DHT
+        self._read_at = get_dht_time()  # when the last read that completed began
+        self._cycle_started: Optional[float] = None  # when the refresh in flight began
+        self._cycle = 0.0  # how long the last refresh took (seconds)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="round-tracker", daemon=True)
@@ -112,8 +121,16 @@ class RoundTracker:
         return len(self.rounds_of_peers()) or 1
 
     # ---- background ------------------------------------------------------------------------------
+    def _tolerance(self) -> float:
+        """How old a heartbeat may be, as of this peer's last read: three missed refreshes of a peer
+        whose DHT calls take as long as this peer's (the slower of the last refresh and the one in
+        flight), and never under 5 s."""
+        now = get_dht_time()
+        cycle = max(self._cycle, now - self._cycle_started if self._cycle_started is not None else 0.0)
+        return max(5.0, 3 * (self.refresh_period + cycle))
+
     def _fresh_progress(self) -> dict[str, Progress]:
-        horizon = get_dht_time() - max(3 * self.refresh_period, 5.0)
+        horizon = min(get_dht_time(), self._read_at) - self._tolerance()
         return {peer: p for peer, p in self._progress.items() if p.time >= horizon}
 
     def _run(self) -> None:
@@ -133,27 +150,45 @@ class RoundTracker:
         averaged tensors (it is what dominates bytes per sample for small models)."""
         with self._lock:
             mine, my_state = self._mine, self._my_state
-        now = get_dht_time()
-        if mine is not None or my_state is not None:  # stamped now: the record doubles as a heartbeat
-            progress = [mine.round, mine.samples, now] if mine is not None else []
-            state = [my_state.round, my_state.total, my_state.hash, my_state.role] if my_state is not None else []
-            self.dht.store(keys.diloco_peers(self.run_id), [progress, state], now + keys.DILOCO_TTL, subkey=self.me)
-        found = self.dht.get(keys.diloco_peers(self.run_id), latest=True)
-        progress = _parse(found, lambda value: _progress_of(value[0]) if _pair(value) else None)
-        states = _parse(found, lambda value: _state_of(value[1]) if _pair(value) else None)
+            self._cycle_started = now = get_dht_time()
+        try:
+            stored = None
+            if mine is not None or my_state is not None:  # stamped now: the record doubles as a heartbeat
+                progress = [mine.round, mine.samples, now] if mine is not None else []
+                state = [my_state.round, my_state.total, my_state.hash, my_state.role] if my_state is not None else []
+                stored = self.dht.store(keys.diloco_peers(self.run_id), [progress, state], now + keys.DILOCO_TTL,
+                                        subkey=self.me, return_future=True)
+            found = self.dht.get(keys.diloco_peers(self.run_id), latest=True)  # while the store is under way
+            if stored is not None:
+                stored.result()
+        finally:
+            with self._lock:
+                self._cycle, self._cycle_started = get_dht_time() - now, None
+        if found is None:  # nothing reachable answered: no news, and no evidence that anyone left
+            return
         with self._lock:
-            self._progress, self._states = progress, states
+            self._merge(found)
+            self._read_at = now
 
-
-def _parse(found, convert) -> dict:
-    parsed = {}
-    if found is None or not isinstance(found.value, dict):
-        return parsed
-    for subkey, item in found.value.items():
-        value = convert(getattr(item, "value", None))
-        if value is not None:
-            parsed[str(subkey)] = value
-    return parsed
+    def _merge(self, found) -> None:
+        """Take in the records of a read. A read may reach only some of the nodes holding the key (the
+        others unreachable), so a peer missing from it keeps its last known record until that expires."""
+        if isinstance(found.value, dict):
+            for subkey, item in found.value.items():
+                peer, value, expires = str(subkey), getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
+                if not _pair(value) or not isinstance(expires, (int, float)) or expires < self._expires.get(peer, 0.0):
+                    continue
+                self._expires[peer] = float(expires)
+                for table, parsed in ((self._progress, _progress_of(value[0])), (self._states, _state_of(value[1]))):
+                    if parsed is None:
+                        table.pop(peer, None)
+                    else:
+                        table[peer] = parsed
+        now = get_dht_time()
+        for peer in [peer for peer, expires in self._expires.items() if expires < now]:
+            del self._expires[peer]
+            self._progress.pop(peer, None)
+            self._states.pop(peer, None)
 
 
 def _pair(value) -> bool:

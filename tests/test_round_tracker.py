@@ -1,0 +1,63 @@
+"""The DiLoCo round tracker's view of who takes part: heartbeats judged against this peer's own reads.
+
+A read that reaches only some of the DHT nodes (one of them unreachable) must not make the peers it
+missed look gone, or the next round splits into groups of one; a slow DHT must not either. The
+tracker runs on a real single-node DHT; the reads are hivemind's own record types.
+"""
+
+from __future__ import annotations
+
+import hivemind
+import pytest
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+from swarm import keys
+from swarm.rounds import RoundTracker
+
+PEERS = ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN")
+
+
+@pytest.fixture(scope="module")
+def dht():
+    node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    yield node
+    node.shutdown()
+
+
+def read_of(*records: tuple[str, int, float]) -> ValueWithExpiration:
+    """A read of the progress key as hivemind returns it: (peer, round, heartbeat time) per subkey."""
+    return ValueWithExpiration({peer: ValueWithExpiration([[round_number, 10, beat], [round_number, 100, "h", "volunteer"]],
+                                                          beat + keys.DILOCO_TTL)
+                                for peer, round_number, beat in records}, get_dht_time() + keys.DILOCO_TTL)
+
+
+def test_a_read_that_misses_a_peer_does_not_drop_it(dht):
+    tracker = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5)
+    now = get_dht_time()
+    tracker._merge(read_of((PEERS[0], 3, now), (PEERS[1], 3, now)))
+    tracker._read_at = now
+    assert tracker.rounds_of_peers() == {PEERS[0]: 3, PEERS[1]: 3}
+    tracker._merge(read_of((PEERS[0], 4, now + 1)))  # the node holding the other record did not answer
+    assert tracker.rounds_of_peers() == {PEERS[0]: 4, PEERS[1]: 3}
+    assert set(tracker.states()) == set(PEERS)
+    tracker._merge(read_of((PEERS[0], 2, now - 5)))  # an older copy of a record never replaces a newer one
+    assert tracker.rounds_of_peers()[PEERS[0]] == 4
+
+
+def test_silence_counts_only_against_this_peers_own_reads(dht):
+    tracker = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5)
+    beat = get_dht_time() - 8  # the last heartbeat of PEERS[0] is 8 s old
+    tracker._merge(read_of((PEERS[0], 1, beat)))
+    tracker._read_at = beat + 1  # ...but this peer has not completed a read since just after it
+    assert PEERS[0] in tracker.rounds_of_peers(), "silence while this peer's own reads fail is no evidence"
+    tracker._read_at = get_dht_time()
+    assert PEERS[0] not in tracker.rounds_of_peers(), "8 s without a heartbeat, seen by a fresh read: gone"
+    tracker._cycle = 3.0  # each DHT call waits out an unreachable node's timeout: tolerate three such cycles
+    assert PEERS[0] in tracker.rounds_of_peers()
+
+
+def test_expired_records_are_forgotten(dht):
+    tracker = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5)
+    long_ago = get_dht_time() - 2 * keys.DILOCO_TTL
+    tracker._merge(read_of((PEERS[0], 1, long_ago), (PEERS[1], 1, get_dht_time())))
+    assert PEERS[0] not in tracker.states() and PEERS[1] in tracker.states()
