@@ -1,4 +1,4 @@
-"""Training benchmark: the debug model to the same number of samples, trained six ways; held-out loss and
+"""Training benchmark: the debug model to the same number of samples, trained seven ways; held-out loss and
 bytes sent per sample.
 
     sudo .venv/bin/python benchmarks/training.py [--samples 4800] [--quick]
@@ -8,8 +8,9 @@ Configurations (``configs/debug.yaml``: ~0.87M parameters, batch 16, swarm epoch
   192-sample epoch in ``sync`` mode, without a network), warm-up as configured;
 - ``local b16``: one process, a plain loop, one AdamW step per batch of 16 (what a DiLoCo inner step is);
 - ``sync``: the swarm in ``averaging.mode=sync`` (hivemind.Optimizer), uncompressed;
-- ``diloco H=10`` and ``diloco H=50``: ``averaging.mode=diloco`` with ``diloco.inner_steps`` = H and
-  ``averaging.compression=blockwise8``;
+- ``diloco H=10``, ``H=50`` and ``H=100``: ``averaging.mode=diloco`` with ``diloco.inner_steps`` = H and
+  ``averaging.compression=blockwise8`` (H=100 is one round of 4800 samples: where bytes per sample
+  cross 100x below sync's at this model size, since a round's payload is fixed and its samples grow with H);
 - ``ddp``: torch DistributedDataParallel over gloo, 3 ranks x 4 batches of 16 = 192 per step.
 Swarm configurations run the real CLI (``python -m peers bootstrap`` and 3 x ``python -m peers join``,
 with ``metrics=null``: the signed metrics records every peer publishes for the monitor are DHT traffic of
@@ -55,6 +56,7 @@ CONFIGS = {  # name -> (kind, options)
     "sync": ("swarm", dict(mode="sync", compression="none")),
     "diloco H=10 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=10)),
     "diloco H=50 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=50)),
+    "diloco H=100 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=100)),
 }
 
 
@@ -265,7 +267,7 @@ def print_table(results: dict[str, dict]) -> list[str]:
                           "steady: averaging payload KB / sample (own counter)", "steady: other traffic KB/s (DHT, headers)",
                           "wall s", "note"], rows))
     lines = []
-    for name in ("diloco H=10 8-bit", "diloco H=50 8-bit"):
+    for name in [name for name in CONFIGS if name.startswith("diloco")]:
         r = results.get(name, {})
         reference = sync_loss_at(results, r.get("samples", 0)) if r else None
         if "error" in r or not r or not sync_bps[False] or not reference:
@@ -274,9 +276,11 @@ def print_table(results: dict[str, dict]) -> list[str]:
                    for steady in (False, True)]
         loss_ratio = median(r["losses"]) / reference
         shown = " / ".join(f"{f:.0f}x" if f else "-" for f in factors)
-        met = [f is not None and f >= 100 for f in factors]
+        measured = [f for f in factors if f is not None]  # a run of one round has no steady state
+        verdict = ("met" if measured and all(f >= 100 for f in measured)
+                   else "met in steady state only" if factors[1] is not None and factors[1] >= 100 else "missed")
         lines.append(f"{name}: {shown} fewer bytes per sample than uncompressed sync (whole run / steady state; target "
-                     f"≥ 100x: {'met' if all(met) else 'met in steady state only' if met[1] else 'missed'}); held-out loss "
+                     f"≥ 100x: {verdict}); held-out loss "
                      f"{loss_ratio:.3f}x sync's at equal samples ({'met' if loss_ratio <= 1.05 else 'missed'}: target ≤ 1.05x)")
     return lines
 
