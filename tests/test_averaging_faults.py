@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from swarm.averaging.group import slice_bounds
 from peers.processes import PeerProcess, read_json, wait_for
 
 HARNESS = REPO / "benchmarks" / "allreduce_peer.py"
@@ -116,22 +117,31 @@ def test_nan_from_one_peer_never_reaches_the_average(averagers, tmp_path, rogue)
     for peer in peers:
         assert peer.proc.wait(150) == 0, peer.log_tail()
 
-    numel = averagers.records(0)[1]["numel"]
+    # Every honest peer that took part in the poisoned round ends it finite, exact wherever a part was
+    # kept, and identical to the others. The rogue's own part (it reduced NaN) is dropped by everyone.
+    # Rarely, a libp2p stream between two honest peers also breaks off (a stream reset reads as its
+    # end): then that part is dropped too, or a peer misses the round, which is the fault handling at
+    # work, not NaN getting through.
     honest = [0, 1]
-    for index in honest:
+    took_part = [index for index in honest if averagers.records(index)[1].get("ok")]
+    assert took_part, [averagers.records(index)[1] for index in honest]
+    hashes = set()
+    for index in took_part:
         record = averagers.records(index)[1]
-        assert record["ok"] and record["finite"], record
+        assert record["finite"], record
         result = torch.load(tmp_path / f"dump{index}" / "round1.pt")
         assert torch.isfinite(result).all()
-        dropped = record["missing_parts"]
-        expected = _exact_average(honest, 1, numel)
-        if dropped:  # the rogue's own part (it reduced NaN) is dropped by everyone: zeros there, exact elsewhere
-            assert rogue
-            kept = result != 0
-            assert torch.allclose(result[kept], expected[kept], atol=1e-5)
-        else:
-            assert torch.allclose(result, expected, atol=1e-5)
-    assert averagers.records(0)[1]["hash"] == averagers.records(1)[1]["hash"]
+        expected = _exact_average(honest, 1, record["numel"])
+        bounds = slice_bounds(record["numel"], record["group_size"])
+        for part, (start, stop) in enumerate(bounds):
+            if part in record["missing_parts"]:
+                assert not result[start:stop].any(), f"dropped part {part} is not zero"
+            else:
+                assert torch.allclose(result[start:stop], expected[start:stop], atol=1e-5), f"part {part}"
+        if rogue:  # its part holds the NaN it reduced: every receiver refuses it
+            assert record["members"].index(averagers.records(poisoned)[0]["me"]) in record["missing_parts"], record
+        hashes.add(record["hash"])
+    assert len(hashes) == 1, "honest peers disagree"
     log = (tmp_path / "averager0.log").read_text() + (tmp_path / "averager1.log").read_text()
     if rogue:
         assert "refused an input" in log
