@@ -170,10 +170,18 @@ class AveragingService(ServicerBase):
         return self.get_stub(self._p2p, peer, namespace=self.namespace)
 
     async def _fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
+        """One entry of ``peer``'s outbox. A stream broken off in transit is asked for once more: the
+        entry is still there, and a live peer should not lose its part to one reset stream."""
         group_id, phase, kind, index = key
         request = wire.request(group=group_id, phase=phase, kind=kind, index=index)
-        stream = await asyncio.wait_for(self._stub(peer).rpc_fetch(request), self.chunk_timeout)
-        return await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout), max_bytes=max_bytes)
+        for attempt in (1, 2):
+            stream = await asyncio.wait_for(self._stub(peer).rpc_fetch(request), self.chunk_timeout)
+            try:
+                return await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout), max_bytes=max_bytes)
+            except wire.StreamEnded as e:
+                if attempt == 2:
+                    raise
+                logger.info(f"fetch of {kind} {index} from {peer} broke off ({e}); asking again")
 
     async def _download_state(self, peer: PeerID) -> tuple[dict, list[torch.Tensor]]:
         stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)

@@ -22,6 +22,11 @@ class ProtocolError(Exception):
     """A peer sent something that does not follow the protocol (or reported an error)."""
 
 
+class StreamEnded(ProtocolError):
+    """A stream ended before all it announced had arrived. hivemind reads a reset libp2p stream as a
+    clean end, so this is what a stream broken off in transit looks like: worth asking again."""
+
+
 def request(**fields: Any) -> runtime_pb2.ExpertRequest:
     return runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(fields))
 
@@ -89,9 +94,9 @@ async def read_tensor_messages(
             payloads.append(combine_from_streaming(current))
             current = []
     if current:
-        raise ProtocolError("the stream ended in the middle of a tensor")
+        raise StreamEnded("the stream ended in the middle of a tensor")
     if header is None:
-        raise ProtocolError("the stream ended without a header")
+        raise StreamEnded("the stream ended without a header")
     if len(payloads) != header.get("count", -1):
-        raise ProtocolError(f"expected {header.get('count')} tensors, received {len(payloads)}")
+        raise StreamEnded(f"expected {header.get('count')} tensors, received {len(payloads)}")
     return header, payloads
