@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
-from swarm.collector import Collector
+from swarm.collector import Collector, start_reader_dht
 from swarm.config import SwarmConfig
-from swarm.keys import metrics_validators
 from swarm.errors import ConfigError, MonitorError, SwarmError
 from swarm.history import History
-from swarm.identity import load_identity
 from swarm.monitor import Monitor
-from swarm.network import client_network, start_dht
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +32,7 @@ def run_monitor(config: SwarmConfig, *, url_file: Optional[Path]) -> None:
     dht = None
     try:
         monitor.serve()
-        identity = load_identity(None)
-        dht = start_dht(client_network(config.network), identity=identity, client_mode=True, stop=stop.event,
-                        record_validators=metrics_validators(config.run_id, identity.private_key))
+        dht = start_reader_dht(config.network, config.run_id, stop=stop.event)
         set_log_peer("monitor", str(dht.peer_id))
         monitor.start(Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second))
         if url_file is not None:

@@ -11,12 +11,9 @@ import time
 from typing import Optional
 
 from peers.lifecycle import StopSignals
-from swarm.collector import Collector, SwarmView
+from swarm.collector import Collector, SwarmView, start_reader_dht
 from swarm.config import SwarmConfig
-from swarm.keys import metrics_validators
 from swarm.errors import ConfigError
-from swarm.identity import load_identity
-from swarm.network import client_network, start_dht
 
 RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet
 
@@ -25,9 +22,7 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
     if not config.network.initial_peers:
         raise ConfigError("swarm status needs the address of a peer: --initial-peers /ip4/.../tcp/.../p2p/...")
     stop = StopSignals()
-    identity = load_identity(None)
-    dht = start_dht(client_network(config.network), identity=identity, client_mode=True, stop=stop.event,
-                    record_validators=metrics_validators(config.run_id, identity.private_key))
+    dht = start_reader_dht(config.network, config.run_id, stop=stop.event)
     try:
         collector = Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second)
         deadline = time.monotonic() + wait

@@ -9,6 +9,7 @@ Records reach this process already checked for signature, schema and identity by
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -16,13 +17,24 @@ from typing import Optional
 import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
-from swarm.keys import PeerMetrics, metrics_key, parse_metrics, read_refusals
+from swarm.config import NetworkConfig
+from swarm.identity import load_identity
+from swarm.keys import PeerMetrics, metrics_key, metrics_validators, parse_metrics, read_refusals
+from swarm.network import client_network, start_dht
 
 logger = get_logger(__name__)
 
 FUTURE_SLACK = 30.0  # seconds a record's time may run ahead of ours (clocks differ, see hivemind's DHT time)
 MAX_EPOCH_LEAD = 10  # epochs a trainer may be ahead of every other trainer before it looks made up
 GET_TIMEOUT = 30.0
+
+
+def start_reader_dht(network: NetworkConfig, run_id: str, *, stop: threading.Event) -> hivemind.DHT:
+    """A DHT client that reads run ``run_id``'s metrics records (`swarm monitor`, `swarm status`): a fresh
+    identity, any free port, and the validators that drop forged records before they reach it."""
+    identity = load_identity(None)
+    return start_dht(client_network(network), identity=identity, client_mode=True, stop=stop,
+                     record_validators=metrics_validators(run_id, identity.private_key))
 
 
 @dataclass

@@ -56,7 +56,6 @@ def diloco_ready(run_id: str, round_number: int) -> str:
     return f"{run_id}_diloco_ready_{round_number}"
 
 
-
 METRICS_SUFFIX = "metrics"
 # A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
 MAX_RECORD_BYTES = 4096

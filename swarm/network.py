@@ -103,6 +103,8 @@ def reachability(dht: hivemind.DHT) -> str:
     maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
     # a peer that found a relay announces circuit addresses: others reach it through the relay
     return "relayed" if any("/p2p-circuit" in maddr for maddr in maddrs) else "direct"
+
+
 async def _list_connected_peers(_dht: hivemind.DHT, node) -> int:
     return len(await node.p2p.list_peers())
 
