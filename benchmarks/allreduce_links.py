@@ -32,7 +32,7 @@ from tempfile import TemporaryDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for  # noqa: E402
+from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file  # noqa: E402
 from benchmarks.report import environment, markdown_table, median, span, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -75,11 +75,10 @@ def start_averagers(lab: Lab, work: Path, hosts: list[int], args: list[str], *, 
                 "--out", str(work / f"p{host}.jsonl"), "--status", str(work / f"s{host}.json"), *extra, *args]
 
     procs[first] = lab.popen(first, command(first, ["--address-file", str(address)]), log=work / f"p{first}.log")
-    if not wait_for(lambda: address.exists() or procs[first].poll() is not None, 90):
+    started = wait_for_file(address, procs[first], 90)
+    if started is None:
         raise RuntimeError(f"the first averaging peer did not start; see {work / f'p{first}.log'}")
-    if procs[first].poll() is not None:
-        raise RuntimeError(f"the first averaging peer exited; see {work / f'p{first}.log'}")
-    maddr = next(m for m in json.loads(address.read_text())["maddrs"] if f"/{lab.ip(first)}/" in m)
+    maddr = next(m for m in started["maddrs"] if f"/{lab.ip(first)}/" in m)
     for host in hosts[1:]:
         procs[host] = lab.popen(host, command(host, ["--initial-peers", maddr]), log=work / f"p{host}.log")
     return procs

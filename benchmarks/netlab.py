@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
+from peers.processes import read_json
+
 
 class LabError(RuntimeError):
     pass
@@ -179,13 +181,13 @@ def interface_bytes(path: str = "/proc/net/dev") -> tuple[int, int]:
     return sent, received
 
 
-def wait_for(predicate, timeout: float, period: float = 0.2) -> bool:
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float, period: float = 0.2) -> Optional[dict]:
+    """The JSON a starting peer writes to ``path`` (e.g. its ``--address-file``); None if the peer
+    has exited or ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
+    while (found := read_json(path)) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(period)
-    return predicate()
+    return found if proc.poll() is None else None
 
 
 def load_average() -> tuple[float, float, float]:

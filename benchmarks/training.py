@@ -41,7 +41,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.allreduce_links import wait_all  # noqa: E402
-from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for  # noqa: E402
+from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file  # noqa: E402
 from benchmarks.report import environment, markdown_table, median, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -187,9 +187,10 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         bootstrap = lab.popen(0, [
             sys.executable, "-m", "peers", "bootstrap", "--config", str(CONFIG), "--identity", str(work / "bootstrap.key"),
             "--address-file", str(address), "--set", f"network.listen_host={lab.ip(0)}"], log=work / "bootstrap.log")
-        if not wait_for(lambda: address.exists() or bootstrap.poll() is not None, 90) or not address.exists():
+        started = wait_for_file(address, bootstrap, 90)
+        if started is None:
             return dict(error=f"the bootstrap peer did not start; see {work / 'bootstrap.log'}")
-        maddr = next(m for m in json.loads(address.read_text())["maddrs"] if f"/{lab.ip(0)}/" in m)
+        maddr = next(m for m in started["maddrs"] if f"/{lab.ip(0)}/" in m)
         trainers = []
         for host in range(1, hosts):
             command = [sys.executable, "-m", "peers", "join", "--config", str(CONFIG), "--initial-peers", maddr,

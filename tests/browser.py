@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 from websockets.sync.client import connect
 
+from peers import processes
+
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage",
@@ -81,15 +83,12 @@ class Browser:
 
     @staticmethod
     def _page_websocket(port: int, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
+        def first_page() -> Optional[str]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as response:
                 pages = [target for target in json.load(response) if target.get("type") == "page"]
-            if pages:
-                return pages[0]["webSocketDebuggerUrl"]
-            if time.monotonic() > deadline:
-                raise TimeoutError("chromium opened no page")
-            time.sleep(0.1)
+            return pages[0]["webSocketDebuggerUrl"] if pages else None
+
+        return processes.wait_for(first_page, timeout=timeout, what="chromium to open a page", period=0.1)
 
     def call(self, method: str, timeout: float = 30.0, **params) -> dict:
         """Send one CDP command and return its result; events that arrive meanwhile are recorded."""
