@@ -65,6 +65,7 @@ class Swarm:
         peer = self.start(name, args)
         info = wait_for(lambda: read_json(url_file), timeout=STARTUP_TIMEOUT, what=f"{name} to serve", alive=[peer])
         return peer, info["url"]
+
     def container(self, name: str, args: list[str], *, data_dir: Path | None = None,
                   env: dict | None = None) -> ContainerPeer:
         """A peer in a container of the swarm image on the host's network; its state folder is

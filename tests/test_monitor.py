@@ -73,8 +73,11 @@ def swarm_ready(watched: Watched, min_epoch: int):
     view = info["view"]
     if view is None:
         return None
-    seen = {peer["peer_id"] for peer in view["peers"]}
-    if not set(watched.peer_ids.values()) <= seen or (view["totals"]["epoch"] or 0) < min_epoch:
+    # Each peer's record is up to a metrics period plus a monitor period old, and a debug epoch can
+    # take under 2 s, so a snapshot may show one trainer a couple of epochs behind the other: wait
+    # for every trainer to report ``min_epoch`` rather than judge their lag on one snapshot.
+    epochs = {peer["peer_id"]: peer["epoch"] for peer in view["peers"]}
+    if any((epochs.get(peer_id) or 0) < min_epoch for peer_id in watched.peer_ids.values()):
         return None
     losses = [row["loss"] for row in get_json(watched.url + "api/history")["swarm"] if row["loss"] is not None]
     if len(losses) < 3 or max(losses) - min(losses) < MIN_LOSS_MOVE:
@@ -99,7 +102,7 @@ def test_api_and_metrics_report_both_trainers_epoch_and_a_falling_loss(watched: 
     for name, peer_id in watched.peer_ids.items():
         peer = peers[peer_id]
         assert (peer["display_name"], peer["role"], peer["state"], peer["device"]) == (name, "volunteer", "running", "cpu")
-        assert peer["epoch"] >= view["totals"]["epoch"] - 1 and peer["samples_total"] > 0, peer
+        assert peer["epoch"] >= 4 and peer["samples_total"] > 0, peer
         assert peer["samples_per_second"] > 0 and peer["loss"] is not None and peer["reachability"] == "direct", peer
         assert peer["rounds_ok"] >= 1, f"{name} counted no averaging round: {peer}"
         if shutil.which("ss"):
