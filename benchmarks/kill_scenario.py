@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.allreduce_links import read_records, start_averagers, wait_all  # noqa: E402
 from benchmarks.netlab import Lab, available, kill_group, load_average  # noqa: E402
-from benchmarks.report import environment, markdown_table, median, span, write_json  # noqa: E402
+from benchmarks.report import environment, markdown_table, span, write_json  # noqa: E402
 
 LINK = dict(rate="100mbit", burst="64kb", latency="200ms")
 CHUNK_TIMEOUT, REQUEST_TIMEOUT, ROUND_TIMEOUT = 5.0, 3.0, 60.0

@@ -9,6 +9,7 @@ DiLoCo mode.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -68,6 +69,12 @@ class Collaboration(ABC):
     def counters(self) -> Counters: ...
 
     @abstractmethod
+    def finish(self, stop: threading.Event, deadline: float) -> bool:
+        """At the end of a run, settle on one final model with the peers that finished it, serving
+        this peer's state meanwhile; give up at ``deadline`` (``time.monotonic()``) or on ``stop``.
+        Returns whether every peer still in the run held this peer's state when it returned."""
+
+    @abstractmethod
     def shutdown(self) -> None: ...
 
 
@@ -85,6 +92,6 @@ def build_collaboration(*, config, dht, model, private_key=None) -> Collaboratio
         return DiLoCo(model=model, dht=dht, run_id=config.run_id, role=config.peer.role,
                       inner_optimizer=inner_optimizer_factory(config.optimizer), config=config.diloco,
                       averaging=config.averaging, batch_size=config.training.batch_size)
-    return build_collaborative_optimizer(dht=dht, run_id=config.run_id, params=model.parameters(),
+    return build_collaborative_optimizer(dht=dht, run_id=config.run_id, role=config.peer.role, params=model.parameters(),
                                          optimizer=config.optimizer, training=config.training,
                                          averaging=config.averaging, private_key=private_key)

@@ -106,7 +106,9 @@ class TrainingConfig(Section):
     batch_size: int = Field(16, ge=1, description="samples per local step")
     target_batch_size: int = Field(4096, ge=1, description="swarm-wide samples per epoch (global batch)")
     max_epochs: Optional[int] = Field(None, ge=1, description="stop at this swarm epoch; null = until stopped")
-    finish_timeout: float = Field(30.0, ge=0, description="after max_epochs, serve state to stragglers this long")
+    finish_timeout: float = Field(
+        90.0, ge=0, description="after max_epochs, at most this long serving stragglers and settling on one final model "
+        "(longer than averaging.averaging_timeout, which a straggler's last round can take)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")

@@ -15,7 +15,6 @@ and how two halves of a partitioned swarm become one again.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Callable, Iterable, Optional
 
@@ -29,7 +28,7 @@ from swarm.averaging.service import AveragingService
 from swarm.collaboration import Collaboration, Counters, SwarmView
 from swarm.compression_plan import CompressionPlan
 from swarm.config import AveragingConfig, DiLoCoConfig
-from swarm.rounds import RoundTracker, StateRecord, choose_donor
+from swarm.rounds import RoundTracker, StateRecord, choose_donor, in_agreement, state_digest
 
 logger = get_logger(__name__)
 
@@ -109,6 +108,17 @@ class DiLoCo(Collaboration):
         self._counters.extra = {"state_hash": shared.get("hash", "")[:16], "total_samples": self.total_samples,
                                 "residual_norm": round(self.compression.residual_norm(), 6)}
         return self._counters
+
+    def finish(self, stop, deadline: float) -> bool:
+        """Keep serving and comparing states until every peer still in the run holds this one's: a
+        peer whose last round failed adopts the swarm's state here, as it would have at its next step."""
+        while True:
+            self._sync_with_swarm()
+            if in_agreement(self.tracker.me, self.tracker.states(), self.tracker.rounds_of_peers()):
+                return True
+            if stop.wait(0.5) or time.monotonic() >= deadline:
+                logger.warning("leaving before the swarm agreed on one final model")
+                return False
 
     def shutdown(self) -> None:
         self.tracker.shutdown()
@@ -231,9 +241,3 @@ class DiLoCo(Collaboration):
         self.round, self.total_samples = round_number, total
         self.compression.forget_residuals()
 
-
-def state_digest(round_number: int, total: int, tensors: list[torch.Tensor]) -> str:
-    digest = hashlib.sha256(f"{round_number}:{total}".encode())
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()

@@ -15,11 +15,16 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+from hivemind.optim.state_averager import load_optimizer_state
+from hivemind.p2p import PeerID
+from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.collaboration import Collaboration, Counters, SwarmView
 from swarm.compression import make_codec
 from swarm.config import AveragingConfig, OptimizerConfig, TrainingConfig
+from swarm.final_state import FinalState, State, settle_final_state
+from swarm.rounds import state_digest
 
 # State sharing priority is the donor's epoch; institutions add this bonus so that a late joiner
 # picks an institution over a volunteer at the same epoch, yet never over a peer that is ahead.
@@ -88,6 +93,7 @@ def build_collaborative_optimizer(
     *,
     dht: hivemind.DHT,
     run_id: str,
+    role: str,
     params: Iterable[torch.nn.Parameter],
     optimizer: OptimizerConfig,
     training: TrainingConfig,
@@ -131,16 +137,20 @@ def build_collaborative_optimizer(
         grad_compression=compression,
         tracker_opts=dict(private_key=private_key) if private_key is not None else None,
         verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
-    ), counters)
+    ), counters, run_id=run_id, role=role, averaging=averaging, last_epoch=training.max_epochs)
 
 
 class HivemindSync(Collaboration):
     """``averaging.mode: sync``: hivemind.Optimizer averages gradients once the swarm has gathered
     ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
 
-    def __init__(self, opt: hivemind.Optimizer, counters: Optional[Counters] = None):
+    def __init__(self, opt: hivemind.Optimizer, counters: Optional[Counters] = None, *, run_id: str = "",
+                 role: str = "volunteer", averaging: Optional[AveragingConfig] = None,
+                 last_epoch: Optional[int] = None):
         self.opt = opt
         self._counters = counters or Counters()  # rounds by outcome; bytes are not measured in this mode
+        self.run_id, self.role, self.averaging = run_id, role, averaging or AveragingConfig()
+        self.last_epoch = last_epoch  # training.max_epochs
 
     @property
     def local_epoch(self) -> int:
@@ -151,6 +161,11 @@ class HivemindSync(Collaboration):
         return self.opt.tracker
 
     def step(self, batch_size: int) -> None:
+        if self.last_epoch is not None and self.opt.local_epoch + 1 >= self.last_epoch:
+            # No state-averaging round at the change to the last epoch: finish() settles the final model
+            # instead, and such a round, begun by a peer whose partners have already stopped, could only
+            # be waited out (averaging_timeout) before this peer can settle. hivemind reads this each epoch.
+            self.opt.average_state_every = self.last_epoch + 1
         self.opt.step(batch_size=batch_size)
 
     def zero_grad(self) -> None:
@@ -161,15 +176,19 @@ class HivemindSync(Collaboration):
         return SwarmView(num_peers=max(int(progress.num_peers), 1), epoch=int(progress.epoch))
 
     def epochs_of_peers(self) -> dict[str, int]:
-        """Every peer's last reported epoch, from the progress records hivemind keeps in the DHT."""
+        """Every peer's last reported epoch, keyed by its peer id (base58), from the progress records
+        hivemind keeps in the DHT (subkeys are signing keys; the record names its peer)."""
         found = self.opt.dht.get(self.opt.tracker.training_progress_key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
         epochs = {}
-        for subkey, record in found.value.items():
+        for record in found.value.values():
             progress = getattr(record, "value", None)
             if isinstance(progress, dict) and isinstance(progress.get("epoch"), int):
-                epochs[str(subkey)] = progress["epoch"]
+                try:
+                    epochs[PeerID(progress["peer_id"]).to_base58()] = progress["epoch"]
+                except Exception:  # a record without a well-formed peer id (a broken or hostile peer)
+                    continue
         return epochs
 
     def prefer_as_state_donor(self, bonus: float = INSTITUTION_PRIORITY_BONUS) -> None:
@@ -191,5 +210,55 @@ class HivemindSync(Collaboration):
     def counters(self) -> Counters:
         return self._counters
 
+    def finish(self, stop, deadline: float) -> bool:
+        """Apply the last background state-averaging round, then settle on one final model with the
+        peers that finished (:mod:`swarm.final_state`): the last epoch's averaging may have left
+        this peer one local step, or one lost part, away from the others."""
+        self.opt.state_averager.step(wait_for_delayed_updates=True)
+        agreed, adopted = settle_final_state(
+            dht=self.opt.dht, run_id=self.run_id, role=self.role, epoch=self.local_epoch, averaging=self.averaging,
+            state=TrainingState(self.opt.state_averager), peers_in_run=lambda: self.epochs_of_peers().keys(),
+            stop=stop, deadline=deadline)
+        self._counters.state_downloads += adopted
+        return agreed
+
     def shutdown(self) -> None:
         self.opt.shutdown()
+
+
+class TrainingState(FinalState):
+    """A sync-mode peer's whole training state: the parameters and the inner optimizer's state, as
+    hivemind's TrainingStateAverager serves it to late joiners. :meth:`adopt` applies a state the way
+    ``TrainingStateAverager.load_state_from_peers`` does, without first waiting on averaging rounds
+    that can no longer find partners at the end of a run."""
+
+    def __init__(self, averager):
+        self.averager = averager
+
+    def _parameters(self) -> list[torch.Tensor]:
+        averager = self.averager
+        return [param for group in averager.optimizer.param_groups for param in group["params"]] + list(averager.extra_tensors)
+
+    def capture(self) -> State:
+        metadata, tensors, _ = self.averager.get_current_state()
+        return {"optimizer": metadata["optimizer_metadata"]}, [tensor.clone() for tensor in tensors]
+
+    def digest(self, state: State) -> str:
+        header, tensors = state
+        return state_digest(self.averager.local_epoch, 0, tensors, MSGPackSerializer.dumps(header.get("optimizer")))
+
+    @torch.no_grad()
+    def adopt(self, state: State) -> None:
+        header, tensors = state
+        mine = self.capture()[1]
+        if len(tensors) != len(mine) or any(t.shape != m.shape or t.dtype != m.dtype for t, m in zip(tensors, mine)):
+            raise ValueError("the state does not match this model and optimizer")
+        averager, parameters = self.averager, self._parameters()
+        with averager.lock_averaged_tensors:
+            load_optimizer_state(averager.optimizer, header["optimizer"], tensors[len(parameters):])
+            for local, loaded in zip(parameters, tensors):
+                local.copy_(loaded)
+        if averager.offload_optimizer:
+            averager._apply_optimizer_parameters_()
+        if not averager.reuse_tensors:
+            averager._load_local_tensors_into_averager_()

@@ -1,4 +1,5 @@
 """What the swarm is doing, as far as DiLoCo needs to know: a background reporter and reader.
+(Sync-mode peers use the state records too, to settle on one final model, see :mod:`swarm.final_state`.)
 
 Every ``refresh_period`` seconds the tracker stores this peer's record, its progress (round, samples
 so far) and its state (round, total samples, state hash, role), and reads everyone else's. The
@@ -12,12 +13,13 @@ not evidence, and a peer that is merely hard to reach must not be dropped from t
 
 from __future__ import annotations
 
+import hashlib
 import threading
-import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import hivemind
+import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time, get_logger
 
@@ -217,17 +219,40 @@ def choose_donor(me: str, states: dict[str, StateRecord]) -> Optional[tuple[str,
     swarm (after a fault or a partition) converges on one state. Among the holders of that state,
     institutions are preferred as donors.
     """
+    donors = donors_of_agreed_state(me, states)
+    return (donors[0], states[donors[0]]) if donors else None
+
+
+def donors_of_agreed_state(me: str, states: dict[str, StateRecord]) -> list[str]:
+    """Every holder of the state the swarm agrees on (see :func:`choose_donor`), best donor first;
+    empty if this peer holds that state already or has no record."""
     if me not in states:
-        return None
+        return []
     holders: dict[tuple[int, str], list[str]] = {}
     for peer, record in states.items():
         holders.setdefault((record.total, record.hash), []).append(peer)
     best = max(holders, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
     mine = states[me]
     if best == (mine.total, mine.hash):
-        return None
-    donors = sorted(holders[best], key=lambda peer: (states[peer].role != "institution", peer))
-    return donors[0], states[donors[0]]
+        return []
+    return sorted(holders[best], key=lambda peer: (states[peer].role != "institution", peer))
+
+
+def in_agreement(me: str, states: dict[str, StateRecord], peers: Iterable[str]) -> bool:
+    """Whether every one of ``peers`` has published the same state as this peer."""
+    mine = states.get(me)
+    return mine is not None and all(
+        (record := states.get(peer)) is not None and (record.total, record.hash) == (mine.total, mine.hash)
+        for peer in peers)
+
+
+def state_digest(round_number: int, total: int, tensors: list[torch.Tensor], extra: bytes = b"") -> str:
+    """A digest of a state: its round, its sample count, ``extra`` (e.g. serialized metadata) and its tensors."""
+    digest = hashlib.sha256(f"{round_number}:{total}".encode())
+    digest.update(extra)
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _reverse(text: str) -> tuple:

@@ -106,28 +106,35 @@ class TrainingLoop:
             if self.opt.local_epoch != status.epoch:
                 self._on_new_epoch()
             self._publish(force=False)
-        status.heldout_loss = self.evaluate()
         if self.reached_max_epochs():
-            self._wait_for_stragglers(stop)
+            deadline = time.monotonic() + self.config.finish_timeout
+            self._wait_for_stragglers(stop, deadline)
+            if self.opt.finish(stop, deadline):
+                logger.info("every peer still in the run holds this peer's final model")
+        status.heldout_loss = self.evaluate()
         status.finished = True
         self._publish(force=True)
         return status
 
-    def _wait_for_stragglers(self, stop: threading.Event) -> None:
+    def _wait_for_stragglers(self, stop: threading.Event, deadline: float) -> None:
         """Stay in the swarm (serving state, not training) until every peer has reached the last epoch
-        or ``training.finish_timeout`` passes: a peer one round behind catches up by downloading the
-        final state, which only works while someone who has it is still there."""
-        deadline, announced = time.monotonic() + self.config.finish_timeout, False
-        while time.monotonic() < deadline:
-            behind = [peer for peer, epoch in self.opt.epochs_of_peers().items() if epoch < self.config.max_epochs]
+        or the deadline passes: a peer one round behind catches up by downloading the final state,
+        which only works while someone who has it is still there. Then :meth:`Collaboration.finish`
+        settles the finished peers on one final model, within the same deadline."""
+        announced = False
+        while True:
+            behind = {peer: epoch for peer, epoch in self.opt.epochs_of_peers().items() if epoch < self.config.max_epochs}
             if not behind:
                 return
             if not announced:
                 logger.info(f"reached epoch {self.config.max_epochs}; waiting for {len(behind)} peer(s) to catch up")
                 announced = True
+            if time.monotonic() >= deadline:
+                break
             if stop.wait(1.0):
                 return
-        logger.warning(f"leaving although some peers are still behind epoch {self.config.max_epochs}")
+        logger.warning(f"some peers are still behind epoch {self.config.max_epochs}: "
+                       f"{', '.join(f'{peer[-6:]} at {epoch}' for peer, epoch in sorted(behind.items()))}")
 
     def reached_max_epochs(self) -> bool:
         return self.config.max_epochs is not None and self.opt.local_epoch >= self.config.max_epochs

@@ -1,8 +1,9 @@
-"""Which state a DiLoCo peer adopts: a pure rule, so every peer with the same view reaches the same answer."""
+"""Which state a peer adopts, in DiLoCo rounds and at the end of a sync run: a pure rule, so every peer
+with the same view reaches the same answer."""
 
 from __future__ import annotations
 
-from swarm.rounds import StateRecord, choose_donor
+from swarm.rounds import StateRecord, choose_donor, donors_of_agreed_state, in_agreement
 
 
 def test_own_state_when_everyone_agrees():
@@ -30,3 +31,17 @@ def test_institutions_are_preferred_donors():
 
 def test_unknown_self_never_downloads():
     assert choose_donor("ghost", {"a": StateRecord(1, 10, "h")}) is None
+
+
+def test_every_holder_of_the_agreed_state_is_a_donor_institutions_first():
+    states = {"me": StateRecord(9, 9, "zz"), "v": StateRecord(9, 9, "aa"), "i": StateRecord(9, 9, "aa", "institution")}
+    assert donors_of_agreed_state("me", states) == ["i", "v"]
+    assert donors_of_agreed_state("v", states) == []
+
+
+def test_agreement_needs_every_peer_in_the_run_to_hold_the_same_state():
+    states = {"a": StateRecord(9, 9, "h"), "b": StateRecord(9, 9, "h", "institution"), "c": StateRecord(9, 9, "x")}
+    assert in_agreement("a", states, ["a", "b"])  # roles do not matter, only the state
+    assert not in_agreement("a", states, ["a", "b", "c"])
+    assert not in_agreement("a", states, ["a", "d"])  # a peer still in the run that has not published yet
+    assert not in_agreement("d", states, ["a"])
