@@ -30,6 +30,9 @@ class NetworkConfig(Section):
     use_auto_relay: bool = Field(False, description="look for relays to become reachable from behind NAT")
     identity_path: Optional[Path] = Field(None, description="private key file: keeps the peer id across restarts")
     bootstrap_timeout: float = Field(60.0, gt=0, description="seconds to keep retrying the initial peers")
+    rejoin_period: float = Field(
+        15.0, ge=0, description="seconds between pings to the initial peers, which bring this peer back into "
+        "the DHT after its link was down (a DHT forgets peers that stop answering); 0 = off")
 
     @field_validator("initial_peers", "announce_maddrs", mode="before")
     @classmethod

@@ -2,6 +2,11 @@
 
 Connecting is retried only for the one named transient failure (no initial peer answered), with
 exponential backoff and jitter, up to ``network.bootstrap_timeout``; then :class:`NetworkError`.
+
+A DHT node drops a peer from its routing table as soon as one request to it fails, so after a
+partition both sides have forgotten each other and no lookup crosses over again. While the DHT runs,
+a peer therefore pings its initial peers every ``network.rejoin_period`` seconds: an answer puts each
+side back into the other's table, and lookups through the initial peers reach the rest of the swarm.
 """
 
 from __future__ import annotations
@@ -9,12 +14,15 @@ from __future__ import annotations
 import random
 import threading
 import time
+from functools import partial
 from typing import Iterable, Optional
 
 import hivemind
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_logger
+from multiaddr import Multiaddr
 
 from swarm.config import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
@@ -65,6 +73,9 @@ def start_dht(
                 record_validators=list(record_validators),
             )
             identity.discard_file()
+            if config.initial_peers and config.rejoin_period > 0:
+                threading.Thread(target=_keep_in_touch, args=(dht, config.initial_peers, config.rejoin_period),
+                                 name="rejoin", daemon=True).start()
             return dht
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
@@ -82,6 +93,32 @@ def start_dht(
         logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
         stop.wait(wait)
         delay = min(delay * 2, 30.0)
+
+
+def _keep_in_touch(dht: hivemind.DHT, initial_peers: list[str], period: float) -> None:
+    """Ping the initial peers every ``period`` seconds until the DHT shuts down (see the module docstring)."""
+    while dht.is_alive():
+        time.sleep(period)
+        try:
+            dht.run_coroutine(partial(_ping_initial_peers, initial_peers=initial_peers), return_future=True).result(
+                period + 30)
+        except Exception as e:  # the DHT is shutting down, or busy: try again at the next period
+            if dht.is_alive():
+                logger.debug(f"could not ping the initial peers: {e!r}")
+
+
+async def _ping_initial_peers(_dht: hivemind.DHT, node, initial_peers: list[str]) -> None:
+    """Ping each initial peer, dialing its address first if the ping fails (its address may be forgotten)."""
+    for maddr in initial_peers:
+        address = Multiaddr(maddr)
+        peer = PeerID.from_base58(address["p2p"])
+        if peer == node.peer_id or await node.protocol.call_ping(peer) is not None:
+            continue
+        try:
+            await node.p2p._client.connect(peer, [address.decapsulate(f"/p2p/{address['p2p']}")])
+            await node.protocol.call_ping(peer)
+        except Exception as e:  # still unreachable; next period
+            logger.debug(f"initial peer {maddr} is unreachable: {e!r}")
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -1,4 +1,5 @@
-"""Addresses and identities: validated before anything starts; a bootstrap peer keeps its peer id."""
+"""Addresses and identities: validated before anything starts; a bootstrap peer keeps its peer id; a
+peer whose link was down finds its way back into the DHT."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import signal
 
 import pytest
 
+from peers.processes import wait_for
+from swarm.config import NetworkConfig
 from swarm.multiaddrs import parse_peer_multiaddr, split_peer_list
+from swarm.network import start_dht
 
 PEER_ID = "12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"
 
@@ -48,3 +52,32 @@ def test_bootstrap_keeps_its_peer_id_across_restarts_and_leaves_cleanly(swarm):
     assert second_address.rsplit("/p2p/", 1)[1] == address.rsplit("/p2p/", 1)[1]
     second.signal(signal.SIGINT)
     assert second.proc.wait(20) == 0, second.log_tail()
+
+
+async def _forget_everyone(_dht, node) -> None:
+    """What a DHT node does to peers during a partition: every failed request drops one from its table."""
+    table = node.protocol.routing_table
+    for node_id in list(table.uid_to_peer_id):
+        del table[node_id]
+
+
+async def _known_peers(_dht, node) -> set[str]:
+    return {peer_id.to_base58() for peer_id in node.protocol.routing_table.peer_id_to_uid}
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_forgotten_by_both_sides_comes_back_through_its_initial_peers():
+    first = start_dht(NetworkConfig(listen_host="127.0.0.1"))
+    address = next(str(maddr) for maddr in first.get_visible_maddrs() if "/127.0.0.1/" in str(maddr))
+    second = start_dht(NetworkConfig(listen_host="127.0.0.1", initial_peers=[address], rejoin_period=1.0))
+    try:
+        ids = first.peer_id.to_base58(), second.peer_id.to_base58()
+        assert ids[0] in second.run_coroutine(_known_peers)
+        for dht in (first, second):  # after a partition neither side knows the other
+            dht.run_coroutine(_forget_everyone)
+        assert not first.run_coroutine(_known_peers) and not second.run_coroutine(_known_peers)
+        wait_for(lambda: ids[0] in second.run_coroutine(_known_peers) and ids[1] in first.run_coroutine(_known_peers),
+                 timeout=30, what="the two DHT nodes to know each other again")
+    finally:
+        second.shutdown()
+        first.shutdown()
