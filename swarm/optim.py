@@ -144,12 +144,11 @@ class HivemindSync(Collaboration):
     """``averaging.mode: sync``: hivemind.Optimizer averages gradients once the swarm has gathered
     ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
 
-    def __init__(self, opt: hivemind.Optimizer, counters: Optional[Counters] = None, *, run_id: str = "",
-                 role: str = "volunteer", averaging: Optional[AveragingConfig] = None,
-                 last_epoch: Optional[int] = None):
+    def __init__(self, opt: hivemind.Optimizer, counters: Counters, *, run_id: str, role: str,
+                 averaging: AveragingConfig, last_epoch: Optional[int]):
         self.opt = opt
-        self._counters = counters or Counters()  # rounds by outcome; bytes are not measured in this mode
-        self.run_id, self.role, self.averaging = run_id, role, averaging or AveragingConfig()
+        self._counters = counters  # rounds by outcome; bytes are not measured in this mode
+        self.run_id, self.role, self.averaging = run_id, role, averaging
         self.last_epoch = last_epoch  # training.max_epochs
 
     @property
@@ -250,7 +249,7 @@ class TrainingState(FinalState):
     @torch.no_grad()
     def adopt(self, state: State) -> None:
         header, tensors = state
-        mine = self.capture()[1]
+        _, mine, _ = self.averager.get_current_state()  # this peer's tensors, not copied: only compared
         if len(tensors) != len(mine) or any(t.shape != m.shape or t.dtype != m.dtype for t, m in zip(tensors, mine)):
             raise ValueError("the state does not match this model and optimizer")
         averager, parameters = self.averager, self._parameters()

@@ -25,11 +25,11 @@ RUN_ID = "final-state-test"
 @pytest.fixture
 def two_peers():
     config = load_config(DEBUG_CONFIG, environ={})
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
-    peers = []
+    dhts, peers = [hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])], []
     try:
-        for dht in (first, second):  # each with its own key for its progress records, as separate peers are
+        dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                 initial_peers=dhts[0].get_visible_maddrs()))
+        for dht in dhts:  # each with its own key for its progress records, as separate peers are
             torch.manual_seed(0)  # the same initial model on both, as in a real run
             model = ByteGPT(config.model)
             peers.append((dht, model, build_collaborative_optimizer(
@@ -39,7 +39,7 @@ def two_peers():
     finally:
         for _, _, sync in peers:
             sync.shutdown()
-        for dht in (first, second):
+        for dht in dhts:
             dht.shutdown()
 
 

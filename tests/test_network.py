@@ -67,10 +67,12 @@ async def _known_peers(_dht, node) -> set[str]:
 
 @pytest.mark.timeout(120)
 def test_a_peer_forgotten_by_both_sides_comes_back_through_its_initial_peers():
-    first = start_dht(NetworkConfig(listen_host="127.0.0.1"))
-    address = next(str(maddr) for maddr in first.get_visible_maddrs() if "/127.0.0.1/" in str(maddr))
-    second = start_dht(NetworkConfig(listen_host="127.0.0.1", initial_peers=[address], rejoin_period=1.0))
+    nodes = [start_dht(NetworkConfig(listen_host="127.0.0.1"))]
     try:
+        first = nodes[0]
+        address = next(str(maddr) for maddr in first.get_visible_maddrs() if "/127.0.0.1/" in str(maddr))
+        nodes.append(start_dht(NetworkConfig(listen_host="127.0.0.1", initial_peers=[address], rejoin_period=1.0)))
+        second = nodes[1]
         ids = first.peer_id.to_base58(), second.peer_id.to_base58()
         assert ids[0] in second.run_coroutine(_known_peers)
         for dht in (first, second):  # after a partition neither side knows the other
@@ -79,5 +81,5 @@ def test_a_peer_forgotten_by_both_sides_comes_back_through_its_initial_peers():
         wait_for(lambda: ids[0] in second.run_coroutine(_known_peers) and ids[1] in first.run_coroutine(_known_peers),
                  timeout=30, what="the two DHT nodes to know each other again")
     finally:
-        second.shutdown()
-        first.shutdown()
+        for node in reversed(nodes):
+            node.shutdown()
