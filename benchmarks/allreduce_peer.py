@@ -38,10 +38,10 @@ from benchmarks.netlab import interface_bytes, process_tree_cpu  # noqa: E402
 from peers.lifecycle import set_log_peer, setup_logging  # noqa: E402
 from swarm.averaging.group import RoundMissed  # noqa: E402
 from swarm.averaging.service import AveragingService  # noqa: E402
-from swarm.compression_plan import CompressionPlan  # noqa: E402
-from swarm.config import AveragingConfig, NetworkConfig  # noqa: E402
-from swarm.network import start_dht, visible_maddrs  # noqa: E402
-from swarm.rounds import RoundTracker  # noqa: E402
+from swarm.compression.plan import CompressionPlan  # noqa: E402
+from swarm.config.schema import AveragingConfig, NetworkConfig  # noqa: E402
+from swarm.net.dht import start_dht, visible_maddrs  # noqa: E402
+from swarm.train.rounds import RoundTracker  # noqa: E402
 
 
 def contribution(index: int, round_number: int, numel: int) -> torch.Tensor:

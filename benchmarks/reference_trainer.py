@@ -4,8 +4,8 @@
     GLOO_SOCKET_IFNAME=eth0 python benchmarks/reference_trainer.py ... --world 3 --rank 0 --master 10.1.0.1 --accum 4
 
 Model, data, initial weights, held-out set, optimizer and warm-up are the library's, as a swarm
-trainer builds them from the same config (``swarm.model.ByteGPT``, ``swarm.data.load_dataset``,
-``swarm.optim.inner_optimizer_factory`` and ``warmup_scheduler_factory``), so that only the way of
+trainer builds them from the same config (``swarm.train.model.ByteGPT``, ``swarm.train.data.load_dataset``,
+``swarm.train.sync.inner_optimizer_factory`` and ``warmup_scheduler_factory``), so that only the way of
 training differs:
 - one process (``--world 1``): each optimizer step averages ``--accum`` micro-batches of
   ``training.batch_size``, each clipped to ``optimizer.grad_clip`` first, as hivemind.Optimizer averages
@@ -33,10 +33,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarm.config_loading import load_config  # noqa: E402
-from swarm.data import load_dataset  # noqa: E402
-from swarm.model import ByteGPT  # noqa: E402
-from swarm.optim import inner_optimizer_factory, warmup_scheduler_factory  # noqa: E402
+from swarm.config.loading import load_config  # noqa: E402
+from swarm.train.data import load_dataset  # noqa: E402
+from swarm.train.model import ByteGPT  # noqa: E402
+from swarm.train.sync import inner_optimizer_factory, warmup_scheduler_factory  # noqa: E402
 
 
 def main() -> None:

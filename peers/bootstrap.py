@@ -14,12 +14,12 @@ from typing import Optional
 
 from peers.lifecycle import StopSignals, run_bounded, set_log_peer, write_json_atomic
 from peers.status_file import StatusFile
-from swarm.config import SwarmConfig
+from swarm.config.schema import SwarmConfig
 from swarm.errors import SwarmError
-from swarm.identity import load_identity
-from swarm.keys import metrics_validators
-from swarm.metrics import MetricsPublisher, PeerFacts
-from swarm.network import start_dht, visible_maddrs
+from swarm.net.identity import load_identity
+from swarm.net.metrics_record import metrics_validators
+from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
+from swarm.net.dht import start_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from peers import exit_codes
 from peers.health import DEFAULT_MAX_AGE, run_health
 from swarm import __version__
-from swarm.config_loading import dump_config, load_config
+from swarm.config.loading import dump_config, load_config
 from swarm.errors import ConfigError, SwarmError
 
 logger = logging.getLogger("swarm.cli")

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from peers.processes import PeerProcess, read_json, wait_for
-from swarm.checkpoint import checkpoint_path
-from swarm.config_loading import load_config
+from swarm.train.checkpoint import checkpoint_path
+from swarm.config.loading import load_config
 from swarm.errors import ConfigError, SwarmError
 
 DEBUG_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
-from swarm.collector import Collector, start_reader_dht
-from swarm.config import SwarmConfig
+from swarm.telemetry.collector import Collector, start_reader_dht
+from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, MonitorError, SwarmError
-from swarm.history import History
-from swarm.monitor import Monitor
+from swarm.telemetry.history import History
+from swarm.telemetry.monitor import Monitor
 
 logger = logging.getLogger(__name__)
 

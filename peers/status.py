@@ -11,8 +11,8 @@ import time
 from typing import Optional
 
 from peers.lifecycle import StopSignals
-from swarm.collector import Collector, SwarmView, start_reader_dht
-from swarm.config import SwarmConfig
+from swarm.telemetry.collector import Collector, SwarmView, start_reader_dht
+from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError
 
 RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import hivemind
 
 from peers.lifecycle import write_json_atomic
-from swarm.network import count_connected_peers
+from swarm.net.dht import count_connected_peers
 
 logger = logging.getLogger(__name__)
 

@@ -18,18 +18,18 @@ import torch
 
 from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer
 from peers.status_file import StatusFile
-from swarm import checkpoint as ckpt
-from swarm.config import SwarmConfig
-from swarm.data import load_dataset
-from swarm.device import describe_device, resolve_device
+from swarm.train import checkpoint as ckpt
+from swarm.config.schema import SwarmConfig
+from swarm.train.data import load_dataset
+from swarm.train.device import describe_device, resolve_device
 from swarm.errors import CheckpointError
-from swarm.identity import load_identity
-from swarm.keys import metrics_validators
-from swarm.metrics import MetricsPublisher, PeerFacts
-from swarm.model import ByteGPT
-from swarm.collaboration import build_collaboration
-from swarm.network import start_dht, visible_maddrs
-from swarm.training import TrainingLoop, TrainingStatus
+from swarm.net.identity import load_identity
+from swarm.net.metrics_record import metrics_validators
+from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
+from swarm.train.model import ByteGPT
+from swarm.train.factory import build_collaboration
+from swarm.net.dht import start_dht, visible_maddrs
+from swarm.train.loop import TrainingLoop, TrainingStatus
 
 logger = logging.getLogger(__name__)
 

@@ -136,7 +136,7 @@ def monitor(*args: str, timeout: float = 60.0):
 
 @pytest.mark.timeout(60)
 def test_monitor_history_of_another_run(tmp_path):
-    from swarm.history import History
+    from swarm.telemetry.history import History
 
     History(tmp_path / "m.sqlite", "another-run").close()
     result = monitor("--set", f"monitor.db_path={tmp_path / 'm.sqlite'}", "--set", "monitor.port=0")

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO
 from peers.cli import build_parser
-from swarm.config_loading import load_config
+from swarm.config.loading import load_config
 
 DOCKER = REPO / "docker"
 PEER = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"

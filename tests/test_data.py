@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from swarm.config import DataConfig
-from swarm.data import load_dataset
+from swarm.config.schema import DataConfig
+from swarm.train.data import load_dataset
 
 
 def test_embedded_corpus_is_the_stdlib_and_shards_differ():

@@ -1,5 +1,5 @@
 """The end of a sync run: two real hivemind.Optimizers on real DHTs that finished with different
-models settle on one (:mod:`swarm.final_state`), serving and downloading through the averaging
+models settle on one (:mod:`swarm.train.agreement`), serving and downloading through the averaging
 service, and a state that does not fit is refused without touching the peer's own."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from conftest import DEBUG_CONFIG
 from peers.processes import wait_for
-from swarm.config_loading import load_config
-from swarm.model import ByteGPT
-from swarm.optim import TrainingState, build_collaborative_optimizer
+from swarm.config.loading import load_config
+from swarm.train.model import ByteGPT
+from swarm.train.sync import TrainingState, build_collaborative_optimizer
 
 RUN_ID = "final-state-test"
 
@@ -34,7 +34,8 @@ def two_peers():
             model = ByteGPT(config.model)
             peers.append((dht, model, build_collaborative_optimizer(
                 dht=dht, run_id=RUN_ID, role="volunteer", params=model.parameters(), optimizer=config.optimizer,
-                training=config.training, averaging=config.averaging, private_key=RSAPrivateKey())))
+                training=config.training, averaging=config.averaging, sync=config.sync,
+                private_key=RSAPrivateKey())))
         yield peers
     finally:
         for _, _, sync in peers:

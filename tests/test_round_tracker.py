@@ -11,8 +11,8 @@ import hivemind
 import pytest
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from swarm import keys
-from swarm.rounds import RoundTracker
+from swarm.net import keys
+from swarm.train.rounds import RoundTracker
 
 PEERS = ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN")
 

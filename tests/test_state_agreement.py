@@ -3,7 +3,8 @@ with the same view reaches the same answer."""
 
 from __future__ import annotations
 
-from swarm.rounds import StateRecord, choose_donor, donors_of_agreed_state, in_agreement
+from swarm.net.diloco_records import StateRecord
+from swarm.train.agreement import choose_donor, donors_of_agreed_state, in_agreement
 
 
 def test_own_state_when_everyone_agrees():

@@ -23,7 +23,7 @@ def assert_one_model(checkpoints: dict) -> None:
     During a run a peer can drift by a step (hivemind lets a peer whose gradient round failed step on
     its own gradients, and a state-averaging round that lost a part leaves that part local); the next
     epoch repairs it. After the last epoch, the finished peers settle on one final state
-    (:mod:`swarm.final_state`), so their checkpoints record one state hash."""
+    (:mod:`swarm.train.agreement`), so their checkpoints record one state hash."""
     loaded = {name: torch.load(path, weights_only=True) for name, path in checkpoints.items()}
     hashes = {name: checkpoint["state_hash"][:12] for name, checkpoint in loaded.items()}
     if len(set(hashes.values())) > 1:
@@ -50,7 +50,7 @@ def test_three_trainers_train_one_model(swarm):
     assert max(status["swarm_peers"] for status in statuses) == 3, "the trainers never saw each other"
     for status in statuses:
         assert status["heldout_loss"] < status["initial_heldout_loss"] - MIN_LOSS_DROP, status
-    assert_one_model({name: swarm.checkpoint(name) for name in names})
+    assert_one_model({name: swarm.train.checkpoint(name) for name in names})
 
 
 @pytest.mark.timeout(300)
@@ -70,7 +70,7 @@ def test_late_joiner_downloads_state_and_catches_up(swarm):
     for name in ("a", "b", "late"):
         assert swarm.processes[["bootstrap", "a", "b", "late"].index(name)].proc.wait(180) == 0
     assert {swarm.status(name)["epoch"] for name in ("a", "b", "late")} == {epochs}
-    assert_one_model({name: swarm.checkpoint(name) for name in ("a", "b", "late")})
+    assert_one_model({name: swarm.train.checkpoint(name) for name in ("a", "b", "late")})
 
 
 @pytest.mark.timeout(300)

@@ -100,16 +100,18 @@ async def run_allreduce(
     outbox: Outbox,
     fetch: Fetch,
     choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
+    check_own_input: bool = True,
 ) -> AllreduceResult:
     """Average ``tensors`` with the group, weighting this peer by ``weight`` (e.g. its samples).
 
     :param phase: distinguishes several all-reduces within one group (PowerSGD uses two).
     :param fetch: coroutine(peer, outbox key, max_bytes) -> (header, payloads) from that peer's outbox.
+    :param check_own_input: abstain rather than send NaN/Inf; False only to play a broken peer in tests.
     """
     started = time.perf_counter()
     buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
     run = _Run(group, buckets, phase, outbox, fetch)
-    sent = await run.offer_inputs(weight)
+    sent = await run.offer_inputs(weight, check=check_own_input)
     await run.reduce_my_part()
     await run.gather_outputs()
     await run.commit()
@@ -153,14 +155,17 @@ class _Run:
         decoded = [_decode(payload, numel) for payload, numel in zip(payloads, numels)]
         return None if any(part is None for part in decoded) else decoded
 
-    async def offer_inputs(self, weight: float) -> list[torch.Tensor]:
+    async def offer_inputs(self, weight: float, check: bool = True) -> list[torch.Tensor]:
         """Compress every part for its reducer. NaN/Inf is never sent, also when compression makes it
-        (fp16 turns values beyond 65504 into Inf): this peer then abstains. Returns what was sent."""
+        (fp16 turns values beyond 65504 into Inf): this peer then abstains (unless ``check`` is off, as
+        a broken peer's would be). Returns what was sent."""
         n, buckets = self.group.size, self.buckets
 
         def compress():
             payloads = [[_compress(codec, vector[bounds[j][0]:bounds[j][1]]) for codec, vector, bounds in
                          zip(buckets.codecs, buckets.vectors, self.bounds)] for j in range(n)]
+            if not check:
+                return payloads, [vector.clone() for vector in buckets.vectors]
             decoded = [self.decode_all(payloads[j], j) for j in range(n)]
             if any(parts is None for parts in decoded):
                 return payloads, None

@@ -23,7 +23,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout
 
-from swarm import keys
+from swarm.net import keys
 from swarm.averaging import wire
 from swarm.averaging.group import Group, RoundMissed
 

@@ -43,10 +43,10 @@ class AveragingService(ServicerBase):
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
-                 max_state_bytes: int = 1 << 34):
+                 max_state_bytes: int = 1 << 34, check_own_input: bool = True):
         self.dht, self.run_id = dht, run_id
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
-        self.max_state_bytes = max_state_bytes
+        self.max_state_bytes, self.check_own_input = max_state_bytes, check_own_input
         self.namespace = f"{run_id}_swarm_averaging"
         self.peer_id: PeerID = dht.peer_id
         self.outbox = Outbox(retention=max(60.0, 4 * chunk_timeout))
@@ -109,7 +109,7 @@ class AveragingService(ServicerBase):
                   choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
                   timeout: float) -> AllreduceResult:
         coroutine = run_allreduce(group, tensors, weight=weight, phase=phase, outbox=self.outbox,
-                                  fetch=self._fetch, choose_codec=choose_codec)
+                                  fetch=self._fetch, choose_codec=choose_codec, check_own_input=self.check_own_input)
         return self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
 
     def finish_group(self, group: Group) -> None:

@@ -17,18 +17,11 @@ values *larger* than raw fp32: that is what ``adaptive`` is for.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from hivemind.compression import (
-    BlockwiseQuantization,
-    CompressionBase,
-    Float16Compression,
-    NoCompression,
-    Quantile8BitQuantization,
-    ScaledFloat16Compression,
-    SizeAdaptiveCompression,
-    Uniform8BitQuantization,
-)
+if TYPE_CHECKING:  # hivemind is imported when a codec is built, so that the config can list names fast
+    import torch
+    from hivemind.compression import CompressionBase
 
 # Tensors with fewer values go raw whatever the codec: hivemind 1.1.12's uint8 and quantile8 raise
 # on empty tensors and scaled-fp16 raises on 0-d ones, and a value or two costs nothing to send.
@@ -37,14 +30,18 @@ MIN_VALUES_TO_COMPRESS = 2
 # hivemind's own examples use 2**16: below it the 1 KiB codebook of an 8-bit codec is not worth it.
 DEFAULT_ADAPTIVE_THRESHOLD = 2**16
 
-_PER_TENSOR: dict[str, Callable[[], CompressionBase]] = {
-    "none": NoCompression,
-    "fp16": Float16Compression,
-    "scaled-fp16": ScaledFloat16Compression,
-    "uint8": Uniform8BitQuantization,
-    "quantile8": Quantile8BitQuantization,
-    "blockwise8": BlockwiseQuantization,
+# name -> hivemind.compression class name
+_PER_TENSOR: dict[str, str] = {
+    "none": "NoCompression",
+    "fp16": "Float16Compression",
+    "scaled-fp16": "ScaledFloat16Compression",
+    "uint8": "Uniform8BitQuantization",
+    "quantile8": "Quantile8BitQuantization",
+    "blockwise8": "BlockwiseQuantization",
 }
+
+# ``adaptive``: tensors under the threshold keep fp16 precision, larger ones go 8-bit
+ADAPTIVE_SMALL, ADAPTIVE_LARGE = "fp16", "blockwise8"
 
 PER_TENSOR_CODEC_NAMES: tuple[str, ...] = (*_PER_TENSOR, "adaptive")
 """Names :func:`make_codec` builds: each compresses one tensor into one hivemind payload."""
@@ -88,12 +85,35 @@ def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOL
         )
     if adaptive_threshold < MIN_VALUES_TO_COMPRESS:
         raise ValueError(f"adaptive_threshold must be at least {MIN_VALUES_TO_COMPRESS}, got {adaptive_threshold}")
+    from hivemind import compression
+
     if name == "none":
-        return NoCompression()
+        return compression.NoCompression()
     if name == "adaptive":
-        lossy: CompressionBase = SizeAdaptiveCompression(
-            threshold=adaptive_threshold, less=Float16Compression(), greater_equal=BlockwiseQuantization()
-        )
+        lossy = compression.SizeAdaptiveCompression(
+            threshold=adaptive_threshold, less=_build(ADAPTIVE_SMALL), greater_equal=_build(ADAPTIVE_LARGE))
     else:
-        lossy = _PER_TENSOR[name]()
-    return SizeAdaptiveCompression(threshold=MIN_VALUES_TO_COMPRESS, less=NoCompression(), greater_equal=lossy)
+        lossy = _build(name)
+    return compression.SizeAdaptiveCompression(
+        threshold=MIN_VALUES_TO_COMPRESS, less=compression.NoCompression(), greater_equal=lossy)
+
+
+def codec_chooser(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD
+                  ) -> Callable[[torch.Tensor], CompressionBase]:
+    """For swarm's own all-reduce, which cuts every tensor into parts: tensor -> its codec.
+
+    ``adaptive`` decides on the size of the whole tensor (as hivemind's all-reduce does with
+    :func:`make_codec`'s ``adaptive``), not on the size of the part being sent. The same codec object
+    is returned for every tensor that gets it, so the all-reduce can bucket tensors by codec.
+    """
+    if name == "adaptive":
+        small, large = make_codec(ADAPTIVE_SMALL), make_codec(ADAPTIVE_LARGE)
+        return lambda tensor: small if tensor.numel() < adaptive_threshold else large
+    codec = make_codec(name)
+    return lambda tensor: codec
+
+
+def _build(name: str) -> CompressionBase:
+    from hivemind import compression
+
+    return getattr(compression, _PER_TENSOR[name])()

@@ -1,7 +1,7 @@
 """The local training loop of a trainer peer, around a collaborative optimizer.
 
 Each local step samples a batch from this peer's shard, backpropagates, and calls the collaboration's
-``step()`` (see :mod:`swarm.collaboration`), which decides when the swarm advances. The loop
+``step()`` (see :mod:`swarm.train.collaboration`), which decides when the swarm advances. The loop
 evaluates held-out loss at every epoch change, saves checkpoints periodically, and reports a
 :class:`TrainingStatus` to a callback so the entry point can show or publish it.
 """
@@ -19,9 +19,9 @@ import torch
 
 from hivemind.utils import get_logger
 
-from swarm.collaboration import Collaboration
-from swarm.config import TrainingConfig
-from swarm.data import TextDataset
+from swarm.train.collaboration import Collaboration
+from swarm.config.schema import TrainingConfig
+from swarm.train.data import TextDataset
 
 logger = get_logger(__name__)
 

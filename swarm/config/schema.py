@@ -2,7 +2,7 @@
 
 Each component receives only its own section. Sections that are optional turn their feature off
 when set to ``null``. The tree is filled from YAML, ``SWARM_*`` environment variables and
-``--set section.key=value`` overrides by :mod:`swarm.config_loading`.
+``--set section.key=value`` overrides by :mod:`swarm.config.loading`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from swarm.multiaddrs import parse_peer_multiaddr, split_peer_list
+from swarm.compression.registry import CODEC_NAMES, DEFAULT_ADAPTIVE_THRESHOLD
+from swarm.net.multiaddrs import parse_peer_multiaddr, split_peer_list
 
 
 class Section(BaseModel):
@@ -118,38 +119,33 @@ class TrainingConfig(Section):
     seed: int = 0
 
 
-CODECS = ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8", "adaptive", "powersgd")
-
-
 class AveragingConfig(Section):
-    """How peers combine their work."""
+    """How peers combine their work: what both modes share (the mode's own settings are in the
+    ``sync`` or ``diloco`` section)."""
 
     mode: Literal["sync", "diloco"] = Field(
         "sync", description="sync: average gradients every swarm epoch (hivemind.Optimizer); "
         "diloco: local steps, then average pseudo-gradients once per round (see the diloco section)"
     )
-    compression: Literal[CODECS] = Field("none", description="codec for what peers send each other")
+    compression: Literal[CODEC_NAMES] = Field("none", description="codec for what peers send each other")
     error_feedback: bool = Field(True, description="add what compression dropped to the next contribution")
     powersgd_rank: int = Field(4, ge=1, description="rank of the low-rank approximation (compression: powersgd)")
     adaptive_threshold: int = Field(
-        65536, ge=1, description="compression: adaptive sends tensors below this many elements in fp16, larger in 8-bit"
+        DEFAULT_ADAPTIVE_THRESHOLD, ge=2,
+        description="compression: adaptive sends tensors below this many elements in fp16, larger in 8-bit"
     )
-    chunk_timeout: float = Field(10.0, gt=0, description="diloco: silence after which a peer counts as gone mid-round")
-    matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group; 3-5 on LAN, 10-15 over WAN")
+    chunk_timeout: float = Field(10.0, gt=0, description="silence after which a peer counts as gone mid-transfer "
+                                 "(swarm's own averaging: DiLoCo rounds, state downloads, settling a sync run)")
     request_timeout: float = Field(3.0, gt=0, description="wait this long for a group leader's answer")
     averaging_timeout: float = Field(60.0, gt=0, description="give up on a round after this long")
     load_state_timeout: float = Field(120.0, gt=0, description="give up downloading state from a peer after this")
-    average_state_every: int = Field(1, ge=1, description="also average parameters every this many epochs")
 
-    @model_validator(mode="after")
-    def _request_before_matchmaking(self):
-        # hivemind: a request timeout at or above the matchmaking time can deadlock matchmaking
-        if self.request_timeout >= self.matchmaking_time:
-            raise ValueError(
-                f"averaging.request_timeout ({self.request_timeout:g}) must be below "
-                f"averaging.matchmaking_time ({self.matchmaking_time:g})"
-            )
-        return self
+
+class SyncConfig(Section):
+    """``averaging.mode: sync``: hivemind.Optimizer's averaging rounds."""
+
+    matchmaking_time: float = Field(5.0, gt=0, description="seconds to gather a group; 3-5 on LAN, 10-15 over WAN")
+    average_state_every: int = Field(1, ge=1, description="also average parameters every this many epochs")
 
 
 class DiLoCoConfig(Section):
@@ -223,7 +219,19 @@ class SwarmConfig(Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     training: TrainingConfig = TrainingConfig()
     averaging: AveragingConfig = AveragingConfig()
-    diloco: DiLoCoConfig = DiLoCoConfig()
+    sync: Optional[SyncConfig] = SyncConfig()  # may be null in DiLoCo mode
+    diloco: Optional[DiLoCoConfig] = DiLoCoConfig()  # may be null in sync mode
     checkpoint: Optional[CheckpointConfig] = CheckpointConfig()
     metrics: Optional[MetricsConfig] = MetricsConfig()
     monitor: MonitorConfig = MonitorConfig()
+
+    @model_validator(mode="after")
+    def _mode_has_its_section(self):
+        mode = self.averaging.mode
+        if getattr(self, mode) is None:
+            raise ValueError(f"averaging.mode is {mode}, so the {mode} section cannot be null")
+        # hivemind: a request timeout at or above the matchmaking time can deadlock matchmaking
+        if self.sync is not None and self.averaging.request_timeout >= self.sync.matchmaking_time:
+            raise ValueError(f"averaging.request_timeout ({self.averaging.request_timeout:g}) must be below "
+                             f"sync.matchmaking_time ({self.sync.matchmaking_time:g})")
+        return self

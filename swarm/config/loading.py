@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from swarm.config import SwarmConfig
+from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError
 
 ENV_PREFIX = "SWARM_"

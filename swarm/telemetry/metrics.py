@@ -1,8 +1,8 @@
 """Publish this peer's signed metrics record to the DHT, every ``metrics.period`` seconds.
 
-The record (:class:`swarm.keys.PeerMetrics`) goes under ``{run_id}_metrics`` with this peer's
+The record (:class:`swarm.net.metrics_record.PeerMetrics`) goes under ``{run_id}_metrics`` with this peer's
 ``[owner:<RSA key>]`` as subkey, so hivemind's RSASignatureValidator signs it and no other peer can
-overwrite it. Trainers feed their :class:`~swarm.training.TrainingStatus` (with the collaboration's averaging
+overwrite it. Trainers feed their :class:`~swarm.train.loop.TrainingStatus` (with the collaboration's averaging
 counters) through :meth:`update`; the bootstrap peer publishes a record without training numbers,
 as a sign of life.
 """
@@ -19,13 +19,15 @@ import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
 from swarm import __version__
-from swarm.config import MetricsConfig, PeerConfig
-from swarm.keys import PeerMetrics, metrics_key, read_refusals
+from swarm.config.schema import MetricsConfig, PeerConfig
+from swarm.net.keys import metrics_key
+from swarm.net.metrics_record import PeerMetrics
+from swarm.net.refusals import read_refusals
 from swarm.errors import SwarmError
-from swarm.identity import Identity
-from swarm.network import reachability
-from swarm.traffic import TrafficMeter
-from swarm.training import TrainingStatus
+from swarm.net.identity import Identity
+from swarm.net.dht import reachability
+from swarm.telemetry.traffic import TrafficMeter
+from swarm.train.loop import TrainingStatus
 
 logger = get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """The monitor's read-only HTTP server: dashboard, JSON API, Prometheus ``/metrics`` and CSV export.
 
 ==========================  ===============================================================
-``GET /``                   the dashboard (``swarm/dashboard/``; its chart library is served from here too)
+``GET /``                   the dashboard (``swarm/telemetry/dashboard/``; its chart library is served from here too)
 ``GET /api/swarm``          the latest collection: peers, totals, flagged and refused records
 ``GET /api/history``        swarm series; ``?since=<unix seconds>`` and ``?points=<1..5000>``
 ``GET /api/peers``          every peer ever seen, with its contribution
@@ -28,11 +28,11 @@ from urllib.parse import parse_qs, urlsplit
 from hivemind.utils import get_logger
 
 from swarm.errors import MonitorError
-from swarm.prometheus import CONTENT_TYPE
+from swarm.telemetry.prometheus import CONTENT_TYPE
 
 logger = get_logger(__name__)
 
-STATIC_DIR = Path(str(resources.files("swarm") / "dashboard"))
+STATIC_DIR = Path(str(resources.files("swarm.telemetry") / "dashboard"))
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
 MAX_POINTS = 5000

@@ -1,7 +1,7 @@
 """Read every peer's metrics record from the DHT and make one swarm-wide view of them.
 
 Records reach this process already checked for signature, schema and identity by the DHT node
-(:mod:`swarm.keys`). What a peer says about itself can still be implausible; such records are
+(:mod:`swarm.net.keys`). What a peer says about itself can still be implausible; such records are
 *flagged*: kept apart with the reasons, never counted in the swarm's totals. Used by `swarm status`
 (one collection) and `swarm monitor` (one every ``monitor.period``).
 """
@@ -17,10 +17,12 @@ from typing import Optional
 import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
-from swarm.config import NetworkConfig
-from swarm.identity import load_identity
-from swarm.keys import PeerMetrics, metrics_key, metrics_validators, parse_metrics, read_refusals
-from swarm.network import client_network, start_dht
+from swarm.config.schema import NetworkConfig
+from swarm.net.identity import load_identity
+from swarm.net.keys import metrics_key
+from swarm.net.metrics_record import PeerMetrics, metrics_validators, parse_metrics
+from swarm.net.refusals import read_refusals
+from swarm.net.dht import client_network, start_dht
 
 logger = get_logger(__name__)
 

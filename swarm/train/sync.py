@@ -20,15 +20,18 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.collaboration import Collaboration, Counters, SwarmView
-from swarm.compression import make_codec
-from swarm.config import AveragingConfig, OptimizerConfig, TrainingConfig
-from swarm.final_state import FinalState, State, settle_final_state
-from swarm.rounds import state_digest
+from swarm.averaging.counters import Counters
+from swarm.averaging.service import AveragingService
+from swarm.train.collaboration import Collaboration, SwarmView
+from swarm.compression.registry import make_codec
+from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
+from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
+from swarm.train.rounds import RoundTracker
 
 # State sharing priority is the donor's epoch; institutions add this bonus so that a late joiner
 # picks an institution over a volunteer at the same epoch, yet never over a peer that is ahead.
 INSTITUTION_PRIORITY_BONUS = 0.5
+SETTLE_REFRESH_PERIOD = 1.0  # seconds between state-record refreshes while settling the end of a run
 
 
 def inner_optimizer_factory(config: OptimizerConfig) -> Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]:
@@ -98,6 +101,7 @@ def build_collaborative_optimizer(
     optimizer: OptimizerConfig,
     training: TrainingConfig,
     averaging: AveragingConfig,
+    sync: SyncConfig,
     private_key: Optional[RSAPrivateKey] = None,
 ) -> HivemindSync:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
@@ -107,7 +111,7 @@ def build_collaborative_optimizer(
     uses hivemind's own PowerSGD averager (which keeps its own error feedback); the per-tensor codecs
     have none in this mode.
 
-    :param private_key: the peer's identity key (:mod:`swarm.identity`). The DHT signs ``[owner:...]``
+    :param private_key: the peer's identity key (:mod:`swarm.net.identity`). The DHT signs ``[owner:...]``
       records with one key only, so the progress tracker must sign with the same one.
     """
     counters = Counters()
@@ -126,10 +130,10 @@ def build_collaborative_optimizer(
         scheduler=warmup_scheduler_factory(optimizer),
         target_batch_size=training.target_batch_size,
         batch_size_per_step=training.batch_size,
-        matchmaking_time=averaging.matchmaking_time,
+        matchmaking_time=sync.matchmaking_time,
         averaging_timeout=averaging.averaging_timeout,
         load_state_timeout=averaging.load_state_timeout,
-        average_state_every=averaging.average_state_every,
+        average_state_every=sync.average_state_every,
         client_mode=dht.client_mode,
         averager_opts=dict(request_timeout=averaging.request_timeout),
         # hivemind 1.1.12 forwards averager_opts to the state averager only, not to the gradient averager
@@ -211,21 +215,30 @@ class HivemindSync(Collaboration):
 
     def finish(self, stop, deadline: float) -> bool:
         """Apply the last background state-averaging round, then settle on one final model with the
-        peers that finished (:mod:`swarm.final_state`): the last epoch's averaging may have left
-        this peer one local step, or one lost part, away from the others."""
+        peers that finished (:meth:`swarm.train.agreement.StateAgreement.settle`): the last epoch's
+        averaging may have left this peer one local step, or one lost part, away from the others."""
         self.opt.state_averager.step(wait_for_delayed_updates=True)
-        agreed, adopted = settle_final_state(
-            dht=self.opt.dht, run_id=self.run_id, role=self.role, epoch=self.local_epoch, averaging=self.averaging,
-            state=TrainingState(self.opt.state_averager), peers_in_run=lambda: self.epochs_of_peers().keys(),
-            stop=stop, deadline=deadline)
-        self._counters.state_downloads += adopted
-        return agreed
+        averaging, epoch = self.averaging, self.local_epoch
+        service = AveragingService(dht=self.opt.dht, run_id=self.run_id, chunk_timeout=averaging.chunk_timeout,
+                                   request_timeout=averaging.request_timeout).start()
+        tracker = RoundTracker(dht=self.opt.dht, run_id=self.run_id, refresh_period=SETTLE_REFRESH_PERIOD)
+        agreement = StateAgreement(state=TrainingState(self.opt.state_averager), service=service, tracker=tracker,
+                                   role=self.role, load_state_timeout=averaging.load_state_timeout)
+        try:
+            agreement.publish()
+            tracker.start()
+            return agreement.settle(peers_in_run=lambda: self.epochs_of_peers().keys(), stop=stop, deadline=deadline,
+                                    round_number=epoch)
+        finally:
+            self._counters.state_downloads += agreement.downloads
+            tracker.shutdown()
+            service.shutdown()
 
     def shutdown(self) -> None:
         self.opt.shutdown()
 
 
-class TrainingState(FinalState):
+class TrainingState(SharedState):
     """A sync-mode peer's whole training state: the parameters and the inner optimizer's state, as
     hivemind's TrainingStateAverager serves it to late joiners. :meth:`adopt` applies a state the way
     ``TrainingStateAverager.load_state_from_peers`` does, without first waiting on averaging rounds
@@ -237,6 +250,9 @@ class TrainingState(FinalState):
     def _parameters(self) -> list[torch.Tensor]:
         averager = self.averager
         return [param for group in averager.optimizer.param_groups for param in group["params"]] + list(averager.extra_tensors)
+
+    def position(self) -> tuple[int, int]:
+        return self.averager.local_epoch, self.averager.local_epoch
 
     def capture(self) -> State:
         metadata, tensors, _ = self.averager.get_current_state()

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from swarm.config import DataConfig
+from swarm.config.schema import DataConfig
 from swarm.errors import DataError
 
 _SNIFF_BYTES = 4096  # a NUL byte in the first few KB marks a file as binary

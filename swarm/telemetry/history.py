@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
-from swarm.collector import SwarmView
+from swarm.telemetry.collector import SwarmView
 from swarm.errors import MonitorError
 
 SCHEMA_VERSION = 1

@@ -1,5 +1,6 @@
 """What the swarm is doing, as far as DiLoCo needs to know: a background reporter and reader.
-(Sync-mode peers use the state records too, to settle on one final model, see :mod:`swarm.final_state`.)
+(Sync-mode peers use the state records too, to settle on one final model, see :mod:`swarm.train.agreement`.)
+The record itself (its fields and bounds) is :mod:`swarm.net.diloco_records`.
 
 Every ``refresh_period`` seconds the tracker stores this peer's record, its progress (round, samples
 so far) and its state (round, total samples, state hash, role), and reads everyone else's. The
@@ -13,37 +14,17 @@ not evidence, and a peer that is merely hard to reach must not be dropped from t
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import hivemind
-import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time, get_logger
 
-from swarm import keys
+from swarm.net import keys
+from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
 
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Progress:
-    round: int
-    samples: int
-    time: float
-
-
-@dataclass(frozen=True)
-class StateRecord:
-    """A peer's outer state: ``total`` is the number of samples the state has seen (same on every peer
-    that holds it), ``hash`` a digest of its tensors."""
-
-    round: int
-    total: int
-    hash: str
-    role: str = "volunteer"
 
 
 class RoundTracker:
@@ -156,9 +137,9 @@ class RoundTracker:
         try:
             stored = None
             if mine is not None or my_state is not None:  # stamped now: the record doubles as a heartbeat
-                progress = [mine.round, mine.samples, now] if mine is not None else []
-                state = [my_state.round, my_state.total, my_state.hash, my_state.role] if my_state is not None else []
-                stored = self.dht.store(keys.diloco_peers(self.run_id), [progress, state], now + keys.DILOCO_TTL,
+                progress = Progress(mine.round, mine.samples, now) if mine is not None else None
+                stored = self.dht.store(keys.diloco_peers(self.run_id), encode_record(progress, my_state),
+                                        now + keys.DILOCO_TTL,
                                         subkey=self.me, return_future=True)
             found = self.dht.get(keys.diloco_peers(self.run_id), latest=True)  # while the store is under way
             if stored is not None:
@@ -177,11 +158,12 @@ class RoundTracker:
         others unreachable), so a peer missing from it keeps its last known record until that expires."""
         if isinstance(found.value, dict):
             for subkey, item in found.value.items():
-                peer, value, expires = str(subkey), getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
-                if not _pair(value) or not isinstance(expires, (int, float)) or expires < self._expires.get(peer, 0.0):
+                peer, expires = str(subkey), getattr(item, "expiration_time", 0.0)
+                parsed_record = parse_record(getattr(item, "value", None))
+                if parsed_record is None or not isinstance(expires, (int, float)) or expires < self._expires.get(peer, 0.0):
                     continue
                 self._expires[peer] = float(expires)
-                for table, parsed in ((self._progress, _progress_of(value[0])), (self._states, _state_of(value[1]))):
+                for table, parsed in zip((self._progress, self._states), parsed_record):
                     if parsed is None:
                         table.pop(peer, None)
                     else:
@@ -191,70 +173,3 @@ class RoundTracker:
             del self._expires[peer]
             self._progress.pop(peer, None)
             self._states.pop(peer, None)
-
-
-def _pair(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2
-
-
-def _progress_of(value) -> Optional[Progress]:
-    if (isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[0], int) and isinstance(value[1], int)
-            and isinstance(value[2], (int, float)) and value[0] >= 0 and value[1] >= 0):
-        return Progress(int(value[0]), int(value[1]), float(value[2]))
-    return None
-
-
-def _state_of(value) -> Optional[StateRecord]:
-    if (isinstance(value, (list, tuple)) and len(value) == 4 and isinstance(value[0], int) and isinstance(value[1], int)
-            and isinstance(value[2], str) and len(value[2]) <= 128 and isinstance(value[3], str)):
-        return StateRecord(int(value[0]), int(value[1]), value[2], value[3][:32])
-    return None
-
-
-def choose_donor(me: str, states: dict[str, StateRecord]) -> Optional[tuple[str, StateRecord]]:
-    """Which peer's state this peer should adopt, or None if its own is the one the swarm agrees on.
-
-    The agreed state is the one that has seen the most samples; ties go to the state held by more
-    peers, then to the smaller hash. Every peer with the same view reaches the same answer, so a split
-    swarm (after a fault or a partition) converges on one state. Among the holders of that state,
-    institutions are preferred as donors.
-    """
-    donors = donors_of_agreed_state(me, states)
-    return (donors[0], states[donors[0]]) if donors else None
-
-
-def donors_of_agreed_state(me: str, states: dict[str, StateRecord]) -> list[str]:
-    """Every holder of the state the swarm agrees on (see :func:`choose_donor`), best donor first;
-    empty if this peer holds that state already or has no record."""
-    if me not in states:
-        return []
-    holders: dict[tuple[int, str], list[str]] = {}
-    for peer, record in states.items():
-        holders.setdefault((record.total, record.hash), []).append(peer)
-    best = max(holders, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
-    mine = states[me]
-    if best == (mine.total, mine.hash):
-        return []
-    return sorted(holders[best], key=lambda peer: (states[peer].role != "institution", peer))
-
-
-def in_agreement(me: str, states: dict[str, StateRecord], peers: Iterable[str]) -> bool:
-    """Whether every one of ``peers`` has published the same state as this peer."""
-    mine = states.get(me)
-    return mine is not None and all(
-        (record := states.get(peer)) is not None and (record.total, record.hash) == (mine.total, mine.hash)
-        for peer in peers)
-
-
-def state_digest(round_number: int, total: int, tensors: list[torch.Tensor], extra: bytes = b"") -> str:
-    """A digest of a state: its round, its sample count, ``extra`` (e.g. serialized metadata) and its tensors."""
-    digest = hashlib.sha256(f"{round_number}:{total}".encode())
-    digest.update(extra)
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _reverse(text: str) -> tuple:
-    """Orders strings so that max() picks the smallest."""
-    return tuple(-ord(char) for char in text)

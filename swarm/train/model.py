@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from swarm.config import ModelConfig
+from swarm.config.schema import ModelConfig
 
 VOCAB_SIZE = 256  # one token per byte
 

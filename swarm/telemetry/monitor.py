@@ -1,7 +1,7 @@
 """The monitor: collect the swarm's records every ``monitor.period``, keep them, and serve them.
 
-:class:`Monitor` composes a :class:`~swarm.collector.Collector` (DHT -> view), a
-:class:`~swarm.history.History` (view -> SQLite) and a :class:`~swarm.web.DashboardServer`
+:class:`Monitor` composes a :class:`~swarm.telemetry.collector.Collector` (DHT -> view), a
+:class:`~swarm.telemetry.history.History` (view -> SQLite) and a :class:`~swarm.telemetry.web.DashboardServer`
 (dashboard, API, /metrics, CSV). Its own DHT node is a client: it reads, it writes nothing.
 """
 
@@ -13,12 +13,12 @@ from typing import Optional
 
 from hivemind.utils import get_logger
 
-from swarm.collector import Collector, SwarmView
-from swarm.config import MonitorConfig
+from swarm.telemetry.collector import Collector, SwarmView
+from swarm.config.schema import MonitorConfig
 from swarm.errors import SwarmError
-from swarm.history import History
-from swarm.prometheus import SwarmCollector, exposition, make_registry
-from swarm.web import DashboardServer
+from swarm.telemetry.history import History
+from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
+from swarm.telemetry.web import DashboardServer
 
 logger = get_logger(__name__)
 
@@ -117,7 +117,7 @@ class Monitor:
         with self._lock:
             return self._view, dict(self._stats)
 
-    # what the web server asks for (swarm.web.MonitorApi)
+    # what the web server asks for (swarm.telemetry.web.MonitorApi)
 
     def swarm_json(self) -> dict:
         view, stats = self._latest_with_stats()

@@ -24,9 +24,9 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_logger
 from multiaddr import Multiaddr
 
-from swarm.config import NetworkConfig
+from swarm.config.schema import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
-from swarm.identity import Identity, load_identity
+from swarm.net.identity import Identity, load_identity
 
 logger = get_logger(__name__)
 
@@ -43,9 +43,9 @@ def start_dht(
 ) -> hivemind.DHT:
     """Start a DHT node (its own process and a p2pd daemon) joined to the swarm.
 
-    :param identity: the key that makes this peer's id (see :mod:`swarm.identity`); default: the one at
+    :param identity: the key that makes this peer's id (see :mod:`swarm.net.identity`); default: the one at
       network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
-    :param record_validators: e.g. :func:`swarm.keys.metrics_validators` for this identity.
+    :param record_validators: e.g. :func:`swarm.net.keys.metrics_validators` for this identity.
     :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
     :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.

@@ -1,14 +1,4 @@
-"""Every DHT key the project uses, in one place, with the schema and signature rules of the ones it writes.
-
-| key | written by | read by | lives |
-|---|---|---|---|
-| ``{run_id}_metrics``: one subkey per peer, ``[owner:<its RSA key>]`` -> :class:`PeerMetrics`, signed | every trainer and the bootstrap peer, each its own subkey, every ``metrics.period`` s | ``swarm monitor``, ``swarm status`` | ``metrics.ttl`` after its last write; a clean leave writes a last ``state: left`` record |
-| ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer (signed with the peer's identity key, see :mod:`swarm.optim`) | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
-| ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
-| ``{run_id}_diloco_peers`` | each DiLoCo trainer under its peer id, every ``diloco.refresh_period``: ``[[round, samples, time], [state round, total samples, state hash, role]]``; a sync-mode trainer that finished a run writes ``[[], [epoch, epoch, state hash, role]]`` (:mod:`swarm.final_state`) | DiLoCo trainers: swarm samples this round and who takes part (progress, a heartbeat), which state the swarm agrees on (state sync); finished sync-mode trainers: which final model they settle on | ``DILOCO_TTL``, refreshed |
-| ``{run_id}_diloco_ready_{round}`` | each DiLoCo trainer when it is ready to average ``round`` | matchmaking: who may lead the round | ``READY_TTL`` |
-
-DiLoCo records are stored under the peer id (base58) as subkey, written by the peer itself.
+"""The signed metrics record every peer publishes under ``{run_id}_metrics``: schema and validators.
 
 ``{run_id}_metrics`` is protected three ways, on every peer that stores or fetches it:
 
@@ -18,18 +8,14 @@ DiLoCo records are stored under the peer id (base58) as subkey, written by the p
 3. :class:`MetricsRecordGuard`, which checks the same before them, counts what it refuses and why
    (each peer publishes those counts in its own record, so attacks show swarm-wide), caps the
    record's size, and checks that the ``peer_id`` a record claims is the one derived from the key
-   that signed it (see :mod:`swarm.identity`): a peer cannot speak for another peer id.
+   that signed it (see :mod:`swarm.net.identity`): a peer cannot speak for another peer id.
 
 Values that pass all three can still be implausible (a peer may lie about its own numbers); the
-monitor flags those (:mod:`swarm.collector`) rather than trusting them.
+monitor flags those (:mod:`swarm.telemetry.collector`) rather than trusting them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import time
-from collections import Counter, deque
 from typing import Dict, Optional
 
 from hivemind.dht.crypto import RSASignatureValidator
@@ -40,23 +26,12 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat, conint, constr
 
-from swarm.identity import peer_id_of_owner
+from swarm.net.identity import peer_id_of_owner
+from swarm.net.keys import metrics_key
+from swarm.net.refusals import REFUSALS
 
 logger = get_logger(__name__)
 
-DILOCO_TTL = 60.0
-READY_TTL = 120.0
-
-
-def diloco_peers(run_id: str) -> str:
-    return f"{run_id}_diloco_peers"
-
-
-def diloco_ready(run_id: str, round_number: int) -> str:
-    return f"{run_id}_diloco_ready_{round_number}"
-
-
-METRICS_SUFFIX = "metrics"
 # A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
 MAX_RECORD_BYTES = 4096
 ROLES = ("bootstrap", "volunteer", "institution")
@@ -95,7 +70,7 @@ class PeerMetrics(BaseModel):
     samples_per_second: _Rate
     loss: _Loss  # training loss, exponential moving average over local steps
     heldout_loss: _Loss  # mean loss on the fixed held-out batches at the last epoch change
-    bytes_sent: Optional[_Count]  # None: cannot be measured on this peer (see swarm.traffic)
+    bytes_sent: Optional[_Count]  # None: cannot be measured on this peer (see swarm.telemetry.traffic)
     bytes_received: Optional[_Count]
     rounds_ok: _Count  # gradient all-reduce rounds that completed
     rounds_failed: _Count  # rounds that failed or timed out (the peer then used its local gradients)
@@ -116,69 +91,15 @@ class MetricsSchema(BaseModel):
     metrics: Dict[BytesWithPublicKey, PeerMetrics]
 
 
-def metrics_key(run_id: str) -> str:
-    return f"{run_id}_{METRICS_SUFFIX}"
-
-
 def metrics_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
-    """Validators every swarm peer's DHT needs; pass them to :func:`swarm.network.start_dht`.
+    """Validators every swarm peer's DHT needs; pass them to :func:`swarm.net.dht.start_dht`.
 
     ``private_key`` must be the peer's identity key: the DHT keeps the first RSASignatureValidator
     it is given and signs every ``[owner:...]`` record with its key (hivemind.Optimizer's tracker
-    must get the same key, see :mod:`swarm.optim`).
+    must get the same key, see :mod:`swarm.train.sync`).
     """
     signatures = RSASignatureValidator(private_key)
     return [signatures, SchemaValidator(MetricsSchema, prefix=run_id), MetricsRecordGuard(run_id, signatures)]
-
-
-class RefusalLog:
-    """Distinct records this process's DHT node refused, by reason. Lives in the DHT process.
-
-    A rogue peer may send a new forgery every second: each distinct record is counted, but only the
-    first per (reason, sender) in every ``LOG_PERIOD`` seconds is logged, with how many came since.
-    """
-
-    MAX_REMEMBERED = 10_000
-    LOG_PERIOD = 60.0
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._seen: set[bytes] = set()
-        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (reason, sender) -> (last logged, since)
-        self.counts: Counter = Counter()
-        self.recent: deque = deque(maxlen=20)
-
-    def add(self, reason: str, record: DHTRecord, sender: str, detail: str) -> Optional[int]:
-        """Count a refusal once per distinct record. Returns the number of refusals to mention in a log
-        line now (this one and those held back since the last line), or None to stay quiet."""
-        digest = hashlib.sha256(record.subkey + b"\0" + record.value).digest()
-        with self._lock:
-            if digest in self._seen:
-                return None
-            if len(self._seen) >= self.MAX_REMEMBERED:
-                self._seen.clear()
-            self._seen.add(digest)
-            self.counts[reason] += 1
-            self.recent.append({"reason": reason, "detail": detail})
-            now = time.monotonic()
-            last, held = self._logged.get((reason, sender), (-float("inf"), 0))
-            if now - last < self.LOG_PERIOD:
-                self._logged[(reason, sender)] = (last, held + 1)
-                return None
-            self._logged[(reason, sender)] = (now, 0)
-            return held + 1
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {"counts": dict(self.counts), "recent": list(self.recent)}
-
-
-REFUSALS = RefusalLog()
-
-
-async def read_refusals(dht, node) -> dict:
-    """For ``dht.run_coroutine``: the refusals counted by that DHT's own process."""
-    return REFUSALS.snapshot()
 
 
 class MetricsRecordGuard(RecordValidatorBase):

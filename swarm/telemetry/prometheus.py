@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from swarm.collector import SwarmView
+from swarm.telemetry.collector import SwarmView
 
 PEER_LABELS = ["peer_id", "role", "name", "organization"]
 BOOTSTRAP_FIELDS = {"uptime", "bytes_sent", "bytes_received"}  # a bootstrap peer does not train

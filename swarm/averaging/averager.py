@@ -1,0 +1,102 @@
+"""The averager component: one call averages a list of tensors with whoever is ready this round.
+
+It composes the averaging service (matchmaking, all-reduce, RPCs), the compression plan (codecs,
+error feedback, PowerSGD) and this peer's counters, so a caller (DiLoCo's outer step, the averaging
+benchmark peer) says only what to average, with which weight and among whom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+from hivemind.utils import get_logger
+
+from swarm.averaging.counters import Counters
+from swarm.averaging.group import Group, RoundMissed
+from swarm.averaging.service import AveragingService
+from swarm.compression.finite import check_finite
+from swarm.compression.plan import CompressionPlan
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Averaged:
+    tensors: list[torch.Tensor]
+    total_weight: float  # the weight of everyone whose contribution is in ``tensors``
+    group_size: int  # 1: this peer averaged alone (no one else was ready, or the round failed)
+
+
+class Averager:
+    """:param averaging: the shared averaging section (:class:`swarm.config.schema.AveragingConfig`):
+      codec, error feedback, chunk, request and round timeouts.
+    :param check_own_input: refuse to send this peer's own NaN/Inf (it abstains instead). False only
+      in a fault-injection harness that plays a broken peer.
+    """
+
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True):
+        self.averaging = averaging
+        self.counters = Counters()
+        self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
+                                    powersgd_rank=averaging.powersgd_rank,
+                                    adaptive_threshold=averaging.adaptive_threshold)
+        self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
+                                        request_timeout=averaging.request_timeout,
+                                        check_own_input=check_own_input).start()
+        self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
+        self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
+
+    def average(self, round_number: int, tensors: list[torch.Tensor], *, weight: float,
+                expected: Callable[[], set[PeerID]]) -> Averaged:
+        """Form this round's group and average ``tensors`` in it, weighted by ``weight`` (e.g. samples).
+
+        A round that finds no partner, or fails, returns this peer's own tensors (zeros if they hold
+        NaN/Inf), counted as a failed round; the caller's state sync then repairs any difference.
+        """
+        timeout, group = self.averaging.averaging_timeout, None
+        self.last_result = None
+        if not check_finite(tensors):
+            self.counters.nonfinite_updates += 1  # the all-reduce makes this peer abstain; logged there
+        try:
+            group = self.service.form_group(round_number, weight=weight, expected=expected, timeout=timeout)
+            self.last_group = group
+            if group.size == 1:
+                return Averaged(self.alone(tensors, round_number), group.total_weight, 1)
+            averaged = self.plan.average(tensors, lambda parts, phase, choose: self._allreduce(group, parts, weight,
+                                                                                              phase, choose))
+            self.counters.rounds_ok += 1
+            return Averaged(averaged, group.total_weight, group.size)
+        except (RoundMissed, TimeoutError) as e:
+            logger.warning(f"round {round_number}: averaging failed ({e}); applying this peer's own update, "
+                           f"to be replaced by the swarm's state if it differs")
+            self.counters.rounds_failed += 1
+            return Averaged(self.alone(tensors, round_number), weight, 1)
+        finally:
+            if group is not None:
+                self.service.finish_group(group)
+
+    def alone(self, tensors: list[torch.Tensor], round_number: int) -> list[torch.Tensor]:
+        """A group of one (or a peer cut off): its own tensors, minus anything non-finite."""
+        if not check_finite(tensors):
+            logger.warning(f"round {round_number}: this peer's update holds NaN/Inf; skipping it")
+            return [torch.zeros_like(tensor) for tensor in tensors]
+        self.plan.forget_residuals()
+        return list(tensors)
+
+    def _allreduce(self, group: Group, tensors, weight: float, phase: int, choose_codec):
+        result = self.service.allreduce(group, tensors, weight=weight, phase=phase, choose_codec=choose_codec,
+                                        timeout=self.averaging.averaging_timeout)
+        counters = self.counters
+        counters.refused_inputs += result.refused_inputs
+        counters.dropped_parts += len(result.missing_parts)
+        counters.bytes_received += result.bytes_received
+        counters.bytes_sent += result.bytes_sent
+        self.last_result = result
+        return result.tensors, result.sent
+
+    def shutdown(self) -> None:
+        self.service.shutdown()

@@ -1,0 +1,20 @@
+"""What this peer's averaging did, for logs, metrics and the status file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Counters:
+    """Averaging outcomes as seen by this peer, for logs and metrics."""
+
+    rounds_ok: int = 0
+    rounds_failed: int = 0  # this peer averaged alone or with local gradients instead of with its group
+    nonfinite_updates: int = 0  # rounds in which this peer's own update held NaN/Inf
+    refused_inputs: int = 0  # parts from others refused (NaN/Inf, malformed)
+    dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
+    state_downloads: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    extra: dict = field(default_factory=dict)

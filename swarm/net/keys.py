@@ -1,0 +1,34 @@
+"""Every DHT key the project uses, in one place, with the schema and signature rules of the ones it writes.
+
+| key | written by | read by | lives |
+|---|---|---|---|
+| ``{run_id}_metrics``: one subkey per peer, ``[owner:<its RSA key>]`` -> :class:`PeerMetrics`, signed | every trainer and the bootstrap peer, each its own subkey, every ``metrics.period`` s | ``swarm monitor``, ``swarm status`` | ``metrics.ttl`` after its last write; a clean leave writes a last ``state: left`` record |
+| ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer (signed with the peer's identity key, see :mod:`swarm.train.sync`) | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
+| ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
+| ``{run_id}_diloco_peers`` | each DiLoCo trainer under its peer id, every ``diloco.refresh_period``: ``[[round, samples, time], [state round, total samples, state hash, role]]``; a sync-mode trainer that finished a run writes ``[[], [epoch, epoch, state hash, role]]`` (:mod:`swarm.train.agreement`) | DiLoCo trainers: swarm samples this round and who takes part (progress, a heartbeat), which state the swarm agrees on (state sync); finished sync-mode trainers: which final model they settle on | ``DILOCO_TTL``, refreshed |
+| ``{run_id}_diloco_ready_{round}`` | each DiLoCo trainer when it is ready to average ``round`` | matchmaking: who may lead the round | ``READY_TTL`` |
+
+DiLoCo records are stored under the peer id (base58) as subkey, written by the peer itself.
+
+Each record kind has its own module here with its schema and validators: :mod:`swarm.net.metrics_record` (signed metrics) and :mod:`swarm.net.diloco_records` (progress and state).
+"""
+
+from __future__ import annotations
+
+DILOCO_TTL = 60.0
+READY_TTL = 120.0
+
+
+def diloco_peers(run_id: str) -> str:
+    return f"{run_id}_diloco_peers"
+
+
+def diloco_ready(run_id: str, round_number: int) -> str:
+    return f"{run_id}_diloco_ready_{round_number}"
+
+
+METRICS_SUFFIX = "metrics"
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_{METRICS_SUFFIX}"

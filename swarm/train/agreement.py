@@ -1,0 +1,174 @@
+"""State agreement: the peers of a run hold one state, checked, not assumed.
+
+Each peer publishes a digest of its state in its progress record (:mod:`swarm.net.diloco_records`)
+and serves the state itself through the averaging service. A peer whose state is not the one the
+swarm agrees on (:func:`choose_donor`) downloads that state from a holder, checks it against the
+digest the holder announced and the digest of what arrived, and adopts it. DiLoCo does this at every
+step (late joiners, a peer that missed a round, the two halves of a partition); sync mode does it
+once at the end of a run, where hivemind may have left a peer one local step away from the others
+(:meth:`StateAgreement.settle`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+from hivemind.p2p import PeerID
+from hivemind.utils import get_logger
+
+from swarm.averaging.service import AveragingService
+from swarm.net.diloco_records import StateRecord
+from swarm.train.rounds import RoundTracker
+
+logger = get_logger(__name__)
+
+HASH = "hash"  # the header field that carries the served state's digest
+POLL_PERIOD = 0.5  # seconds between checks while settling
+
+State = tuple[dict, list[torch.Tensor]]  # a small header (msgpack-able) and the tensors, as served
+
+
+class SharedState:
+    """What one collaboration shares of itself: override every method."""
+
+    def position(self) -> tuple[int, int]:
+        """(round, samples) of the current state, as published in its record."""
+        raise NotImplementedError
+
+    def capture(self) -> State:
+        """This peer's state now (copies: it is served while the caller goes on)."""
+        raise NotImplementedError
+
+    def digest(self, state: State) -> str:
+        """A digest of a state, the same on every peer for the same state."""
+        raise NotImplementedError
+
+    def adopt(self, state: State) -> None:
+        """Make ``state`` this peer's own; raise ValueError, changing nothing, if it does not fit."""
+        raise NotImplementedError
+
+
+class StateAgreement:
+    """Publish, compare, download, verify, adopt: one peer's part in agreeing on one state.
+
+    :param service: serves this peer's state to others and downloads theirs.
+    :param tracker: carries this peer's state record out and everyone's in.
+    :param role: travels in the state record; institutions are preferred as donors.
+    """
+
+    def __init__(self, *, state: SharedState, service: AveragingService, tracker: RoundTracker, role: str,
+                 load_state_timeout: float):
+        self.state, self.service, self.tracker, self.role = state, service, tracker, role
+        self.load_state_timeout = load_state_timeout
+        self.downloads = 0  # states adopted from others
+        self._shared: Optional[State] = None
+        service.state_provider = lambda: self._shared
+
+    @property
+    def shared_hash(self) -> str:
+        return self._shared[0][HASH] if self._shared is not None else ""
+
+    def publish(self) -> None:
+        """Serve this peer's current state and announce its digest now."""
+        header, tensors = self.state.capture()
+        digest = self.state.digest((header, tensors))
+        self._shared = ({**header, HASH: digest}, tensors)
+        round_number, total = self.state.position()
+        self.tracker.publish_state(StateRecord(round_number, total, digest, self.role))
+
+    def states(self, round_number: Optional[int] = None) -> dict[str, StateRecord]:
+        """Every known peer's state record (this peer's included), optionally of one round only."""
+        states = self.tracker.states()
+        return states if round_number is None else {p: r for p, r in states.items() if r.round == round_number}
+
+    def catch_up(self, states: Optional[dict[str, StateRecord]] = None) -> bool:
+        """Adopt the agreed state if this peer holds another: from the first donor that serves it
+        intact. Returns whether it adopted one; any failure leaves this peer's state as it was."""
+        states = self.states() if states is None else states
+        for peer in donors_of_agreed_state(self.tracker.me, states):
+            try:
+                header, tensors = self.service.download_state(PeerID.from_base58(peer), timeout=self.load_state_timeout)
+                if header.get(HASH) != states[peer].hash:
+                    raise ValueError("the donor serves another state than the one it announced")
+                if self.state.digest((header, tensors)) != header[HASH]:
+                    raise ValueError("the state does not match its hash")
+                self.state.adopt((header, tensors))
+            except Exception as e:  # this donor failed or left; the next holder of the same state may serve it
+                logger.warning(f"could not download the swarm's state from {peer[-6:]}: {e!r}")
+                continue
+            self.downloads += 1
+            self.publish()
+            logger.info(f"adopted the swarm's state from {peer[-6:]}")
+            return True
+        return False
+
+    def agreed(self, peers: Iterable[str], states: Optional[dict[str, StateRecord]] = None) -> bool:
+        return in_agreement(self.tracker.me, self.states() if states is None else states, peers)
+
+    def settle(self, *, peers_in_run: Callable[[], Iterable[str]], stop: threading.Event, deadline: float,
+               round_number: Optional[int] = None) -> bool:
+        """Catch up and compare until every peer still in the run holds this peer's state; give up at
+        ``deadline`` (``time.monotonic()``) or on ``stop``. Only records of ``round_number`` count
+        when it is given. Returns whether the peers agreed."""
+        while True:
+            states = self.states(round_number)
+            if not self.catch_up(states) and self.agreed(peers_in_run(), states):
+                return True
+            if stop.wait(POLL_PERIOD) or time.monotonic() >= deadline:
+                others = sorted(peer for peer in peers_in_run() if not in_agreement(self.tracker.me, states, [peer]))
+                logger.warning(f"leaving before the swarm agreed on one final model; other or no state "
+                               f"from: {', '.join(peer[-6:] for peer in others)}")
+                return False
+
+
+def choose_donor(me: str, states: dict[str, StateRecord]) -> Optional[tuple[str, StateRecord]]:
+    """Which peer's state this peer should adopt, or None if its own is the one the swarm agrees on.
+
+    The agreed state is the one that has seen the most samples; ties go to the state held by more
+    peers, then to the smaller hash. Every peer with the same view reaches the same answer, so a split
+    swarm (after a fault or a partition) converges on one state. Among the holders of that state,
+    institutions are preferred as donors.
+    """
+    donors = donors_of_agreed_state(me, states)
+    return (donors[0], states[donors[0]]) if donors else None
+
+
+def donors_of_agreed_state(me: str, states: dict[str, StateRecord]) -> list[str]:
+    """Every holder of the state the swarm agrees on (see :func:`choose_donor`), best donor first;
+    empty if this peer holds that state already or has no record."""
+    if me not in states:
+        return []
+    holders: dict[tuple[int, str], list[str]] = {}
+    for peer, record in states.items():
+        holders.setdefault((record.total, record.hash), []).append(peer)
+    best = max(holders, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
+    mine = states[me]
+    if best == (mine.total, mine.hash):
+        return []
+    return sorted(holders[best], key=lambda peer: (states[peer].role != "institution", peer))
+
+
+def in_agreement(me: str, states: dict[str, StateRecord], peers: Iterable[str]) -> bool:
+    """Whether every one of ``peers`` has published the same state as this peer."""
+    mine = states.get(me)
+    return mine is not None and all(
+        (record := states.get(peer)) is not None and (record.total, record.hash) == (mine.total, mine.hash)
+        for peer in peers)
+
+
+def state_digest(round_number: int, total: int, tensors: list[torch.Tensor], extra: bytes = b"") -> str:
+    """A digest of a state: its round, its sample count, ``extra`` (e.g. serialized metadata) and its tensors."""
+    digest = hashlib.sha256(f"{round_number}:{total}".encode())
+    digest.update(extra)
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reverse(text: str) -> tuple:
+    """Orders strings so that max() picks the smallest."""
+    return tuple(-ord(char) for char in text)

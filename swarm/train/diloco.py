@@ -1,0 +1,183 @@
+"""``averaging.mode: diloco``: many local steps, then one averaged outer step per round.
+
+Each peer runs its inner optimizer (AdamW) on its own data. When the swarm has processed the round's
+sample budget (``diloco.inner_steps`` x batch size x peers, or ``diloco.round_samples``), or the
+round's deadline passes, peers form a group and average their pseudo-gradients (parameters at the
+start of the round minus local parameters), weighted by the samples each processed. Every member
+applies the same outer step (SGD with Nesterov momentum) to the same starting parameters, so all
+members end the round with identical parameters and identical outer optimizer state.
+
+Agreement is checked, not assumed (:mod:`swarm.train.agreement`): after every round each peer
+publishes a hash of its outer state; a peer whose state is not the one the swarm agrees on downloads
+that state. This is how late joiners start, how a peer that missed a round catches up, and how two
+halves of a partitioned swarm become one again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import hivemind
+import torch
+from hivemind.utils import get_logger
+
+from swarm.averaging.averager import Averager
+from swarm.averaging.counters import Counters
+from swarm.config.schema import AveragingConfig, DiLoCoConfig
+from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
+from swarm.train.collaboration import Collaboration, SwarmView
+from swarm.train.rounds import RoundTracker
+
+logger = get_logger(__name__)
+
+
+class DiLoCo(Collaboration, SharedState):
+    """:param inner_optimizer: callable(params) -> the local optimizer (AdamW, or 8-bit AdamW).
+    :param batch_size: samples per local step, for the default round budget."""
+
+    def __init__(self, *, model: torch.nn.Module, dht: hivemind.DHT, run_id: str, role: str,
+                 inner_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+                 config: DiLoCoConfig, averaging: AveragingConfig, batch_size: int):
+        self.config, self.batch_size = config, batch_size
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.inner = inner_optimizer(self.params)
+        self.outer_params = [p.detach().to("cpu", torch.float32).clone() for p in self.params]
+        self.outer = torch.optim.SGD(self.outer_params, lr=config.outer_lr, momentum=config.outer_momentum, nesterov=True)
+        for p in self.outer_params:  # explicit buffers: part of the state that peers share
+            self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self.round, self.total_samples = 0, 0
+        self._round_samples, self._round_started = 0, time.monotonic()
+
+        self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging)
+        self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period)
+        self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,
+                                        load_state_timeout=averaging.load_state_timeout)
+        self.agreement.publish()
+        self.tracker.start()
+        self.agreement.catch_up()  # a late joiner starts from the swarm's state, not from scratch
+
+    # ---- Collaboration ------------------------------------------------------------------
+    @property
+    def local_epoch(self) -> int:
+        return self.round
+
+    def step(self, batch_size: int) -> None:
+        self.agreement.catch_up()
+        self.inner.step()
+        self._round_samples += batch_size
+        self.tracker.report(self.round, self._round_samples)
+        if self._round_closed():
+            self._finish_round()
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def swarm_view(self) -> SwarmView:
+        return SwarmView(num_peers=self.tracker.num_peers(), epoch=max(self.tracker.rounds_of_peers().values(), default=self.round))
+
+    def epochs_of_peers(self) -> dict[str, int]:
+        return self.tracker.rounds_of_peers()
+
+    def prefer_as_state_donor(self) -> None:
+        pass  # the role travels in the state record; choose_donor prefers institutions
+
+    def state_dict(self) -> dict:
+        return {
+            "round": self.round,
+            "total_samples": self.total_samples,
+            "outer_params": [p.clone() for p in self.outer_params],
+            "momentum": [self.outer.state[p]["momentum_buffer"].clone() for p in self.outer_params],
+            "inner": self.inner.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint; the model's own (local) parameters come from the checkpoint's model."""
+        self._set_outer(state["round"], state["total_samples"], state["outer_params"], state["momentum"], keep_local=True)
+        self.inner.load_state_dict(state["inner"])
+        self._start_round()
+        self.agreement.publish()
+
+    def counters(self) -> Counters:
+        counters = self.averager.counters
+        counters.state_downloads = self.agreement.downloads
+        counters.extra = {"state_hash": self.agreement.shared_hash[:16], "total_samples": self.total_samples,
+                          "residual_norm": round(self.averager.plan.residual_norm(), 6)}
+        return counters
+
+    def finish(self, stop, deadline: float) -> bool:
+        """Keep serving and comparing states until every peer still in the run holds this one's: a
+        peer whose last round failed adopts the swarm's state here, as it would have at its next step."""
+        return self.agreement.settle(peers_in_run=lambda: self.tracker.rounds_of_peers(), stop=stop, deadline=deadline)
+
+    def shutdown(self) -> None:
+        self.tracker.shutdown()
+        self.averager.shutdown()
+
+    # ---- rounds --------------------------------------------------------------------------
+    def _round_closed(self) -> bool:
+        expected = self.tracker.expected(self.round)
+        budget = self.config.round_samples or self.config.inner_steps * self.batch_size * len(expected)
+        swarm_samples = max(self.tracker.swarm_samples(self.round), self._round_samples)
+        return swarm_samples >= budget or time.monotonic() - self._round_started >= self.config.round_timeout
+
+    def _finish_round(self) -> None:
+        deltas = [outer - local.detach().to("cpu", torch.float32) for outer, local in zip(self.outer_params, self.params)]
+        result = self.averager.average(self.round, deltas, weight=float(self._round_samples),
+                                       expected=lambda: self.tracker.expected(self.round))
+        self._outer_step(result.tensors)
+        total = int(result.total_weight)
+        self.total_samples += total
+        self.round += 1
+        self._start_round()
+        self.agreement.publish()
+        logger.info(f"round {self.round - 1} done with {result.group_size} peer(s), {total} samples; now round {self.round}")
+
+    def _outer_step(self, averaged: list[torch.Tensor]) -> None:
+        for param, grad in zip(self.outer_params, averaged):
+            param.grad = grad.to(param.dtype)
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for local, outer in zip(self.params, self.outer_params):
+                local.copy_(outer.to(local.device, local.dtype))
+
+    def _start_round(self) -> None:
+        self._round_samples, self._round_started = 0, time.monotonic()
+        self.tracker.report(self.round, 0)
+
+    # ---- the shared state (swarm.train.agreement.SharedState) ------------------------------
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return self.outer_params + [self.outer.state[p]["momentum_buffer"] for p in self.outer_params]
+
+    def position(self) -> tuple[int, int]:
+        return self.round, self.total_samples
+
+    def capture(self) -> State:
+        return {"round": self.round, "total": self.total_samples}, [t.clone() for t in self._state_tensors()]
+
+    def digest(self, state: State) -> str:
+        header, tensors = state
+        return state_digest(int(header["round"]), int(header["total"]), tensors)
+
+    def adopt(self, state: State) -> None:
+        header, tensors = state
+        expected = len(self.outer_params)
+        if len(tensors) != 2 * expected or any(t.shape != p.shape for t, p in zip(tensors, self._state_tensors())):
+            raise ValueError("the state does not match this model")
+        previous = self.round
+        self._set_outer(int(header["round"]), int(header["total"]), tensors[:expected], tensors[expected:])
+        self._start_round()
+        logger.info(f"adopted the swarm's state: round {previous} -> {self.round}, {self.total_samples} samples seen")
+
+    def _set_outer(self, round_number: int, total: int, outer_params: list[torch.Tensor], momentum: list[torch.Tensor],
+                   keep_local: bool = False) -> None:
+        with torch.no_grad():
+            for param, value, buffer in zip(self.outer_params, outer_params, momentum):
+                param.copy_(value)
+                self.outer.state[param]["momentum_buffer"].copy_(buffer)
+            if not keep_local:
+                for local, outer in zip(self.params, self.outer_params):
+                    local.copy_(outer.to(local.device, local.dtype))
+        self.round, self.total_samples = round_number, total
+        self.averager.plan.forget_residuals()

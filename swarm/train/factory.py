@@ -1,0 +1,31 @@
+"""Build the collaboration that ``averaging.mode`` asks for. It sits above both implementations, so
+neither the interface (:mod:`swarm.train.collaboration`) nor either mode imports the other."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.config.schema import SwarmConfig
+from swarm.train.collaboration import Collaboration
+from swarm.train.diloco import DiLoCo
+from swarm.train.sync import build_collaborative_optimizer, inner_optimizer_factory
+
+
+def build_collaboration(*, config: SwarmConfig, dht: hivemind.DHT, model: torch.nn.Module,
+                        private_key: Optional[RSAPrivateKey] = None) -> Collaboration:
+    """The collaboration for ``config.averaging.mode`` around ``model``'s parameters; each mode gets
+    only the sections it reads.
+
+    :param private_key: the peer's identity key (:mod:`swarm.net.identity`), for records it signs.
+    """
+    if config.averaging.mode == "diloco":
+        return DiLoCo(model=model, dht=dht, run_id=config.run_id, role=config.peer.role,
+                      inner_optimizer=inner_optimizer_factory(config.optimizer), config=config.diloco,
+                      averaging=config.averaging, batch_size=config.training.batch_size)
+    return build_collaborative_optimizer(dht=dht, run_id=config.run_id, role=config.peer.role, params=model.parameters(),
+                                         optimizer=config.optimizer, training=config.training,
+                                         averaging=config.averaging, sync=config.sync, private_key=private_key)
