@@ -26,6 +26,7 @@ from multiaddr import Multiaddr
 
 from swarm.config.schema import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
+from swarm.hivemind_private import dial, ping
 from swarm.net.identity import Identity, load_identity
 
 logger = get_logger(__name__)
@@ -112,11 +113,11 @@ async def _ping_initial_peers(_dht: hivemind.DHT, node, initial_peers: list[str]
     for maddr in initial_peers:
         address = Multiaddr(maddr)
         peer = PeerID.from_base58(address["p2p"])
-        if peer == node.peer_id or await node.protocol.call_ping(peer) is not None:
+        if peer == node.peer_id or await ping(node, peer):
             continue
         try:
-            await node.p2p._client.connect(peer, [address.decapsulate(f"/p2p/{address['p2p']}")])
-            await node.protocol.call_ping(peer)
+            await dial(node, peer, address.decapsulate(f"/p2p/{address['p2p']}"))
+            await ping(node, peer)
         except Exception as e:  # still unreachable; next period
             logger.debug(f"initial peer {maddr} is unreachable: {e!r}")
 

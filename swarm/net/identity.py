@@ -28,6 +28,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.errors import ConfigError
+from swarm.hivemind_private import rsa_private_key_from_der
 
 _SHA2_256_MULTIHASH_PREFIX = bytes([0x12, 0x20])  # multihash code of sha2-256, then the digest length (32)
 _OWNER_RE = re.compile(rb"^\[owner:(.+)\]$", re.DOTALL)
@@ -90,9 +91,7 @@ def _read(path: Path, *, fresh: bool) -> Identity:
             f"identity file {path} does not hold an RSA private key in libp2p's format ({e}); "
             f"move it away and a new one is written"
         ) from None
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
-    key.__setstate__({"_private_key": der})  # the pickling hook is RSAPrivateKey's only way in from bytes
-    return Identity(private_key=key, path=path, peer_id=str(PeerID.from_identity(data)), fresh=fresh)
+    return Identity(private_key=rsa_private_key_from_der(der), path=path, peer_id=str(PeerID.from_identity(data)), fresh=fresh)
 
 
 def peer_id_of_owner(owner: bytes) -> Optional[str]:

@@ -22,6 +22,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.counters import Counters
 from swarm.averaging.service import AveragingService
+from swarm.hivemind_private import push_loaded_state
 from swarm.train.collaboration import Collaboration, SwarmView
 from swarm.compression.registry import make_codec
 from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
@@ -273,7 +274,4 @@ class TrainingState(SharedState):
             load_optimizer_state(averager.optimizer, header["optimizer"], tensors[len(parameters):])
             for local, loaded in zip(parameters, tensors):
                 local.copy_(loaded)
-        if averager.offload_optimizer:
-            averager._apply_optimizer_parameters_()
-        if not averager.reuse_tensors:
-            averager._load_local_tensors_into_averager_()
+        push_loaded_state(averager)

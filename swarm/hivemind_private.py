@@ -1,0 +1,41 @@
+"""Every use of hivemind's private or undocumented API, in one place.
+
+swarm builds on hivemind's public pieces (DHT, Optimizer, averagers, validators, compression); where
+no public way exists, the call goes through here, so an upgrade of hivemind has one file to check.
+``tests/test_hivemind_private.py`` fails if hivemind's version or any of these names change.
+"""
+
+from __future__ import annotations
+
+from hivemind.p2p import PeerID
+from hivemind.utils.crypto import RSAPrivateKey
+from multiaddr import Multiaddr
+
+HIVEMIND_VERSION = "1.1.12"  # the version these calls were written and tested against (pyproject pins it)
+
+
+async def dial(node, peer: PeerID, address: Multiaddr) -> None:
+    """Make the libp2p daemon of a DHT ``node`` connect to ``peer`` at ``address`` (without /p2p/):
+    hivemind has no public call that dials a known address again after the DHT forgot it."""
+    await node.p2p._client.connect(peer, [address])
+
+
+async def ping(node, peer: PeerID) -> bool:
+    """Whether ``peer`` answers a DHT ping; an answer also puts it back into ``node``'s routing table."""
+    return await node.protocol.call_ping(peer) is not None
+
+
+def rsa_private_key_from_der(der: bytes) -> RSAPrivateKey:
+    """hivemind's RSAPrivateKey from DER bytes: its pickling hook is the only way in from bytes."""
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": der})
+    return key
+
+
+def push_loaded_state(averager) -> None:
+    """After writing parameters and optimizer state into a TrainingStateAverager's optimizer by hand,
+    propagate them as its own ``load_state_from_peers`` does (offloaded optimizer, averaged tensors)."""
+    if averager.offload_optimizer:
+        averager._apply_optimizer_parameters_()
+    if not averager.reuse_tensors:
+        averager._load_local_tensors_into_averager_()

@@ -1,0 +1,44 @@
+"""swarm's uses of hivemind's private API (swarm/hivemind_private.py) still match hivemind.
+
+Fails when hivemind is upgraded past the version these calls were written against, or when a name
+they rely on disappears: then re-read each call in swarm/hivemind_private.py against the new hivemind.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import hivemind
+import pytest
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm import hivemind_private
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_hivemind_is_the_version_the_private_calls_were_written_for():
+    assert hivemind.__version__ == hivemind_private.HIVEMIND_VERSION
+
+
+def test_the_private_names_still_exist():
+    assert "self._client" in inspect.getsource(P2P), "P2P._client (the daemon client) is gone"
+    assert inspect.iscoroutinefunction(DHTProtocol.call_ping)
+    for name in ("_apply_optimizer_parameters_", "_load_local_tensors_into_averager_"):
+        assert callable(getattr(TrainingStateAverager, name, None)), f"TrainingStateAverager.{name} is gone"
+    for name in ("offload_optimizer", "reuse_tensors"):
+        assert name in inspect.getsource(TrainingStateAverager.__init__)
+
+
+def test_an_rsa_key_round_trips_through_der_bytes():
+    from cryptography.hazmat.primitives import serialization
+
+    original = RSAPrivateKey()
+    der = original._private_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption())
+    restored = hivemind_private.rsa_private_key_from_der(der)
+    assert restored.get_public_key().to_bytes() == original.get_public_key().to_bytes()
+    assert original.get_public_key().verify(b"data", restored.sign(b"data"))
