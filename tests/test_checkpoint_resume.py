@@ -24,7 +24,7 @@ def test_resume_restores_model_optimizer_and_epoch(swarm, mode):
     assert first.proc.wait(150) == 0, first.log_tail()
     saved = swarm.status("solo")
     assert saved["epoch"] == 3 and saved["last_checkpoint_hash"]
-    on_disk = torch.load(swarm.train.checkpoint("solo"), weights_only=True)
+    on_disk = torch.load(swarm.checkpoint("solo"), weights_only=True)
     assert on_disk["state_hash"] == saved["last_checkpoint_hash"] and on_disk["local_epoch"] == 3
 
     resumed = swarm.trainer("solo", [], "training.max_epochs=5", *MODES[mode], extra=("--resume",))

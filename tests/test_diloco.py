@@ -11,7 +11,7 @@ DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compressi
 
 
 def final_models(swarm, names):
-    return [torch.load(swarm.train.checkpoint(name), weights_only=True)["model"] for name in names]
+    return [torch.load(swarm.checkpoint(name), weights_only=True)["model"] for name in names]
 
 
 def identical(models) -> bool:

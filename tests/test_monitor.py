@@ -207,7 +207,7 @@ def test_monitor_restart_keeps_history_and_exports_csv(watched: Watched, tmp_pat
     assert rows[0].startswith("time,peers_online,") and len(rows) - 1 >= len(before)
     assert len((tmp_path / "csv" / "peer_samples.csv").read_text().splitlines()) > len(before)
 
-    watched.monitor, watched.url = watched.swarm.telemetry.monitor("monitor", [watched.address])
+    watched.monitor, watched.url = watched.swarm.monitor("monitor", [watched.address])
     after = wait_for(lambda: (rows := get_json(watched.url + "api/history")["swarm"]) and rows[-1]["time"] > stopped_at
                      and rows, timeout=120, what="a collection after the restart", alive=watched.alive())
     assert {row["time"] for row in before} <= {row["time"] for row in after}, "history from before the restart is gone"

@@ -44,7 +44,7 @@ def assert_nothing_forged(view: dict, victim_id: str, rogue_ids: dict) -> None:
 def test_rogue_peer_cannot_forge_records_or_break_the_monitor(swarm):
     _, address = swarm.bootstrap()
     victim = swarm.trainer("victim", [address], "peer.display_name=victim")
-    monitor, url = swarm.telemetry.monitor("monitor", [address])
+    monitor, url = swarm.monitor("monitor", [address])
     victim_id = wait_for(lambda: (status := swarm.status("victim")) and status["peer_id"], timeout=120,
                          what="the victim to start", alive=[victim])
     wait_for(lambda: (view := get_json(url + "api/swarm")["view"]) and victim_id in {p["peer_id"] for p in view["peers"]},

@@ -50,7 +50,7 @@ def test_three_trainers_train_one_model(swarm):
     assert max(status["swarm_peers"] for status in statuses) == 3, "the trainers never saw each other"
     for status in statuses:
         assert status["heldout_loss"] < status["initial_heldout_loss"] - MIN_LOSS_DROP, status
-    assert_one_model({name: swarm.train.checkpoint(name) for name in names})
+    assert_one_model({name: swarm.checkpoint(name) for name in names})
 
 
 @pytest.mark.timeout(300)
@@ -70,7 +70,7 @@ def test_late_joiner_downloads_state_and_catches_up(swarm):
     for name in ("a", "b", "late"):
         assert swarm.processes[["bootstrap", "a", "b", "late"].index(name)].proc.wait(180) == 0
     assert {swarm.status(name)["epoch"] for name in ("a", "b", "late")} == {epochs}
-    assert_one_model({name: swarm.train.checkpoint(name) for name in ("a", "b", "late")})
+    assert_one_model({name: swarm.checkpoint(name) for name in ("a", "b", "late")})
 
 
 @pytest.mark.timeout(300)
