@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_pee
 from peers.status_file import StatusFile
 from swarm.train import checkpoint as ckpt
 from swarm.config.schema import SwarmConfig
-from swarm.train.data import load_dataset
+from swarm.train.data import TextDataset, load_dataset
 from swarm.train.device import describe_device, resolve_device
 from swarm.errors import CheckpointError
 from swarm.net.identity import load_identity
@@ -41,97 +42,22 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> T
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-    if config.training.threads is not None:
-        torch.set_num_threads(config.training.threads)
-    device = resolve_device(config.training.device)
-    model_config = config.model.model_dump()
-    resume_from = _preflight_checkpoint(config, model_config)
-    dataset = load_dataset(config.data, config.model.seq_len)
-
-    # the same initial weights on every peer of a run, so a new swarm starts in agreement
-    torch.manual_seed(zlib.crc32(config.run_id.encode()) + config.training.seed)
-    model = ByteGPT(config.model)
-    if resume_from is not None:
-        model.load_state_dict(resume_from.model)  # before the optimizer copies the parameters
-    model.to(device)
-
+    local = _prepare_local(config)
     identity = load_identity(config.network.identity_path)
     dht = start_dht(config.network, identity=identity, stop=stop.event,
                     record_validators=metrics_validators(config.run_id, identity.private_key))
-    opt = status_file = publisher = None
+    peer = _TrainerPeer(config, local, dht)
     try:
-        set_log_peer(config.peer.role, str(dht.peer_id))
-        logger.info(
-            f"joined run {config.run_id} as {config.peer.role} ({visible_maddrs(dht)[0]}); model "
-            f"{model.num_parameters() / 1e6:.2f}M parameters on {device}; data {dataset.source} "
-            f"({dataset.num_train_files} files, {dataset.train.numel() / 1e6:.1f} MB)"
-        )
-        opt = build_collaboration(config=config, dht=dht, model=model, private_key=identity.private_key)
-        status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
-        if config.metrics is not None:
-            facts = PeerFacts(role=config.peer.role, peer=config.peer, device=describe_device(device))
-            publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
-                                         facts=facts).start()
-        if resume_from is not None:
-            opt.load_state_dict(resume_from.optimizer)
-            status.resumed_state_hash = _snapshot(model, opt, config).state_hash
-            logger.info(f"resumed from {config.checkpoint.dir} at epoch {opt.local_epoch}")
-            if status.resumed_state_hash != resume_from.state_hash:
-                logger.warning("restored state differs from the checkpoint's recorded hash")
-
-        def save() -> str:
-            snapshot = _snapshot(model, opt, config)
-            ckpt.save_checkpoint(config.checkpoint.dir, snapshot)
-            return snapshot.state_hash
-
-        status.epoch = status.start_epoch = opt.local_epoch
-        status_file = StatusFile(status_path, dht=dht, snapshot=status.as_dict,
-                                 initial_peers=len(config.network.initial_peers))
-        status_file.start()
-
-        def publish(current: TrainingStatus) -> None:
-            status_file.publish()
-            if publisher is not None:
-                publisher.update(current)
-
-        loop = TrainingLoop(
-            model=model,
-            opt=opt,
-            dataset=dataset,
-            config=config.training,
-            seq_len=config.model.seq_len,
-            device=device,
-            status=status,
-            grad_clip=config.optimizer.grad_clip,
-            prefer_as_donor=config.peer.role == "institution",
-            save_checkpoint=save if config.checkpoint is not None else None,
-            checkpoint_every=config.checkpoint.every_epochs if config.checkpoint is not None else None,
-            on_status=publish,
-        )
+        peer.start(identity, status_path)
         try:
-            loop.run(stop.event)
+            peer.loop().run(stop.event)
         except KeyboardInterrupt:
             logger.info("interrupted inside a step; leaving without finishing it")
         stop.disarm()
-        status_file.shutdown()
-        if publisher is not None:
-            publisher.update(status)
-            run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
-                        METRICS_SHUTDOWN_TIMEOUT)
-            publisher = None
-        run_bounded("optimizer shutdown", opt.shutdown, OPTIMIZER_SHUTDOWN_TIMEOUT)
-        if config.checkpoint is not None:
-            status.last_checkpoint_hash = save()
-            logger.info(f"checkpoint saved to {ckpt.checkpoint_path(config.checkpoint.dir)}")
-        status.finished = True
-        status_file.publish()
-        return status
+        return peer.leave()
     finally:
         stop.disarm()
-        if status_file is not None:
-            status_file.shutdown()
-        if publisher is not None:  # left through an error: no "left" record, the record just expires
-            publisher.shutdown(leave=False, timeout=1.0)
+        peer.close()
         dht.shutdown()
         reap_children()
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here
@@ -139,8 +65,114 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> T
         logger.info("left the swarm")
 
 
-def _snapshot(model: torch.nn.Module, opt, config: SwarmConfig) -> ckpt.Checkpoint:
-    return ckpt.capture(model, opt, run_id=config.run_id, model_config=config.model.model_dump())
+@dataclass
+class _Local:
+    """What a trainer prepares before it touches the network: a user's mistake here costs no join."""
+
+    device: torch.device
+    dataset: TextDataset
+    model: ByteGPT
+    resume_from: Optional[ckpt.Checkpoint]
+
+
+def _prepare_local(config: SwarmConfig) -> _Local:
+    if config.training.threads is not None:
+        torch.set_num_threads(config.training.threads)
+    device = resolve_device(config.training.device)
+    resume_from = _preflight_checkpoint(config, config.model.model_dump())
+    dataset = load_dataset(config.data, config.model.seq_len)
+    # the same initial weights on every peer of a run, so a new swarm starts in agreement
+    torch.manual_seed(zlib.crc32(config.run_id.encode()) + config.training.seed)
+    model = ByteGPT(config.model)
+    if resume_from is not None:
+        model.load_state_dict(resume_from.model)  # before the optimizer copies the parameters
+    model.to(device)
+    return _Local(device, dataset, model, resume_from)
+
+
+class _TrainerPeer:
+    """The joined trainer's components: collaboration, status file and metrics publisher."""
+
+    def __init__(self, config: SwarmConfig, local: _Local, dht):
+        self.config, self.local, self.dht = config, local, dht
+        self.opt = self.status_file = self.publisher = None
+        self.status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
+
+    def start(self, identity, status_path: Optional[Path]) -> None:
+        config, local, dht = self.config, self.local, self.dht
+        set_log_peer(config.peer.role, str(dht.peer_id))
+        logger.info(
+            f"joined run {config.run_id} as {config.peer.role} ({visible_maddrs(dht)[0]}); model "
+            f"{local.model.num_parameters() / 1e6:.2f}M parameters on {local.device}; data {local.dataset.source} "
+            f"({local.dataset.num_train_files} files, {local.dataset.train.numel() / 1e6:.1f} MB)"
+        )
+        self.opt = build_collaboration(config=config, dht=dht, model=local.model, private_key=identity.private_key)
+        if config.metrics is not None:
+            facts = PeerFacts(role=config.peer.role, peer=config.peer, device=describe_device(local.device))
+            self.publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
+                                              facts=facts).start()
+        if local.resume_from is not None:
+            self._resume(local.resume_from)
+        self.status.epoch = self.status.start_epoch = self.opt.local_epoch
+        self.status_file = StatusFile(status_path, dht=dht, snapshot=self.status.as_dict,
+                                      initial_peers=len(config.network.initial_peers))
+        self.status_file.start()
+
+    def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
+        self.opt.load_state_dict(checkpoint.optimizer)
+        self.status.resumed_state_hash = self._snapshot().state_hash
+        logger.info(f"resumed from {self.config.checkpoint.dir} at epoch {self.opt.local_epoch}")
+        if self.status.resumed_state_hash != checkpoint.state_hash:
+            logger.warning("restored state differs from the checkpoint's recorded hash")
+
+    def _snapshot(self) -> ckpt.Checkpoint:
+        return ckpt.capture(self.local.model, self.opt, run_id=self.config.run_id,
+                            model_config=self.config.model.model_dump())
+
+    def save(self) -> str:
+        snapshot = self._snapshot()
+        ckpt.save_checkpoint(self.config.checkpoint.dir, snapshot)
+        return snapshot.state_hash
+
+    def _publish(self, current: TrainingStatus) -> None:
+        self.status_file.publish()
+        if self.publisher is not None:
+            self.publisher.update(current)
+
+    def loop(self) -> TrainingLoop:
+        config, checkpoint = self.config, self.config.checkpoint
+        return TrainingLoop(
+            model=self.local.model, opt=self.opt, dataset=self.local.dataset, config=config.training,
+            seq_len=config.model.seq_len, device=self.local.device, status=self.status,
+            grad_clip=config.optimizer.grad_clip, prefer_as_donor=config.peer.role == "institution",
+            save_checkpoint=self.save if checkpoint is not None else None,
+            checkpoint_every=checkpoint.every_epochs if checkpoint is not None else None,
+            on_status=self._publish,
+        )
+
+    def leave(self) -> TrainingStatus:
+        """After training: a last metrics record, goodbye to the averagers, a final checkpoint."""
+        status = self.status
+        self.status_file.shutdown()
+        if self.publisher is not None:
+            self.publisher.update(status)
+            run_bounded("metrics shutdown", partial(self.publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
+                        METRICS_SHUTDOWN_TIMEOUT)
+            self.publisher = None
+        run_bounded("optimizer shutdown", self.opt.shutdown, OPTIMIZER_SHUTDOWN_TIMEOUT)
+        if self.config.checkpoint is not None:
+            status.last_checkpoint_hash = self.save()
+            logger.info(f"checkpoint saved to {ckpt.checkpoint_path(self.config.checkpoint.dir)}")
+        status.finished = True
+        self.status_file.publish()
+        return status
+
+    def close(self) -> None:
+        """Whatever :meth:`leave` did not get to (an error): no "left" record, the record just expires."""
+        if self.status_file is not None:
+            self.status_file.shutdown()
+        if self.publisher is not None:
+            self.publisher.shutdown(leave=False, timeout=1.0)
 
 
 def _preflight_checkpoint(config: SwarmConfig, model_config: dict) -> Optional[ckpt.Checkpoint]:
