@@ -9,7 +9,7 @@ import pytest
 
 from peers.processes import wait_for
 from swarm.config.schema import NetworkConfig
-from swarm.net.multiaddrs import parse_peer_multiaddr, split_peer_list
+from swarm.config.multiaddrs import parse_peer_multiaddr, split_peer_list
 from swarm.net.dht import start_dht
 
 PEER_ID = "12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"

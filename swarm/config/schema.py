@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from swarm.compression.registry import CODEC_NAMES, DEFAULT_ADAPTIVE_THRESHOLD
-from swarm.net.multiaddrs import parse_peer_multiaddr, split_peer_list
+from swarm.config.multiaddrs import parse_peer_multiaddr, split_peer_list
 
 
 class Section(BaseModel):
