@@ -16,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import Awaitable, Callable, Collection, Optional, Sequence
 
 import torch
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, TensorRole
-from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_logger
 
 from swarm.averaging.group import Group, slice_bounds
+from swarm.compression.payloads import PayloadError, decode_payload
 from swarm.averaging.outbox import Entry, Outbox
 
 logger = get_logger(__name__)
@@ -80,15 +80,15 @@ def _compress(codec: CompressionBase, tensor: torch.Tensor) -> runtime_pb2.Tenso
     return codec.compress(tensor, CompressionInfo.from_tensor(tensor, role=TensorRole.GRADIENT))
 
 
-def _decode(payload: runtime_pb2.Tensor, numel: int) -> Optional[torch.Tensor]:
-    """The decoded part, or None if it is malformed (wrong size) or holds NaN/Inf."""
+def _decode(payload: runtime_pb2.Tensor, numel: int, accepted: Collection[str]) -> Optional[torch.Tensor]:
+    """The decoded part, or None if it is malformed (a codec not accepted, a layout that does not match,
+    a wrong size) or holds NaN/Inf. Nothing reaches a decoder before its lengths are checked."""
     try:
-        tensor = deserialize_torch_tensor(payload).reshape(-1).float()
-    except Exception:  # any decoding failure means the same thing: a bad part
+        tensor = decode_payload(payload, accepted=accepted, numel=numel).reshape(-1).float()
+    except PayloadError as e:
+        logger.debug(f"refused a payload: {e}")
         return None
-    if tensor.numel() != numel or not torch.isfinite(tensor).all():
-        return None
-    return tensor
+    return tensor if torch.isfinite(tensor).all() else None
 
 
 async def run_allreduce(
@@ -100,17 +100,19 @@ async def run_allreduce(
     outbox: Outbox,
     fetch: Fetch,
     choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
+    accepted: Collection[str] = ("NONE",),
     check_own_input: bool = True,
 ) -> AllreduceResult:
     """Average ``tensors`` with the group, weighting this peer by ``weight`` (e.g. its samples).
 
     :param phase: distinguishes several all-reduces within one group (PowerSGD uses two).
     :param fetch: coroutine(peer, outbox key, max_bytes) -> (header, payloads) from that peer's outbox.
+    :param accepted: the payload formats accepted from others (:func:`swarm.compression.registry.wire_codecs`).
     :param check_own_input: abstain rather than send NaN/Inf; False only to play a broken peer in tests.
     """
     started = time.perf_counter()
     buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
-    run = _Run(group, buckets, phase, outbox, fetch)
+    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted))
     sent = await run.offer_inputs(weight, check=check_own_input)
     await run.reduce_my_part()
     await run.gather_outputs()
@@ -132,8 +134,10 @@ class _Run:
     """One all-reduce of one group, phase by phase. Part ``i`` of bucket ``k`` is
     ``vectors[k][bounds[k][i][0]:bounds[k][i][1]]``; member ``i`` reduces it."""
 
-    def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch):
+    def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch,
+                 accepted: frozenset[str]):
         self.group, self.buckets, self.phase, self.outbox, self.fetch = group, buckets, phase, outbox, fetch
+        self.accepted = accepted
         self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
         self.results: dict[int, list[torch.Tensor]] = {}
         self.missing: set[int] = set()
@@ -152,7 +156,7 @@ class _Run:
         numels = self.numels(index)
         if len(payloads) != len(numels):
             return None
-        decoded = [_decode(payload, numel) for payload, numel in zip(payloads, numels)]
+        decoded = [_decode(payload, numel, self.accepted) for payload, numel in zip(payloads, numels)]
         return None if any(part is None for part in decoded) else decoded
 
     async def offer_inputs(self, weight: float, check: bool = True) -> list[torch.Tensor]:

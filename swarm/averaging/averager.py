@@ -20,6 +20,7 @@ from swarm.averaging.group import Group, RoundMissed
 from swarm.averaging.service import AveragingService
 from swarm.compression.finite import check_finite
 from swarm.compression.plan import CompressionPlan
+from swarm.compression.registry import wire_codecs
 
 logger = get_logger(__name__)
 
@@ -46,6 +47,7 @@ class Averager:
                                     adaptive_threshold=averaging.adaptive_threshold)
         self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
                                         request_timeout=averaging.request_timeout,
+                                        accepted_codecs=wire_codecs(averaging.compression),
                                         check_own_input=check_own_input).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)

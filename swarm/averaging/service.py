@@ -12,12 +12,12 @@ import asyncio
 import threading
 import time
 from concurrent.futures import Future
-from typing import AsyncIterator, Callable, Optional, Sequence
+from typing import AsyncIterator, Callable, Collection, Optional, Sequence
 
 import hivemind
 import torch
 from hivemind.compression import CompressionBase, NoCompression
-from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression.serialization import serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_logger
@@ -28,6 +28,7 @@ from swarm.averaging.allreduce import AllreduceResult, run_allreduce
 from swarm.averaging.group import Group
 from swarm.averaging.matchmaking import Matchmaker
 from swarm.averaging.outbox import Outbox
+from swarm.compression.payloads import decode_payload
 
 logger = get_logger(__name__)
 
@@ -43,10 +44,10 @@ class AveragingService(ServicerBase):
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
-                 max_state_bytes: int = 1 << 34, check_own_input: bool = True):
+                 accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True):
         self.dht, self.run_id = dht, run_id
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
-        self.max_state_bytes, self.check_own_input = max_state_bytes, check_own_input
+        self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.namespace = f"{run_id}_swarm_averaging"
         self.peer_id: PeerID = dht.peer_id
         self.outbox = Outbox(retention=max(60.0, 4 * chunk_timeout))
@@ -109,15 +110,18 @@ class AveragingService(ServicerBase):
                   choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
                   timeout: float) -> AllreduceResult:
         coroutine = run_allreduce(group, tensors, weight=weight, phase=phase, outbox=self.outbox,
-                                  fetch=self._fetch, choose_codec=choose_codec, check_own_input=self.check_own_input)
+                                  fetch=self._fetch, choose_codec=choose_codec, accepted=self.accepted_codecs,
+                                  check_own_input=self.check_own_input)
         return self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
 
     def finish_group(self, group: Group) -> None:
         self._loop.call_soon_threadsafe(self.outbox.finish_group, group.group_id)
         self._loop.call_soon_threadsafe(self.matchmaker.forget, group.round)
 
-    def download_state(self, peer: PeerID, timeout: float) -> tuple[dict, list[torch.Tensor]]:
-        return self._call(self._download_state(peer), timeout)
+    def download_state(self, peer: PeerID, *, timeout: float, max_bytes: int) -> tuple[dict, list[torch.Tensor]]:
+        """``peer``'s state; refused (:class:`wire.ProtocolError`, :class:`PayloadError`) if it carries more
+        than ``max_bytes`` of tensor data or any tensor that is not plainly laid out (no codec)."""
+        return self._call(self._download_state(peer, max_bytes), timeout)
 
     # ---- RPC handlers (other peers call these) --------------------------------------------
     async def rpc_join(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -183,11 +187,11 @@ class AveragingService(ServicerBase):
                     raise
                 logger.info(f"fetch of {kind} {index} from {peer} broke off ({e}); asking again")
 
-    async def _download_state(self, peer: PeerID) -> tuple[dict, list[torch.Tensor]]:
+    async def _download_state(self, peer: PeerID, max_bytes: int) -> tuple[dict, list[torch.Tensor]]:
         stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)
-        header, payloads = await wire.read_tensor_messages(
-            aiter_with_timeout(stream, self.chunk_timeout), max_bytes=self.max_state_bytes)
+        header, payloads = await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout),
+                                                           max_bytes=max_bytes)
         loop = asyncio.get_running_loop()
-        tensors = await loop.run_in_executor(None, lambda: [deserialize_torch_tensor(p) for p in payloads])
+        tensors = await loop.run_in_executor(None, lambda: [decode_payload(p, accepted=("NONE",)) for p in payloads])
         return header, tensors
 

@@ -40,6 +40,10 @@ _PER_TENSOR: dict[str, str] = {
     "blockwise8": "BlockwiseQuantization",
 }
 
+# the payload formats (hivemind ``CompressionType`` names) each codec writes; NONE for tensors too small to compress
+_WIRE: dict[str, str] = {"none": "NONE", "fp16": "FLOAT16", "scaled-fp16": "MEANSTD_16BIT", "uint8": "UNIFORM_8BIT",
+                         "quantile8": "QUANTILE_8BIT", "blockwise8": "BLOCKWISE_8BIT"}
+
 # ``adaptive``: tensors under the threshold keep fp16 precision, larger ones go 8-bit
 ADAPTIVE_SMALL, ADAPTIVE_LARGE = "fp16", "blockwise8"
 
@@ -58,6 +62,14 @@ def validate_codec_name(name: str) -> str:
     if name not in CODEC_NAMES:
         raise ValueError(f"unknown codec {name!r}; accepted: {', '.join(CODEC_NAMES)}")
     return name
+
+
+def wire_codecs(name: str) -> frozenset[str]:
+    """The payload formats a peer using codec ``name`` sends: the only ones its group accepts from it
+    (see :func:`swarm.compression.payloads.decode_payload`)."""
+    validate_codec_name(name)
+    names = (ADAPTIVE_SMALL, ADAPTIVE_LARGE) if name == "adaptive" else (name,) if name in _WIRE else ()
+    return frozenset({"NONE", *(_WIRE[codec] for codec in names)})
 
 
 def is_per_tensor(name: str) -> bool:

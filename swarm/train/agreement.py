@@ -28,6 +28,7 @@ logger = get_logger(__name__)
 
 HASH = "hash"  # the header field that carries the served state's digest
 POLL_PERIOD = 0.5  # seconds between checks while settling
+STATE_SLACK_BYTES = 1 << 20  # a served state may exceed this peer's own by this much (header, dtype legacy)
 
 State = tuple[dict, list[torch.Tensor]]  # a small header (msgpack-able) and the tensors, as served
 
@@ -89,9 +90,12 @@ class StateAgreement:
         """Adopt the agreed state if this peer holds another: from the first donor that serves it
         intact. Returns whether it adopted one; any failure leaves this peer's state as it was."""
         states = self.states() if states is None else states
-        for peer in donors_of_agreed_state(self.tracker.me, states):
+        donors = donors_of_agreed_state(self.tracker.me, states)
+        max_bytes = _max_state_bytes(self.state) if donors else 0
+        for peer in donors:
             try:
-                header, tensors = self.service.download_state(PeerID.from_base58(peer), timeout=self.load_state_timeout)
+                header, tensors = self.service.download_state(PeerID.from_base58(peer), timeout=self.load_state_timeout,
+                                                              max_bytes=max_bytes)
                 if header.get(HASH) != states[peer].hash:
                     raise ValueError("the donor serves another state than the one it announced")
                 if self.state.digest((header, tensors)) != header[HASH]:
@@ -123,6 +127,12 @@ class StateAgreement:
                 logger.warning(f"leaving before the swarm agreed on one final model; other or no state "
                                f"from: {', '.join(peer[-6:] for peer in others)}")
                 return False
+
+
+def _max_state_bytes(state: SharedState) -> int:
+    """A served state has the shapes of this peer's own: anything much larger is refused before it is
+    decoded (half-precision tensors may travel as fp32, hivemind's legacy bfloat16 format)."""
+    return sum(t.numel() * max(t.element_size(), 4) for t in state.capture()[1]) + STATE_SLACK_BYTES
 
 
 def choose_donor(me: str, states: dict[str, StateRecord]) -> Optional[tuple[str, StateRecord]]:
