@@ -15,7 +15,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hivemind.proto import runtime_pb2
 
 from codec_checks import encode
 from swarm.compression.payloads import PayloadError, decode_payload
