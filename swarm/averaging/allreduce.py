@@ -24,7 +24,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_logger
 
-from swarm.averaging.group import Group, slice_bounds
+from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
 from swarm.compression.payloads import PayloadError, decode_payload
 from swarm.averaging.outbox import Entry, Outbox
 
@@ -212,7 +212,7 @@ class _Run:
             if header.get("abstain"):
                 continue
             decoded, peer_weight = self.decode_all(payloads, me), header.get("weight")
-            if decoded is None or not isinstance(peer_weight, (int, float)) or not 0 <= peer_weight < float("inf"):
+            if decoded is None or not isinstance(peer_weight, (int, float)) or not 0 <= peer_weight <= MAX_WEIGHT:
                 self.refused += 1
                 logger.warning(f"round {self.group.round}: refused an input (NaN/Inf, wrong size or bad weight)")
                 continue

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 from hivemind.p2p import PeerID
 
+# The largest weight (e.g. samples in a round) a member may declare: a float that is still an exact
+# integer, far above any real round, and small enough that sums of a group never overflow. A finite
+# bound, not a plausibility check: a member declaring more is refused, not clipped.
+MAX_WEIGHT = float(2**53)
+
 
 @dataclass(frozen=True)
 class Group:

@@ -1,7 +1,10 @@
-"""Gather the peers of one round into one group, led by the smallest ready peer id.
+"""Gather the peers of one round into one group, led by the ready peer of the lowest rank.
 
+A peer's rank in a round is a hash of the run, the round and its peer id (:func:`leader_rank`), so
+the leader changes from round to round and no one can lead every round by choosing its own id (an
+Ed25519 id sorts below every RSA id; a smallest-id rule let it lead always).
 A peer ready to average round ``r`` announces itself in the DHT (``keys.diloco_ready``) and asks
-the smallest ready peer it knows to take it in. That leader waits until every peer expected in the
+the lowest-ranked ready peer it knows to take it in. That leader waits until every peer expected in the
 round (alive and not ahead of it, as the caller's progress records tell) has joined, or the deadline
 passes, then seals the group and tells every member. A peer that died stops being expected once its
 progress record goes stale, so a death costs a few seconds, not the deadline. A leader that learns
@@ -13,6 +16,7 @@ is noticed within ``request_timeout``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,11 +29,17 @@ from hivemind.utils.asyncio import aiter_with_timeout
 
 from swarm.net import keys
 from swarm.averaging import wire
-from swarm.averaging.group import Group, RoundMissed
+from swarm.averaging.group import MAX_WEIGHT, Group, RoundMissed
 
 logger = get_logger(__name__)
 
-READY_RECHECK = 1.0  # seconds between a leader's looks for a smaller ready peer
+READY_RECHECK = 1.0  # seconds between a leader's looks for a lower-ranked ready peer
+
+
+def leader_rank(run_id: str, round_number: int, peer: PeerID) -> bytes:
+    """Who leads a round: the ready peer with the smallest rank. The same on every peer, different in
+    every round, and not chosen by picking one's id."""
+    return hashlib.sha256(f"{run_id}:{round_number}:".encode() + peer.to_bytes()).digest()
 
 
 @dataclass
@@ -73,7 +83,7 @@ class Matchmaker:
                 leader, suggested = suggested, None
             else:
                 ready = (await self._ready_peers(round_number)) | {self.peer_id}
-                leader = min(ready - excluded, key=lambda peer: peer.to_bytes())
+                leader = min(ready - excluded, key=lambda peer: self.rank(round_number, peer))
             if leader == self.peer_id:
                 outcome = await self._lead(round_number, weight, expected, deadline, excluded)
                 if isinstance(outcome, Group):
@@ -92,6 +102,9 @@ class Matchmaker:
                 logger.info(f"leader {leader} of round {round_number} unavailable ({code}: {payload}); trying another")
                 excluded.add(leader)
         raise RoundMissed(f"no group for round {round_number} before the deadline")
+
+    def rank(self, round_number: int, peer: PeerID) -> bytes:
+        return leader_rank(self.run_id, round_number, peer)
 
     def forget(self, round_number: int) -> None:
         """Drop the bookkeeping of rounds up to ``round_number``."""
@@ -158,10 +171,11 @@ class Matchmaker:
         while True:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + READY_RECHECK
+                mine = self.rank(round_number, self.peer_id)
                 smaller = [peer for peer in await self._ready_peers(round_number)
-                           if peer.to_bytes() < self.peer_id.to_bytes() and peer not in excluded]
+                           if self.rank(round_number, peer) < mine and peer not in excluded]
                 if smaller:
-                    lead.redirect = min(smaller, key=lambda peer: peer.to_bytes())
+                    lead.redirect = min(smaller, key=lambda peer: self.rank(round_number, peer))
                     del self._leading[round_number]
                     lead.done.set()
                     return lead.redirect
@@ -206,7 +220,7 @@ class Matchmaker:
         weights = tuple(float(w) for w in fields["weights"])
         if self.peer_id not in members or list(members) != sorted(members, key=lambda peer: peer.to_bytes()):
             raise wire.ProtocolError("a group that does not include this peer, or is not sorted")
-        if len(weights) != len(members) or not all(w >= 0 for w in weights):
+        if len(weights) != len(members) or not all(0 <= w <= MAX_WEIGHT for w in weights):
             raise wire.ProtocolError("a group whose weights do not match its members")
         return Group(round_number, bytes(fields["group_id"]), members, members.index(self.peer_id), weights)
 

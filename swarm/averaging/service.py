@@ -25,7 +25,7 @@ from hivemind.utils.asyncio import aiter_with_timeout
 
 from swarm.averaging import wire
 from swarm.averaging.allreduce import AllreduceResult, run_allreduce
-from swarm.averaging.group import Group
+from swarm.averaging.group import MAX_WEIGHT, Group
 from swarm.averaging.matchmaking import Matchmaker
 from swarm.averaging.outbox import Outbox
 from swarm.compression.payloads import decode_payload
@@ -128,7 +128,7 @@ class AveragingService(ServicerBase):
         try:
             fields = wire.metadata_of(request)
             round_number, weight = int(fields["round"]), float(fields["weight"])
-            if not (round_number >= 0 and 0 <= weight < float("inf")):
+            if not (round_number >= 0 and 0 <= weight <= MAX_WEIGHT):
                 raise ValueError("out of range")
         except (wire.ProtocolError, KeyError, TypeError, ValueError):
             yield wire.response(error="malformed join request")
