@@ -57,7 +57,7 @@ def payload_bytes(codec: str) -> int:
     import torch
     from hivemind.compression import CompressionInfo
 
-    from swarm.compression import make_codec
+    from swarm.compression.registry import make_codec
 
     x = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
     return len(make_codec(codec).compress(x, CompressionInfo.from_tensor(x)).buffer)

@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.netlab import interface_bytes, process_tree_cpu  # noqa: E402
 from peers.lifecycle import set_log_peer, setup_logging  # noqa: E402
 from swarm.averaging.group import RoundMissed  # noqa: E402
+from swarm.averaging.averager import Averager  # noqa: E402
 from swarm.averaging.service import AveragingService  # noqa: E402
 from swarm.compression.plan import CompressionPlan  # noqa: E402
+from swarm.compression.registry import wire_codecs  # noqa: E402
 from swarm.config.schema import AveragingConfig, NetworkConfig  # noqa: E402
 from swarm.net.dht import start_dht, visible_maddrs  # noqa: E402
 from swarm.train.rounds import RoundTracker  # noqa: E402
@@ -49,7 +51,7 @@ def contribution(index: int, round_number: int, numel: int) -> torch.Tensor:
     return torch.randn(numel, generator=generator)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen", default="127.0.0.1")
@@ -71,28 +73,29 @@ def main() -> None:
     parser.add_argument("--nan-at-round", type=int, default=-1, help="contribute NaN in this round (a broken peer)")
     parser.add_argument("--rogue", action="store_true",
                         help="skip this peer's own NaN check, as a hostile or buggy peer would, so NaN goes out")
-    args = parser.parse_args()
-    if args.rogue:  # this process plays a peer running different code: it sends whatever it has
-        import swarm.averaging.allreduce as allreduce_module
+    return parser.parse_args()
 
-        allreduce_module._decode = lambda payload, numel: deserialize_torch_tensor(payload).reshape(-1).float()
 
+def main() -> None:
+    args = _parse_args()
     setup_logging(f"averager{args.index}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     torch.set_num_threads(1)
-    network = NetworkConfig(listen_host=args.listen, initial_peers=args.initial_peers, bootstrap_timeout=30)
     codecs = [name.strip() for name in args.compression.split(",") if name.strip()]
-    plans = {name: CompressionPlan(AveragingConfig(compression=name)) for name in codecs}
-    dht = start_dht(network)
+    plans = {name: CompressionPlan(codec=name) for name in codecs}
+    dht = start_dht(NetworkConfig(listen_host=args.listen, initial_peers=args.initial_peers, bootstrap_timeout=30))
     set_log_peer(f"averager{args.index}", str(dht.peer_id))
     if args.address_file:
         args.address_file.write_text(json.dumps({"maddrs": visible_maddrs(dht)}))
-    service = AveragingService(dht=dht, run_id="bench", chunk_timeout=args.chunk_timeout,
-                               request_timeout=args.request_timeout).start()
+    averaging = AveragingConfig(compression=codecs[0], chunk_timeout=args.chunk_timeout,
+                                request_timeout=args.request_timeout, averaging_timeout=args.round_timeout)
+    # a rogue plays a peer running other code: it sends whatever it has, NaN included
+    averager = Averager(dht=dht, run_id="bench", averaging=averaging, check_own_input=not args.rogue,
+                        accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)))
     fetches: list[dict] = []
     if args.trace:
-        _trace_fetches(service, fetches)
+        _trace_fetches(averager.service, fetches)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -108,71 +111,62 @@ def main() -> None:
                 break
             codec = codecs[max(0, round_number - args.warmup) // args.rounds]
             tracker.report(round_number, 1)
-            mine = contribution(args.index, round_number, numel)
-            if round_number == args.nan_at_round:
-                mine[::7] = float("nan")
-            status = {"state": "matchmaking", "round": round_number, "time": time.time()}
-            args.status.write_text(json.dumps(status))
-            record = {"round": round_number, "index": args.index, "me": _index_of(dht.peer_id), "codec": codec}
-            if round_number < args.warmup:
-                record["warmup"] = True
-            matchmaking_started = time.perf_counter()
-            try:
-                group = service.form_group(round_number, weight=1.0, expected=lambda: tracker.expected(round_number),
-                                           timeout=args.round_timeout)
-            except RoundMissed as e:
-                record.update(ok=False, error=str(e), ended_at=time.time())
-                _append(args.out, record)
-                continue
-            record["matchmaking_seconds"] = time.perf_counter() - matchmaking_started
-            args.status.write_text(json.dumps({"state": "allreduce", "round": round_number, "time": time.time(),
-                                               "group_size": group.size}))
-            fetches.clear()
-            wire_before, cpu_before = interface_bytes(), process_tree_cpu()
-            started_at, started = time.time(), time.perf_counter()
-            outcome: dict = {}
-
-            def allreduce(tensors, phase, choose_codec):
-                result = service.allreduce(group, tensors, weight=1.0, phase=phase, choose_codec=choose_codec,
-                                           timeout=args.round_timeout)
-                outcome.update(missing=result.missing_parts, sent=result.bytes_sent, received=result.bytes_received,
-                               contributors=result.contributors)
-                return result.tensors, result.sent
-
-            try:
-                averaged = plans[codec].average([mine], allreduce)[0]
-            except Exception as e:  # recorded: the benchmark counts failed rounds
-                record.update(ok=False, group_size=group.size, error=repr(e), seconds=time.perf_counter() - started,
-                              started_at=started_at, ended_at=time.time())
-                _append(args.out, record)
-                continue
-            finally:
-                service.finish_group(group)
-            seconds, ended_at = time.perf_counter() - started, time.time()
-            wire_after, cpu_after = interface_bytes(), process_tree_cpu()
-            members = [_index_of(peer) for peer in group.members]
-            if args.dump:
-                args.dump.mkdir(parents=True, exist_ok=True)
-                torch.save(averaged, args.dump / f"round{round_number}.pt")
-            record.update(
-                ok=True, group_size=group.size, seconds=seconds, started_at=started_at, ended_at=ended_at,
-                finite=bool(torch.isfinite(averaged).all()),
-                hash=hashlib.sha256(averaged.numpy().tobytes()).hexdigest()[:16],
-                bytes_sent=outcome.get("sent", 0), bytes_received=outcome.get("received", 0),
-                wire_sent=wire_after[0] - wire_before[0], wire_received=wire_after[1] - wire_before[1],
-                cpu={name: round(cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0), 3) for name in cpu_after},
-                missing_parts=outcome.get("missing", []), members=members, numel=numel,
-            )
-            if args.trace:
-                record["fetches"] = [{**item, "start": item["start"] - started, "end": item["end"] - started}
-                                     for item in fetches]
-            _append(args.out, record)
+            record = _round(args, averager, plans[codec], tracker, round_number, numel, fetches)
+            _append(args.out, {"codec": codec, **record})
         args.status.write_text(json.dumps({"state": "done", "time": time.time()}))
     finally:
         tracker.shutdown()
-        service.shutdown()
+        averager.shutdown()
         dht.shutdown()
     os._exit(0)
+
+
+def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracker, round_number: int,
+           numel: int, fetches: list[dict]) -> dict:
+    """One round: matchmaking, then the all-reduce through ``plan``; returns its JSON record."""
+    mine = contribution(args.index, round_number, numel)
+    if round_number == args.nan_at_round:
+        mine[::7] = float("nan")
+    args.status.write_text(json.dumps({"state": "matchmaking", "round": round_number, "time": time.time()}))
+    record = {"round": round_number, "index": args.index, "me": _index_of(averager.service.peer_id)}
+    if round_number < args.warmup:
+        record["warmup"] = True
+    matchmaking_started = time.perf_counter()
+    try:
+        group = averager.form_group(round_number, weight=1.0, expected=lambda: tracker.expected(round_number))
+    except (RoundMissed, TimeoutError) as e:
+        return {**record, "ok": False, "error": str(e), "ended_at": time.time()}
+    record["matchmaking_seconds"] = time.perf_counter() - matchmaking_started
+    args.status.write_text(json.dumps({"state": "allreduce", "round": round_number, "time": time.time(),
+                                       "group_size": group.size}))
+    fetches.clear()
+    wire_before, cpu_before = interface_bytes(), process_tree_cpu()
+    started_at, started = time.time(), time.perf_counter()
+    try:
+        averaged = averager.reduce(group, [mine], weight=1.0, plan=plan)[0]
+    except Exception as e:  # recorded: the benchmark counts failed rounds
+        return {**record, "ok": False, "group_size": group.size, "error": repr(e),
+                "seconds": time.perf_counter() - started, "started_at": started_at, "ended_at": time.time()}
+    seconds, ended_at = time.perf_counter() - started, time.time()
+    wire_after, cpu_after = interface_bytes(), process_tree_cpu()
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        torch.save(averaged, args.dump / f"round{round_number}.pt")
+    result = averager.last_result
+    record.update(
+        ok=True, group_size=group.size, seconds=seconds, started_at=started_at, ended_at=ended_at,
+        finite=bool(torch.isfinite(averaged).all()),
+        hash=hashlib.sha256(averaged.numpy().tobytes()).hexdigest()[:16],
+        bytes_sent=result.bytes_sent if result else 0, bytes_received=result.bytes_received if result else 0,
+        wire_sent=wire_after[0] - wire_before[0], wire_received=wire_after[1] - wire_before[1],
+        cpu={name: round(cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0), 3) for name in cpu_after},
+        missing_parts=result.missing_parts if result else [], members=[_index_of(peer) for peer in group.members],
+        numel=numel,
+    )
+    if args.trace:
+        record["fetches"] = [{**item, "start": item["start"] - started, "end": item["end"] - started}
+                             for item in fetches]
+    return record
 
 
 def _trace_fetches(service: AveragingService, log: list[dict]) -> None:

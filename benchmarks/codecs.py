@@ -1,13 +1,14 @@
 """Codec benchmark: bytes ratio, error and encode+decode time of every codec, next to hivemind's own.
 
-    .venv/bin/python benchmarks/codecs.py [--reps 7] [--out benchmarks/results/codecs.json]
+    .venv/bin/python -m benchmarks.codecs [--reps 7] [--out benchmarks/results/codecs.json]
 
 Inputs are N(0, 1) fp32: a vector of 4M values and a 2048 x 2048 matrix (also 4M values). Rows:
 - ``hivemind``: hivemind 1.1.12's built-in codecs used raw (serialize_torch_tensor +
   deserialize_torch_tensor with a CompressionType): the baseline, measured in the same run;
 - ``swarm``: our codec by name (make_codec), encoded and decoded by a receiver;
-- ``swarm+EF``: the same through ErrorFeedback (which also decodes its own payload and keeps a
-  residual), plus the receiver's decode;
+- ``swarm+EF``: the same through the compression plan with error feedback, as training sends it (the
+  plan adds the residual, the sender also decodes its own payload to keep the new residual), plus the
+  receiver's decode; one peer, so the all-reduce is the identity;
 - ``powersgd``: PowerSGD.average on the matrix with error feedback, one peer (the all-reduce is the
   identity), so the time is the compression math alone; its bytes ratio is (n + m) r / (n m).
 
@@ -37,7 +38,9 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
-from swarm.compression import PER_TENSOR_CODEC_NAMES, ErrorFeedback, PowerSGD, make_codec
+from swarm.compression.plan import CompressionPlan
+from swarm.compression.powersgd import PowerSGD
+from swarm.compression.registry import PER_TENSOR_CODEC_NAMES, make_codec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "codecs.json"
 HIVEMIND_TYPES = {  # our name -> the hivemind CompressionType it is compared with
@@ -84,14 +87,21 @@ def swarm_run(name: str) -> Run:
 
 
 def error_feedback_run(name: str) -> Run:
-    feedback = ErrorFeedback(make_codec(name))
+    plan = CompressionPlan(codec=name, error_feedback=True)
+    wire: dict = {}
+
+    def one_peer_allreduce(tensors, phase, choose_codec):
+        payloads = [choose_codec(t).compress(t, CompressionInfo.from_tensor(t)) for t in tensors]
+        sent = [deserialize_torch_tensor(payload) for payload in payloads]  # the sender's own decode
+        wire.update(bytes=sum(payload.ByteSize() for payload in payloads), payload=payloads[0])
+        return sent, sent
 
     def run(x):
         start = time.perf_counter()
-        payload, _ = feedback.compress(0, x)  # encode, decode our own payload, update the residual
+        plan.average([x], one_peer_allreduce)  # residual in, encode, own decode, residual update
         middle = time.perf_counter()
-        decoded = deserialize_torch_tensor(payload)  # what the receiver does
-        return decoded, payload.ByteSize(), middle - start, time.perf_counter() - middle
+        decoded = deserialize_torch_tensor(wire["payload"])  # what the receiver does
+        return decoded, wire["bytes"], middle - start, time.perf_counter() - middle
 
     return run
 

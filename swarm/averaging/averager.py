@@ -8,7 +8,7 @@ benchmark peer) says only what to average, with which weight and among whom.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import hivemind
 import torch
@@ -37,9 +37,12 @@ class Averager:
       codec, error feedback, chunk, request and round timeouts.
     :param check_own_input: refuse to send this peer's own NaN/Inf (it abstains instead). False only
       in a fault-injection harness that plays a broken peer.
+    :param accepted_codecs: payload formats accepted from others; by default those of
+      ``averaging.compression`` (a benchmark that cycles codecs passes them all).
     """
 
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True):
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
+                 accepted_codecs: Collection[str] | None = None):
         self.averaging = averaging
         self.counters = Counters()
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
@@ -47,7 +50,7 @@ class Averager:
                                     adaptive_threshold=averaging.adaptive_threshold)
         self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
                                         request_timeout=averaging.request_timeout,
-                                        accepted_codecs=wire_codecs(averaging.compression),
+                                        accepted_codecs=accepted_codecs or wire_codecs(averaging.compression),
                                         check_own_input=check_own_input).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
@@ -59,27 +62,39 @@ class Averager:
         A round that finds no partner, or fails, returns this peer's own tensors (zeros if they hold
         NaN/Inf), counted as a failed round; the caller's state sync then repairs any difference.
         """
-        timeout, group = self.averaging.averaging_timeout, None
-        self.last_result = None
         if not check_finite(tensors):
             self.counters.nonfinite_updates += 1  # the all-reduce makes this peer abstain; logged there
         try:
-            group = self.service.form_group(round_number, weight=weight, expected=expected, timeout=timeout)
-            self.last_group = group
+            group = self.form_group(round_number, weight=weight, expected=expected)
             if group.size == 1:
+                self.service.finish_group(group)
                 return Averaged(self.alone(tensors, round_number), group.total_weight, 1)
-            averaged = self.plan.average(tensors, lambda parts, phase, choose: self._allreduce(group, parts, weight,
-                                                                                              phase, choose))
-            self.counters.rounds_ok += 1
-            return Averaged(averaged, group.total_weight, group.size)
+            return Averaged(self.reduce(group, tensors, weight=weight), group.total_weight, group.size)
         except (RoundMissed, TimeoutError) as e:
             logger.warning(f"round {round_number}: averaging failed ({e}); applying this peer's own update, "
                            f"to be replaced by the swarm's state if it differs")
             self.counters.rounds_failed += 1
             return Averaged(self.alone(tensors, round_number), weight, 1)
+
+    def form_group(self, round_number: int, *, weight: float, expected: Callable[[], set[PeerID]]) -> Group:
+        """This round's group (raises :class:`RoundMissed` or ``TimeoutError``); pass it to :meth:`reduce`."""
+        self.last_result = None
+        group = self.service.form_group(round_number, weight=weight, expected=expected,
+                                        timeout=self.averaging.averaging_timeout)
+        self.last_group = group
+        return group
+
+    def reduce(self, group: Group, tensors: list[torch.Tensor], *, weight: float,
+               plan: CompressionPlan | None = None) -> list[torch.Tensor]:
+        """Average ``tensors`` within ``group`` through ``plan`` (default: this averager's), then release
+        the group; raises if the all-reduce fails."""
+        try:
+            averaged = (plan or self.plan).average(
+                tensors, lambda parts, phase, choose: self._allreduce(group, parts, weight, phase, choose))
         finally:
-            if group is not None:
-                self.service.finish_group(group)
+            self.service.finish_group(group)
+        self.counters.rounds_ok += 1
+        return averaged
 
     def alone(self, tensors: list[torch.Tensor], round_number: int) -> list[torch.Tensor]:
         """A group of one (or a peer cut off): its own tensors, minus anything non-finite."""
