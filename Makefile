@@ -32,4 +32,4 @@ join: $(STAMP)
 		--set network.identity_path=$(HOME)/.swarm/peer.key --set checkpoint.resume=auto $(ARGS)
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/run_all.py $(BENCH_ARGS)
+	$(VENV)/bin/python -m benchmarks.run_all $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 """All-reduce benchmark over emulated links: swarm's all-reduce per codec next to torch.distributed (gloo).
 
-    sudo .venv/bin/python benchmarks/allreduce_links.py [--sizes 2,4] [--rounds 4] [--quick]
+    sudo .venv/bin/python -m benchmarks.allreduce_links [--sizes 2,4] [--rounds 4] [--quick]
 
 N peers (``--sizes``), each in its own network namespace on a bridge, every link capped at 100 Mbit/s
 in both directions (``tbf rate 100mbit burst 64kb latency 50ms``, see ``netlab.py``), all-reduce
@@ -30,12 +30,9 @@ from collections import defaultdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file
+from benchmarks.report import environment, markdown_table, median, span, write_json
 
-from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file  # noqa: E402
-from benchmarks.report import environment, markdown_table, median, span, write_json  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 NUMEL = 4 * 2**20  # 16 MiB of fp32
 RATE_BITS = 100e6
 LINK = dict(rate="100mbit", burst="64kb", latency="50ms")
@@ -71,7 +68,7 @@ def start_averagers(lab: Lab, work: Path, hosts: list[int], args: list[str], *, 
     address = work / "address.json"
 
     def command(host: int, extra: list[str]) -> list[str]:
-        return [python, str(HERE / "allreduce_peer.py"), "--index", str(host), "--listen", lab.ip(host),
+        return [python, "-m", "benchmarks.allreduce_peer", "--index", str(host), "--listen", lab.ip(host),
                 "--out", str(work / f"p{host}.jsonl"), "--status", str(work / f"s{host}.json"), *extra, *args]
 
     procs[first] = lab.popen(first, command(first, ["--address-file", str(address)]), log=work / f"p{first}.log")
@@ -116,7 +113,7 @@ def run_swarm(n: int, codecs: list[str], rounds: int, work: Path, timeout: float
 
 def run_gloo(n: int, dtypes: list[str], rounds: int, work: Path, timeout: float) -> list[dict]:
     with Lab(n, **LINK) as lab:
-        procs = [lab.popen(rank, [sys.executable, str(HERE / "gloo_peer.py"), "--rank", str(rank), "--world", str(n),
+        procs = [lab.popen(rank, [sys.executable, "-m", "benchmarks.gloo_peer", "--rank", str(rank), "--world", str(n),
                                   "--master", lab.ip(0), "--rounds", str(rounds), "--dtypes", ",".join(dtypes),
                                   "--out", str(work / f"g{rank}.jsonl")],
                            log=work / f"g{rank}.log", env={"GLOO_SOCKET_IFNAME": "eth0"}) for rank in range(n)]

@@ -8,8 +8,8 @@ seconds this peer's processes (the peer, its DHT process, ``p2pd``) spent during
 Before each all-reduce it writes ``{"state": "allreduce", ...}`` to ``--status`` so a fault injector
 knows when to strike.
 
-    python benchmarks/allreduce_peer.py --index 0 --listen 127.0.0.1 --out p0.jsonl --status p0.json
-    python benchmarks/allreduce_peer.py --index 1 --initial-peers /ip4/.../p2p/... --out p1.jsonl ...
+    python -m benchmarks.allreduce_peer --index 0 --listen 127.0.0.1 --out p0.jsonl --status p0.json
+    python -m benchmarks.allreduce_peer --index 1 --initial-peers /ip4/.../p2p/... --out p1.jsonl ...
 
 ``--compression none,fp16`` runs ``--rounds`` rounds with each codec in turn (round numbers go on),
 after ``--warmup`` rounds (connections are set up in the first one) that are marked as such.
@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,18 +31,16 @@ from pathlib import Path
 import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.netlab import interface_bytes, process_tree_cpu  # noqa: E402
-from peers.lifecycle import set_log_peer, setup_logging  # noqa: E402
-from swarm.averaging.group import RoundMissed  # noqa: E402
-from swarm.averaging.averager import Averager  # noqa: E402
-from swarm.averaging.service import AveragingService  # noqa: E402
-from swarm.compression.plan import CompressionPlan  # noqa: E402
-from swarm.compression.registry import wire_codecs  # noqa: E402
-from swarm.config.schema import AveragingConfig, NetworkConfig  # noqa: E402
-from swarm.net.dht import start_dht, visible_maddrs  # noqa: E402
-from swarm.train.rounds import RoundTracker  # noqa: E402
+from benchmarks.netlab import interface_bytes, process_tree_cpu
+from peers.lifecycle import set_log_peer, setup_logging
+from swarm.averaging.group import RoundMissed
+from swarm.averaging.averager import Averager
+from swarm.averaging.service import AveragingService
+from swarm.compression.plan import CompressionPlan
+from swarm.compression.registry import wire_codecs
+from swarm.config.schema import AveragingConfig, NetworkConfig
+from swarm.net.dht import start_dht, visible_maddrs
+from swarm.train.rounds import RoundTracker
 
 
 def contribution(index: int, round_number: int, numel: int) -> torch.Tensor:

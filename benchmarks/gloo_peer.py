@@ -1,7 +1,7 @@
 """One torch.distributed (gloo) rank doing all_reduce rounds on a tensor: the baseline of the all-reduce
 benchmark, run in the same namespaces over the same links as swarm's peers.
 
-    GLOO_SOCKET_IFNAME=eth0 python benchmarks/gloo_peer.py --rank 0 --world 2 --master 10.1.0.1 --out r0.jsonl
+    GLOO_SOCKET_IFNAME=eth0 python -m benchmarks.gloo_peer --rank 0 --world 2 --master 10.1.0.1 --out r0.jsonl
 
 Each round: a barrier, then one ``all_reduce`` (sum) of ``--megabytes`` of fp32, timed; the kernel's
 interface byte counters are read around the all_reduce alone. ``--dtypes float32,float16`` runs
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,9 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.netlab import interface_bytes, process_tree_cpu  # noqa: E402
+from benchmarks.netlab import interface_bytes, process_tree_cpu
 
 
 def main() -> None:

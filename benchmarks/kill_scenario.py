@@ -1,6 +1,6 @@
 """The kill scenario, repeated: one of three averaging peers fails 0.5 s into an all-reduce.
 
-    sudo .venv/bin/python benchmarks/kill_scenario.py [--kill-trials 10] [--link-trials 5] [--quick]
+    sudo .venv/bin/python -m benchmarks.kill_scenario [--kill-trials 10] [--link-trials 5] [--quick]
 
 Set up as /work/shared/BASELINES.md measured plain hivemind 1.1.12, so the numbers compare: 3 peers
 (``allreduce_peer.py``), each in its own network namespace on a bridge, links capped with
@@ -29,11 +29,9 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.allreduce_links import read_records, start_averagers, wait_all  # noqa: E402
-from benchmarks.netlab import Lab, available, kill_group, load_average  # noqa: E402
-from benchmarks.report import environment, markdown_table, span, write_json  # noqa: E402
+from benchmarks.allreduce_links import read_records, start_averagers, wait_all
+from benchmarks.netlab import Lab, available, kill_group, load_average
+from benchmarks.report import environment, markdown_table, span, write_json
 
 LINK = dict(rate="100mbit", burst="64kb", latency="200ms")
 CHUNK_TIMEOUT, REQUEST_TIMEOUT, ROUND_TIMEOUT = 5.0, 3.0, 60.0

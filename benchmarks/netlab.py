@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 from peers.processes import read_json
 
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks run as modules (python -m benchmarks.X) from here
+
 
 class LabError(RuntimeError):
     pass
@@ -137,7 +139,7 @@ class Lab:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns(host), *args], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         self.procs.append(proc)

@@ -1,7 +1,7 @@
 """The references of the training benchmark: the debug model trained without swarm, in one process or with DDP.
 
-    python benchmarks/reference_trainer.py --config configs/debug.yaml --samples 4800 --accum 12 --out a.json
-    GLOO_SOCKET_IFNAME=eth0 python benchmarks/reference_trainer.py ... --world 3 --rank 0 --master 10.1.0.1 --accum 4
+    python -m benchmarks.reference_trainer --config configs/debug.yaml --samples 4800 --accum 12 --out a.json
+    GLOO_SOCKET_IFNAME=eth0 python -m benchmarks.reference_trainer ... --world 3 --rank 0 --master 10.1.0.1 --accum 4
 
 Model, data, initial weights, held-out set, optimizer and warm-up are the library's, as a swarm
 trainer builds them from the same config (``swarm.train.model.ByteGPT``, ``swarm.train.data.load_dataset``,
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import zlib
 from contextlib import nullcontext
@@ -31,12 +30,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from swarm.config.loading import load_config  # noqa: E402
-from swarm.train.data import load_dataset  # noqa: E402
-from swarm.train.model import ByteGPT  # noqa: E402
-from swarm.train.sync import inner_optimizer_factory, warmup_scheduler_factory  # noqa: E402
+from swarm.config.loading import load_config
+from swarm.train.data import load_dataset
+from swarm.train.model import ByteGPT
+from swarm.train.sync import inner_optimizer_factory, warmup_scheduler_factory
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python benchmarks/run_all.py [--quick] [--only codecs,allreduce,training,kill]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -25,10 +25,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name -> (script, arguments for --quick)
-    "codecs": ("codecs.py", ["--reps", "3"]),
-    "allreduce": ("allreduce_links.py", ["--quick"]),
-    "training": ("training.py", ["--quick"]),
-    "kill": ("kill_scenario.py", ["--quick"]),
+    "codecs": ("codecs", ["--reps", "3"]),
+    "allreduce": ("allreduce_links", ["--quick"]),
+    "training": ("training", ["--quick"]),
+    "kill": ("kill_scenario", ["--quick"]),
 }
 
 
@@ -46,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for name in chosen:
         script, quick = BENCHMARKS[name]
-        command = [sys.executable, str(HERE / script), *(quick if args.quick else [])]
+        command = [sys.executable, "-m", f"benchmarks.{script}", *(quick if args.quick else [])]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         t0 = time.monotonic()
-        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress) goes through
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)  # stderr (progress) goes through
         print(result.stdout, flush=True)
         seconds = time.monotonic() - t0
         if result.returncode != 0:
             failures.append(name)
         sections.append(f"## {name} ({seconds / 60:.1f} min{', FAILED' if result.returncode else ''})\n\n"
-                        f"`{' '.join(['python', 'benchmarks/' + script, *command[2:]])}`\n\n{result.stdout.strip()}\n")
+                        f"`{' '.join(['python', *command[1:]])}`\n\n{result.stdout.strip()}\n")
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(f"# Benchmarks{' (quick)' if args.quick else ''}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
                            + "\n".join(sections))

@@ -1,7 +1,7 @@
 """Training benchmark: the debug model to the same number of samples, trained seven ways; held-out loss and
 bytes sent per sample.
 
-    sudo .venv/bin/python benchmarks/training.py [--samples 4800] [--quick]
+    sudo .venv/bin/python -m benchmarks.training [--samples 4800] [--quick]
 
 Configurations (``configs/debug.yaml``: ~0.87M parameters, batch 16, swarm epoch = 192 samples):
 - ``local b192``: one process, each step the average of 12 clipped batches of 16 (the swarm's
@@ -38,11 +38,9 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.allreduce_links import wait_all  # noqa: E402
-from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file  # noqa: E402
-from benchmarks.report import environment, markdown_table, median, write_json  # noqa: E402
+from benchmarks.allreduce_links import wait_all
+from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file
+from benchmarks.report import environment, markdown_table, median, write_json
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "debug.yaml"
@@ -139,10 +137,10 @@ def loss_at(curve: list[tuple[int, float]], samples: int) -> Optional[float]:
 
 def run_local(options: dict, samples: int, work: Path, timeout: float) -> dict:
     out = work / "result.json"
-    command = [sys.executable, str(HERE / "reference_trainer.py"), "--config", str(CONFIG), "--samples", str(samples),
+    command = [sys.executable, "-m", "benchmarks.reference_trainer", "--config", str(CONFIG), "--samples", str(samples),
                "--accum", str(options["accum"]), "--out", str(out)] + (["--warmup"] if options["warmup"] else [])
     with open(work / "log.txt", "wb") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False, cwd=HERE.parent)
     if not out.exists():
         return dict(error=f"no result; see {work / 'log.txt'}")
     result = json.loads(out.read_text())
@@ -156,7 +154,7 @@ def run_ddp(options: dict, samples: int, work: Path, timeout: float) -> dict:
         sampler = Sampler(lab, list(range(TRAINERS)), [status])
         sampler.start()
         procs = [lab.popen(rank, [
-            sys.executable, str(HERE / "reference_trainer.py"), "--config", str(CONFIG), "--samples", str(samples),
+            sys.executable, "-m", "benchmarks.reference_trainer", "--config", str(CONFIG), "--samples", str(samples),
             "--accum", str(options["accum"]), "--world", str(TRAINERS), "--rank", str(rank), "--master", lab.ip(0),
             "--out", str(out), "--status", str(status)] + (["--warmup"] if options["warmup"] else []),
             log=work / f"rank{rank}.log", env={"GLOO_SOCKET_IFNAME": "eth0"}) for rank in range(TRAINERS)]

@@ -22,7 +22,7 @@ class PeerProcess:
     to ``log_path``."""
 
     def __init__(self, name: str, args: Sequence[str], *, log_path: Path, env: Optional[dict] = None,
-                 program: Sequence[str] = (sys.executable, "-m", "peers")):
+                 program: Sequence[str] = (sys.executable, "-m", "peers"), cwd: Optional[Path] = None):
         self.name, self.args, self.log_path = name, list(args), Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -32,6 +32,7 @@ class PeerProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                cwd=cwd,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         self.pid = self.proc.pid

@@ -1,13 +1,12 @@
 """The all-reduce under faults, with real averaging peers as real processes on 127.0.0.1.
 
-Each peer is ``benchmarks/allreduce_peer.py``: rounds of swarm's all-reduce on a known per-peer tensor,
+Each peer is ``python -m benchmarks.allreduce_peer``: rounds of swarm's all-reduce on a known per-peer tensor,
 one JSON line per round. Faults come through seams: SIGKILL of a peer's process group mid-round, a
 peer whose update holds NaN, and a rogue peer that sends NaN past its own check.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -16,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import allreduce_peer as harness
 from conftest import REPO
-from swarm.averaging.group import slice_bounds
 from peers.processes import PeerProcess, read_json, wait_for
+from swarm.averaging.group import slice_bounds
 
-HARNESS = REPO / "benchmarks" / "allreduce_peer.py"
-spec = importlib.util.spec_from_file_location("allreduce_peer", HARNESS)
-harness = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(harness)
+HARNESS = (sys.executable, "-m", "benchmarks.allreduce_peer")
 
 
 class Averagers:
@@ -37,7 +34,7 @@ class Averagers:
         else:
             args += ["--initial-peers", initial]
         peer = PeerProcess(f"averager{index}", [*args, *extra], log_path=self.workdir / f"averager{index}.log",
-                           program=(sys.executable, str(HARNESS)))
+                           program=HARNESS, cwd=REPO)
         self.peers.append(peer)
         return peer
 
