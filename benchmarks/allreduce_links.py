@@ -236,7 +236,7 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2,4", help="numbers of peers, comma-separated")
     parser.add_argument("--codecs", default="none,fp16,blockwise8")
@@ -250,7 +250,30 @@ def main(argv: list[str] | None = None) -> int:
                              "(ratios still use the 100 Mbit/s bound)")
     parser.add_argument("--egress-only", action="store_true",
                         help="cap only what each host sends (diagnostic: no second bottleneck toward the receiver)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _measure(sizes: list[int], codecs: list[str], rounds: int, root: Path, timeout: float,
+             payloads: dict) -> tuple[list[dict], list[float]]:
+    """gloo then swarm at each size; returns (table rows, load averages seen)."""
+    rows, loads = [], []
+    for n in sizes:
+        for impl in ("gloo", "swarm"):
+            work = root / f"{impl}{n}"
+            work.mkdir(parents=True, exist_ok=True)
+            loads.append(load_average()[0])
+            t0 = time.monotonic()
+            if impl == "gloo":
+                rows += summarize_gloo(n, run_gloo(n, ["float32", "float16"], rounds, work, timeout), payloads)
+            else:
+                rows += summarize_swarm(n, run_swarm(n, codecs, rounds, work, timeout), payloads)
+            print(f"measured {impl} N={n} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})",
+                  file=sys.stderr, flush=True)
+    return rows, loads
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     LINK["rate"] = None if args.rate == "none" else args.rate
     if args.egress_only:
         LINK["egress_only"] = True
@@ -260,27 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds = 2 if args.quick else args.rounds
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    sizes = [int(s) for s in args.sizes.split(",")]
     env = environment()
     payloads = {codec: payload_bytes(codec) for codec in dict.fromkeys(codecs + ["none", "fp16"])}
-    rows, loads = [], []
     started = time.monotonic()
     with TemporaryDirectory(prefix="swb-allreduce-") as tmp:
-        root = args.keep or Path(tmp)
-        for n in sizes:
-            for impl in ("gloo", "swarm"):
-                work = root / f"{impl}{n}"
-                work.mkdir(parents=True, exist_ok=True)
-                loads.append(load_average()[0])
-                t0 = time.monotonic()
-                if impl == "gloo":
-                    records = run_gloo(n, ["float32", "float16"], rounds, work, args.timeout)
-                    rows += summarize_gloo(n, records, payloads)
-                else:
-                    records = run_swarm(n, codecs, rounds, work, args.timeout)
-                    rows += summarize_swarm(n, records, payloads)
-                print(f"measured {impl} N={n} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})",
-                      file=sys.stderr, flush=True)
+        rows, loads = _measure([int(s) for s in args.sizes.split(",")], codecs, rounds, args.keep or Path(tmp),
+                               args.timeout, payloads)
     print(markdown_table(["setting", "value"], [
         ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, "
                   f"{'egress only' if LINK.get('egress_only') else 'both directions'}"

@@ -25,6 +25,7 @@ import time
 import zlib
 from contextlib import nullcontext
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from swarm.train.model import ByteGPT
 from swarm.train.sync import inner_optimizer_factory, warmup_scheduler_factory
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--samples", type=int, required=True, help="samples to train on, all ranks together")
@@ -48,8 +49,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=29501)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--status", type=Path, help="rank 0 keeps {samples, step, finished} here, updated every step")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = _parse_args()
     config = load_config(args.config)
     torch.set_num_threads(config.training.threads or 1)
     batch, seq_len = config.training.batch_size, config.model.seq_len
@@ -61,14 +65,11 @@ def main() -> None:
     if ddp:
         dist.init_process_group("gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank,
                                 world_size=args.world, timeout=timedelta(seconds=300))
-        module = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        module = model
+    module = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     optimizer = inner_optimizer_factory(config.optimizer)(model.parameters())
-    make_scheduler = warmup_scheduler_factory(config.optimizer) if args.warmup else None
-    scheduler = make_scheduler(optimizer) if make_scheduler else None
+    scheduler = warmup_scheduler_factory(config.optimizer)(optimizer) if args.warmup else None
     generator = torch.Generator().manual_seed(config.training.seed * 1_000_003 + args.rank)
-    clip = config.optimizer.grad_clip
+    sample = partial(dataset.sample_batch, batch, seq_len, generator)
     per_step = batch * args.accum * args.world
     steps = -(-args.samples // per_step)
     started = time.perf_counter()
@@ -76,24 +77,9 @@ def main() -> None:
     for step in range(steps):
         model.train()
         if ddp:
-            for micro in range(args.accum):
-                with module.no_sync() if micro < args.accum - 1 else nullcontext():
-                    inputs, targets = dataset.sample_batch(batch, seq_len, generator)
-                    (loss_of(module, inputs, targets) / args.accum).backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            ddp_gradient(module, model, sample, args.accum, config.optimizer.grad_clip)
         else:
-            totals = [torch.zeros_like(p) for p in model.parameters()]
-            for _micro in range(args.accum):
-                inputs, targets = dataset.sample_batch(batch, seq_len, generator)
-                model.loss(inputs, targets).backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                for total, p in zip(totals, model.parameters()):
-                    total.add_(p.grad)
-                    p.grad = None
-            for total, p in zip(totals, model.parameters()):
-                p.grad = total / args.accum
+            local_gradient(model, sample, args.accum, config.optimizer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -110,6 +96,32 @@ def main() -> None:
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def ddp_gradient(module, model: ByteGPT, sample, accum: int, clip: float | None) -> None:
+    """Standard DDP: accumulate ``accum`` micro-batches without syncing, one all-reduce, then clip."""
+    for micro in range(accum):
+        with module.no_sync() if micro < accum - 1 else nullcontext():
+            inputs, targets = sample()
+            (loss_of(module, inputs, targets) / accum).backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+
+
+def local_gradient(model: ByteGPT, sample, accum: int, clip: float | None) -> None:
+    """The mean of ``accum`` micro-batch gradients, each clipped first (as hivemind.Optimizer averages
+    clipped local gradients)."""
+    totals = [torch.zeros_like(p) for p in model.parameters()]
+    for _micro in range(accum):
+        inputs, targets = sample()
+        model.loss(inputs, targets).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for total, p in zip(totals, model.parameters()):
+            total.add_(p.grad)
+            p.grad = None
+    for total, p in zip(totals, model.parameters()):
+        p.grad = total / accum
 
 
 def write_status(path: Path, status: dict) -> None:
