@@ -3,8 +3,8 @@
     sudo .venv/bin/python -m benchmarks.allreduce_links [--sizes 2,4] [--rounds 4] [--quick]
 
 N peers (``--sizes``), each in its own network namespace on a bridge, every link capped at 100 Mbit/s
-in both directions (``tbf rate 100mbit burst 64kb latency 50ms``, see ``netlab.py``), all-reduce
-M = 16 MiB of fp32 (4M values). Per codec, swarm's peers (``allreduce_peer.py``: a DHT, a p2pd
+in both directions (``tbf rate 100mbit burst 64kb latency 50ms``, see ``harness/netlab.py``), all-reduce
+M = 16 MiB of fp32 (4M values). Per codec, swarm's peers (``harness/averaging_peer.py``: a DHT, a p2pd
 daemon and the averaging service each, matchmaking before every round) run ``--rounds`` rounds;
 then gloo ranks (``gloo_peer.py``) run the same number of ``all_reduce`` calls in fp32 and fp16 over
 the same links. Reported per configuration (medians over rounds; one warm-up swarm round before them,
@@ -15,7 +15,7 @@ which also sets up connections, is left out):
 - bytes each peer sent on the wire (the kernel's counters of its interface, read by the peer around
   the all-reduce alone) ÷ 2(N-1)/N · M_c, M_c the codec's payload for the whole tensor;
 - CPU seconds per round of each peer's processes (the peer, its DHT helper process, p2pd), and where
-  a round's wall time went (``--trace`` of allreduce_peer: preparation, reduce-scatter, reduce,
+  a round's wall time went (``--trace`` of the averaging peer: preparation, reduce-scatter, reduce,
   all-gather, commit).
 Needs root (namespaces); prints a markdown table and writes ``benchmarks/results/allreduce_links.json``.
 """
@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file
+from harness.netlab import Lab, available, kill_group, load_average, wait_for_file
 from benchmarks.report import environment, markdown_table, median, span, write_json
 
 NUMEL = 4 * 2**20  # 16 MiB of fp32
@@ -61,14 +61,14 @@ def payload_bytes(codec: str) -> int:
 
 
 def start_averagers(lab: Lab, work: Path, hosts: list[int], args: list[str], *, python: str = sys.executable) -> dict:
-    """Start ``allreduce_peer.py`` on each host (the first one is everyone's initial peer); returns
+    """Start ``harness.averaging_peer`` on each host (the first one is everyone's initial peer); returns
     host -> Popen. Files: ``work/p<host>.jsonl`` (records), ``work/s<host>.json`` (status)."""
     procs = {}
     first = hosts[0]
     address = work / "address.json"
 
     def command(host: int, extra: list[str]) -> list[str]:
-        return [python, "-m", "benchmarks.allreduce_peer", "--index", str(host), "--listen", lab.ip(host),
+        return [python, "-m", "harness.averaging_peer", "--index", str(host), "--listen", lab.ip(host),
                 "--out", str(work / f"p{host}.jsonl"), "--status", str(work / f"s{host}.json"), *extra, *args]
 
     procs[first] = lab.popen(first, command(first, ["--address-file", str(address)]), log=work / f"p{first}.log")

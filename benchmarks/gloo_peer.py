@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.netlab import interface_bytes, process_tree_cpu
+from harness.netlab import interface_bytes, process_tree_cpu
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     sudo .venv/bin/python -m benchmarks.kill_scenario [--kill-trials 10] [--link-trials 5] [--quick]
 
 Set up as /work/shared/BASELINES.md measured plain hivemind 1.1.12, so the numbers compare: 3 peers
-(``allreduce_peer.py``), each in its own network namespace on a bridge, links capped with
+(``harness/averaging_peer.py``), each in its own network namespace on a bridge, links capped with
 ``tbf rate 100mbit burst 64kb latency 200ms``; 4M fp32 values (16 MiB) per peer, uncompressed;
 chunk timeout 5 s, request timeout 3 s, round timeout 60 s (hivemind's next_chunk_timeout,
 request_timeout and allreduce_timeout there). Each trial starts three fresh peers, runs round 0
@@ -30,7 +30,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from benchmarks.allreduce_links import read_records, start_averagers, wait_all
-from benchmarks.netlab import Lab, available, kill_group, load_average
+from harness.netlab import Lab, available, kill_group, load_average
 from benchmarks.report import environment, markdown_table, span, write_json
 
 LINK = dict(rate="100mbit", burst="64kb", latency="200ms")

@@ -39,7 +39,7 @@ from tempfile import TemporaryDirectory
 from typing import Optional
 
 from benchmarks.allreduce_links import wait_all
-from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file
+from harness.netlab import Lab, available, kill_group, load_average, wait_for_file
 from benchmarks.report import environment, markdown_table, median, write_json
 
 HERE = Path(__file__).resolve().parent

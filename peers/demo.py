@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from peers.processes import PeerProcess, read_json, wait_for
+from harness.processes import PeerProcess, read_json, wait_for
 from swarm.train.checkpoint import checkpoint_path
 from swarm.config.loading import load_config
 from swarm.errors import ConfigError, SwarmError

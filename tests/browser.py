@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from websockets.sync.client import connect
 
-from peers import processes
+from harness import processes
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 
 from containers import ContainerPeer
-from peers.processes import PeerProcess, read_json, wait_for
+from harness.processes import PeerProcess, read_json, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"

@@ -1,6 +1,6 @@
 """The swarm image built and run for real with podman, for tests/test_container.py.
 
-A :class:`ContainerPeer` behaves like :class:`peers.processes.PeerProcess` (``poll``, ``signal``,
+A :class:`ContainerPeer` behaves like :class:`harness.processes.PeerProcess` (``poll``, ``signal``,
 ``kill_group``, ``log_tail``), so the ``swarm`` fixture starts, waits on and reaps containers the
 same way as peer processes. Its state folder (identity key, checkpoints, status file) is a folder of
 the test, mounted at the image's /var/lib/swarm, so the test reads its status like any other peer's.

@@ -1,6 +1,6 @@
 """The all-reduce under faults, with real averaging peers as real processes on 127.0.0.1.
 
-Each peer is ``python -m benchmarks.allreduce_peer``: rounds of swarm's all-reduce on a known per-peer tensor,
+Each peer is ``python -m harness.averaging_peer``: rounds of swarm's all-reduce on a known per-peer tensor,
 one JSON line per round. Faults come through seams: SIGKILL of a peer's process group mid-round, a
 peer whose update holds NaN, and a rogue peer that sends NaN past its own check.
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import allreduce_peer as harness
+from harness import averaging_peer
 from conftest import REPO
-from peers.processes import PeerProcess, read_json, wait_for
+from harness.processes import PeerProcess, read_json, wait_for
 from swarm.averaging.group import slice_bounds
 
-HARNESS = (sys.executable, "-m", "benchmarks.allreduce_peer")
+AVERAGING_PEER = (sys.executable, "-m", "harness.averaging_peer")
 
 
 class Averagers:
@@ -34,7 +34,7 @@ class Averagers:
         else:
             args += ["--initial-peers", initial]
         peer = PeerProcess(f"averager{index}", [*args, *extra], log_path=self.workdir / f"averager{index}.log",
-                           program=HARNESS, cwd=REPO)
+                           program=AVERAGING_PEER, cwd=REPO)
         self.peers.append(peer)
         return peer
 
@@ -75,9 +75,12 @@ def test_survivors_of_a_peer_killed_mid_allreduce_stay_identical_and_average_aga
     rounds, faulty = 5, 2
     peers = averagers.swarm(3, "--expect", "3", "--rounds", str(rounds), "--megabytes", "8", "--chunk-timeout", "5")
     victim = peers[2]
-    wait_for(lambda: averagers.status(2).get("state") == "allreduce" and averagers.status(2).get("round") == faulty,
-             timeout=180, period=0.01, what="the victim to enter the faulty round's all-reduce", alive=peers)
-    time.sleep(0.2)  # let the round get under way: parts are moving when the peer dies
+    def parts_moving() -> bool:  # the victim is in the faulty round's all-reduce and has fetched a part of it
+        status = averagers.status(2)
+        return status.get("state") == "allreduce" and status.get("round") == faulty \
+            and status.get("parts_fetched", 0) >= 1
+
+    wait_for(parts_moving, timeout=180, period=0.005, what="parts moving in the faulty round", alive=peers)
     victim.kill_group()
     killed_at = time.monotonic()
     for survivor in peers[:2]:
@@ -95,7 +98,7 @@ def test_survivors_of_a_peer_killed_mid_allreduce_stay_identical_and_average_aga
 
 
 def _exact_average(indices: list[int], round_number: int, numel: int) -> torch.Tensor:
-    return torch.stack([harness.contribution(index, round_number, numel) for index in indices]).mean(0)
+    return torch.stack([averaging_peer.contribution(index, round_number, numel) for index in indices]).mean(0)
 
 
 @pytest.mark.timeout(240)

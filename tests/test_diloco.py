@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peers.processes import wait_for
+from harness.processes import wait_for
 
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=blockwise8")
 

@@ -14,7 +14,7 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from conftest import DEBUG_CONFIG
-from peers.processes import wait_for
+from harness.processes import wait_for
 from swarm.config.loading import load_config
 from swarm.train.model import ByteGPT
 from swarm.train.sync import TrainingState, build_collaborative_optimizer

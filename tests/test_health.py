@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from peers.health import assess
-from peers.processes import wait_for
+from harness.processes import wait_for
 
 NOW = 1_000_000.0
 TRAINER = {"peer_id": "QmPeerAbc123", "role": "volunteer", "epoch": 4, "samples": 640, "finished": False,

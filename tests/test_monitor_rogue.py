@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO
-from peers.processes import read_json, wait_for
+from harness.processes import read_json, wait_for
 
 ROGUE = REPO / "tests" / "rogue_peer.py"
 FORGED = "FORGED"

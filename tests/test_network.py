@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from peers.processes import wait_for
+from harness.processes import wait_for
 from swarm.config.schema import NetworkConfig
 from swarm.config.multiaddrs import parse_peer_multiaddr, split_peer_list
 from swarm.net.dht import start_dht

@@ -3,15 +3,16 @@ returns the swarm becomes one again, on one model, within a bounded time. Real n
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
 
-import netns
-from peers.processes import wait_for
+from harness.netlab import Lab, available
+from harness.processes import wait_for
 
-OK, WHY = netns.available()
-pytestmark = pytest.mark.skipif(not OK, reason=WHY)
+WHY_NOT = available()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=fp16",
           "diloco.refresh_period=0.5", "averaging.chunk_timeout=4")
@@ -19,10 +20,9 @@ REUNITE_WITHIN = 90.0  # seconds from the link's return to one shared state
 
 
 @pytest.fixture
-def bridge():
-    network = netns.Bridge(3)
-    yield network
-    network.close()
+def lab():
+    with Lab(3, rate=None) as hosts:  # uncapped links, one of which the test cuts
+        yield hosts
 
 
 def state_of(swarm, name):
@@ -31,22 +31,23 @@ def state_of(swarm, name):
 
 
 @pytest.mark.timeout(420)
-def test_partitioned_peer_trains_alone_then_rejoins_one_model(swarm, bridge):
-    listen = lambda host: f"network.listen_host={bridge.address(host)}"  # noqa: E731
-    _, address = swarm.bootstrap("--set", listen(0), program=bridge.program(0))
-    peers = {name: swarm.trainer(name, [address], *DILOCO, listen(host), program=bridge.program(host))
+def test_partitioned_peer_trains_alone_then_rejoins_one_model(swarm, lab):
+    listen = lambda host: f"network.listen_host={lab.ip(host)}"  # noqa: E731
+    cli = lambda host: lab.command(host, sys.executable, "-m", "peers")  # noqa: E731
+    _, address = swarm.bootstrap("--set", listen(0), program=cli(0))
+    peers = {name: swarm.trainer(name, [address], *DILOCO, listen(host), program=cli(host))
              for host, name in enumerate("abc")}
     rounds = lambda name: state_of(swarm, name)[0]  # noqa: E731
     wait_for(lambda: min(rounds(name) for name in "abc") >= 2, timeout=180, what="round 2 everywhere",
              alive=list(peers.values()))
 
-    bridge.cut(2)  # c is on its own now
+    lab.link(2, up=False)  # c is on its own now
     cut_at = {name: rounds(name) for name in "abc"}
     wait_for(lambda: all(rounds(name) >= cut_at[name] + 2 for name in "abc"), timeout=150,
              what="both sides to advance two rounds while partitioned", alive=list(peers.values()))
     assert state_of(swarm, "c")[1] != state_of(swarm, "a")[1], "the two sides cannot share a state while apart"
 
-    bridge.restore(2)
+    lab.link(2, up=True)
     restored = time.monotonic()
 
     def one_model():

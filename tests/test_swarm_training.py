@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from peers.processes import wait_for
+from harness.processes import wait_for
 
 # Held-out loss must fall by at least this much (nats per byte). An untrained byte model sits at
 # ln(256) = 5.55; evaluations of the same model vary by about 0.05 across the held-out batches, and

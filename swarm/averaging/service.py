@@ -41,13 +41,18 @@ class AveragingService(ServicerBase):
     :param chunk_timeout: silence (s) after which a peer counts as gone during a round. Keep it a few
       times the time one chunk (64 KB) takes on the slowest link, and well below ``round_timeout``.
     :param request_timeout: silence (s) after which a round's leader counts as gone.
+    :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
+      end, bytes}`` (``error`` instead of ``bytes`` if it failed), on the service's loop: keep it cheap.
+      For traces in benchmarks and for fault tests that strike while parts are moving.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
-                 accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True):
+                 accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
+                 fetch_observer: Optional[Callable[[dict], None]] = None):
         self.dht, self.run_id = dht, run_id
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
+        self.fetch_observer = fetch_observer
         self.namespace = f"{run_id}_swarm_averaging"
         self.peer_id: PeerID = dht.peer_id
         self.outbox = Outbox(retention=max(60.0, 4 * chunk_timeout))
@@ -110,7 +115,8 @@ class AveragingService(ServicerBase):
                   choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
                   timeout: float) -> AllreduceResult:
         coroutine = run_allreduce(group, tensors, weight=weight, phase=phase, outbox=self.outbox,
-                                  fetch=self._fetch, choose_codec=choose_codec, accepted=self.accepted_codecs,
+                                  fetch=self._observed_fetch if self.fetch_observer else self._fetch,
+                                  choose_codec=choose_codec, accepted=self.accepted_codecs,
                                   check_own_input=self.check_own_input)
         return self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
 
@@ -186,6 +192,19 @@ class AveragingService(ServicerBase):
                 if attempt == 2:
                     raise
                 logger.info(f"fetch of {kind} {index} from {peer} broke off ({e}); asking again")
+
+    async def _observed_fetch(self, peer: PeerID, key: tuple, max_bytes: int):
+        entry = {"kind": key[2], "index": key[3], "peer": peer, "start": time.perf_counter()}
+        try:
+            header, payloads = await self._fetch(peer, key, max_bytes)
+            entry["bytes"] = sum(len(p.buffer) for p in payloads)
+            return header, payloads
+        except Exception as e:
+            entry["error"] = type(e).__name__
+            raise
+        finally:
+            entry["end"] = time.perf_counter()
+            self.fetch_observer(entry)
 
     async def _download_state(self, peer: PeerID, max_bytes: int) -> tuple[dict, list[torch.Tensor]]:
         stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)

@@ -1,4 +1,4 @@
-"""Emulated hosts for the benchmarks: network namespaces on a bridge, links capped with ``tbf``.
+"""Emulated hosts for benchmarks and tests: network namespaces on a bridge, links capped with ``tbf`` or not.
 
 Needs root and iproute2 (see /work/shared/ENVIRONMENT.md for the recipe this follows). Each host is a
 namespace with one interface ``eth0`` (address ``10.<net>.0.<i+1>/24``) whose veth peer sits on a
@@ -25,9 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-from peers.processes import read_json
+from harness.processes import read_json
 
-ROOT = Path(__file__).resolve().parents[1]  # benchmarks run as modules (python -m benchmarks.X) from here
+ROOT = Path(__file__).resolve().parents[1]  # programs start here, so that ``python -m benchmarks.X`` resolves
 
 
 class LabError(RuntimeError):
@@ -134,11 +134,15 @@ class Lab:
             _run("ip", "netns", "del", ns, check=False)
 
     # ---- using it ------------------------------------------------------------------------------
+    def command(self, host: int, *program: str) -> tuple[str, ...]:
+        """``program`` run inside ``host``'s namespace (a prefix for :class:`harness.processes.PeerProcess`)."""
+        return ("ip", "netns", "exec", self.ns(host), *program)
+
     def popen(self, host: int, args: Sequence[str], *, log: Path, env: Optional[dict] = None) -> subprocess.Popen:
         """Start ``args`` inside host's namespace, in a session (process group) of its own."""
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns(host), *args], stdout=out, stderr=subprocess.STDOUT,
+                self.command(host, *args), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )

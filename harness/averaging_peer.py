@@ -5,11 +5,11 @@ exact average is known; it records what it got to a JSON-lines file, one line pe
 round, codec, group size, seconds, bytes sent/received by our own accounting and by the kernel's
 interface counters, parts dropped, a hash of the result, wall-clock start and end, and the CPU
 seconds this peer's processes (the peer, its DHT process, ``p2pd``) spent during the all-reduce.
-Before each all-reduce it writes ``{"state": "allreduce", ...}`` to ``--status`` so a fault injector
-knows when to strike.
+Before each all-reduce it writes ``{"state": "allreduce", ...}`` to ``--status``, and then the number
+of parts it has fetched in that round (``parts_fetched``), so a fault injector knows when to strike.
 
-    python -m benchmarks.allreduce_peer --index 0 --listen 127.0.0.1 --out p0.jsonl --status p0.json
-    python -m benchmarks.allreduce_peer --index 1 --initial-peers /ip4/.../p2p/... --out p1.jsonl ...
+    python -m harness.averaging_peer --index 0 --listen 127.0.0.1 --out p0.jsonl --status p0.json
+    python -m harness.averaging_peer --index 1 --initial-peers /ip4/.../p2p/... --out p1.jsonl ...
 
 ``--compression none,fp16`` runs ``--rounds`` rounds with each codec in turn (round numbers go on),
 after ``--warmup`` rounds (connections are set up in the first one) that are marked as such.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -30,12 +31,11 @@ from pathlib import Path
 
 import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.utils.logging import use_hivemind_log_handler
 
-from benchmarks.netlab import interface_bytes, process_tree_cpu
-from peers.lifecycle import set_log_peer, setup_logging
+from harness.netlab import interface_bytes, process_tree_cpu
 from swarm.averaging.group import RoundMissed
 from swarm.averaging.averager import Averager
-from swarm.averaging.service import AveragingService
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.registry import wire_codecs
 from swarm.config.schema import AveragingConfig, NetworkConfig
@@ -75,24 +75,24 @@ def _parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = _parse_args()
-    setup_logging(f"averager{args.index}")
+    use_hivemind_log_handler("nowhere")
+    logging.basicConfig(level=os.environ.get("SWARM_LOGLEVEL", "INFO").upper(),
+                        format=f"%(asctime)s %(levelname)-7s [averager{args.index}] %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     torch.set_num_threads(1)
     codecs = [name.strip() for name in args.compression.split(",") if name.strip()]
     plans = {name: CompressionPlan(codec=name) for name in codecs}
     dht = start_dht(NetworkConfig(listen_host=args.listen, initial_peers=args.initial_peers, bootstrap_timeout=30))
-    set_log_peer(f"averager{args.index}", str(dht.peer_id))
     if args.address_file:
         args.address_file.write_text(json.dumps({"maddrs": visible_maddrs(dht)}))
     averaging = AveragingConfig(compression=codecs[0], chunk_timeout=args.chunk_timeout,
                                 request_timeout=args.request_timeout, averaging_timeout=args.round_timeout)
+    fetches = Fetches(args.status)
     # a rogue plays a peer running other code: it sends whatever it has, NaN included
     averager = Averager(dht=dht, run_id="bench", averaging=averaging, check_own_input=not args.rogue,
-                        accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)))
-    fetches: list[dict] = []
-    if args.trace:
-        _trace_fetches(averager.service, fetches)
+                        accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
+                        fetch_observer=fetches.observe)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -110,7 +110,7 @@ def main() -> None:
             tracker.report(round_number, 1)
             record = _round(args, averager, plans[codec], tracker, round_number, numel, fetches)
             _append(args.out, {"codec": codec, **record})
-        args.status.write_text(json.dumps({"state": "done", "time": time.time()}))
+        fetches.set_status({"state": "done", "time": time.time()})
     finally:
         tracker.shutdown()
         averager.shutdown()
@@ -119,12 +119,12 @@ def main() -> None:
 
 
 def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracker, round_number: int,
-           numel: int, fetches: list[dict]) -> dict:
+           numel: int, fetches: "Fetches") -> dict:
     """One round: matchmaking, then the all-reduce through ``plan``; returns its JSON record."""
     mine = contribution(args.index, round_number, numel)
     if round_number == args.nan_at_round:
         mine[::7] = float("nan")
-    args.status.write_text(json.dumps({"state": "matchmaking", "round": round_number, "time": time.time()}))
+    fetches.set_status({"state": "matchmaking", "round": round_number, "time": time.time()})
     record = {"round": round_number, "index": args.index, "me": _index_of(averager.service.peer_id)}
     if round_number < args.warmup:
         record["warmup"] = True
@@ -134,9 +134,8 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
     except (RoundMissed, TimeoutError) as e:
         return {**record, "ok": False, "error": str(e), "ended_at": time.time()}
     record["matchmaking_seconds"] = time.perf_counter() - matchmaking_started
-    args.status.write_text(json.dumps({"state": "allreduce", "round": round_number, "time": time.time(),
-                                       "group_size": group.size}))
-    fetches.clear()
+    fetches.set_status({"state": "allreduce", "round": round_number, "time": time.time(), "group_size": group.size,
+                        "parts_fetched": 0})
     wire_before, cpu_before = interface_bytes(), process_tree_cpu()
     started_at, started = time.time(), time.perf_counter()
     try:
@@ -161,30 +160,26 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         numel=numel,
     )
     if args.trace:
-        record["fetches"] = [{**item, "start": item["start"] - started, "end": item["end"] - started}
-                             for item in fetches]
+        record["fetches"] = [{**item, "peer": _index_of(item["peer"]), "start": item["start"] - started,
+                              "end": item["end"] - started} for item in fetches.log]
     return record
 
 
-def _trace_fetches(service: AveragingService, log: list[dict]) -> None:
-    """Wrap the service's fetch (what the all-reduce calls to pull a part from a peer) with timestamps."""
-    fetch = service._fetch
+class Fetches:
+    """This round's fetches (for ``--trace``) and the status file, whose ``parts_fetched`` counts them."""
 
-    async def traced(peer, key, max_bytes):
-        start = time.perf_counter()
-        entry = {"kind": key[2], "index": key[3], "peer": _index_of(peer), "start": start}
-        try:
-            header, payloads = await fetch(peer, key, max_bytes)
-            entry["bytes"] = sum(len(p.buffer) for p in payloads)
-            return header, payloads
-        except Exception as e:
-            entry["error"] = type(e).__name__
-            raise
-        finally:
-            entry["end"] = time.perf_counter()
-            log.append(entry)
+    def __init__(self, status_path: Path):
+        self.status_path, self.status, self.log = status_path, {}, []
 
-    service._fetch = traced
+    def set_status(self, status: dict) -> None:
+        self.status, self.log = status, []
+        self.status_path.write_text(json.dumps(status))
+
+    def observe(self, entry: dict) -> None:  # on the averaging service's loop
+        self.log.append(entry)
+        if "bytes" in entry and "parts_fetched" in self.status:
+            self.status["parts_fetched"] += 1
+            self.status_path.write_text(json.dumps(self.status))
 
 
 def _index_of(peer) -> str:
