@@ -23,15 +23,15 @@ Needs root (namespaces); prints a markdown table and writes ``benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from harness.netlab import Lab, available, kill_group, load_average, wait_for_file
 from benchmarks.report import environment, markdown_table, median, span, write_json
+from harness.averaging_peer import start_in_lab
+from harness.netlab import Lab, available, load_average, read_records, wait_all
 
 NUMEL = 4 * 2**20  # 16 MiB of fp32
 RATE_BITS = 100e6
@@ -60,49 +60,9 @@ def payload_bytes(codec: str) -> int:
     return len(make_codec(codec).compress(x, CompressionInfo.from_tensor(x)).buffer)
 
 
-def start_averagers(lab: Lab, work: Path, hosts: list[int], args: list[str], *, python: str = sys.executable) -> dict:
-    """Start ``harness.averaging_peer`` on each host (the first one is everyone's initial peer); returns
-    host -> Popen. Files: ``work/p<host>.jsonl`` (records), ``work/s<host>.json`` (status)."""
-    procs = {}
-    first = hosts[0]
-    address = work / "address.json"
-
-    def command(host: int, extra: list[str]) -> list[str]:
-        return [python, "-m", "harness.averaging_peer", "--index", str(host), "--listen", lab.ip(host),
-                "--out", str(work / f"p{host}.jsonl"), "--status", str(work / f"s{host}.json"), *extra, *args]
-
-    procs[first] = lab.popen(first, command(first, ["--address-file", str(address)]), log=work / f"p{first}.log")
-    started = wait_for_file(address, procs[first], 90)
-    if started is None:
-        raise RuntimeError(f"the first averaging peer did not start; see {work / f'p{first}.log'}")
-    maddr = next(m for m in started["maddrs"] if f"/{lab.ip(first)}/" in m)
-    for host in hosts[1:]:
-        procs[host] = lab.popen(host, command(host, ["--initial-peers", maddr]), log=work / f"p{host}.log")
-    return procs
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_all(procs, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except Exception:
-            pass
-    alive = [proc for proc in procs if proc.poll() is None]
-    for proc in alive:
-        kill_group(proc)
-    return not alive
-
-
 def run_swarm(n: int, codecs: list[str], rounds: int, work: Path, timeout: float) -> list[dict]:
     with Lab(n, **LINK) as lab:
-        procs = start_averagers(lab, work, list(range(n)), [
+        procs = start_in_lab(lab, work, list(range(n)), [
             "--rounds", str(rounds), "--warmup", "1", "--expect", str(n), "--compression", ",".join(codecs), "--trace"])
         finished = wait_all(list(procs.values()), timeout)
     records = [record for host in range(n) for record in read_records(work / f"p{host}.jsonl")]

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from benchmarks.allreduce_links import read_records, start_averagers, wait_all
-from harness.netlab import Lab, available, kill_group, load_average
 from benchmarks.report import environment, markdown_table, span, write_json
+from harness.averaging_peer import start_in_lab
+from harness.netlab import Lab, available, kill_group, load_average, read_records, wait_all
 
 LINK = dict(rate="100mbit", burst="64kb", latency="200ms")
 CHUNK_TIMEOUT, REQUEST_TIMEOUT, ROUND_TIMEOUT = 5.0, 3.0, 60.0
@@ -66,7 +66,7 @@ def run_trial(trial: int, fault: str, victim: int, work: Path, timeout: float) -
     result = dict(trial=trial, fault=fault, victim=victim, load=load_average()[0])
     started = time.monotonic()
     with Lab(3, **LINK) as lab:
-        procs = start_averagers(lab, work, [0, 1, 2], [
+        procs = start_in_lab(lab, work, [0, 1, 2], [
             "--rounds", "3", "--expect", "3", "--chunk-timeout", str(CHUNK_TIMEOUT),
             "--request-timeout", str(REQUEST_TIMEOUT), "--round-timeout", str(ROUND_TIMEOUT)])
         entered = wait_for_allreduce(work / f"s{victim}.json", 1, 120)

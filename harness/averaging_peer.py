@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.logging import use_hivemind_log_handler
 
-from harness.netlab import interface_bytes, process_tree_cpu
+from harness.netlab import Lab, interface_bytes, process_tree_cpu, wait_for_file
 from swarm.averaging.group import RoundMissed
 from swarm.averaging.averager import Averager
 from swarm.compression.plan import CompressionPlan
@@ -68,9 +69,35 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--address-file", type=Path)
     parser.add_argument("--dump", type=Path, help="save each round's result here as round<r>.pt")
     parser.add_argument("--nan-at-round", type=int, default=-1, help="contribute NaN in this round (a broken peer)")
+    parser.add_argument("--snoop", action="store_true",
+                        help="after each round, also ask the other members for slices of their updates meant for "
+                             "another reducer (a curious member); counts what it got in the record")
+    parser.add_argument("--no-fetch-check", action="store_true",
+                        help="serve parts to anyone who asks (the defence against --snoop turned off)")
     parser.add_argument("--rogue", action="store_true",
                         help="skip this peer's own NaN check, as a hostile or buggy peer would, so NaN goes out")
     return parser.parse_args()
+
+
+def start_in_lab(lab: Lab, work: Path, hosts: list[int], args: list[str], *, python: str = sys.executable) -> dict:
+    """Start ``harness.averaging_peer`` on each host (the first one is everyone's initial peer); returns
+    host -> Popen. Files: ``work/p<host>.jsonl`` (records), ``work/s<host>.json`` (status)."""
+    procs = {}
+    first = hosts[0]
+    address = work / "address.json"
+
+    def command(host: int, extra: list[str]) -> list[str]:
+        return [python, "-m", "harness.averaging_peer", "--index", str(host), "--listen", lab.ip(host),
+                "--out", str(work / f"p{host}.jsonl"), "--status", str(work / f"s{host}.json"), *extra, *args]
+
+    procs[first] = lab.popen(first, command(first, ["--address-file", str(address)]), log=work / f"p{first}.log")
+    started = wait_for_file(address, procs[first], 90)
+    if started is None:
+        raise RuntimeError(f"the first averaging peer did not start; see {work / f'p{first}.log'}")
+    maddr = next(m for m in started["maddrs"] if f"/{lab.ip(first)}/" in m)
+    for host in hosts[1:]:
+        procs[host] = lab.popen(host, command(host, ["--initial-peers", maddr]), log=work / f"p{host}.log")
+    return procs
 
 
 def main() -> None:
@@ -91,6 +118,7 @@ def main() -> None:
     fetches = Fetches(args.status)
     # a rogue plays a peer running other code: it sends whatever it has, NaN included
     averager = Averager(dht=dht, run_id="bench", averaging=averaging, check_own_input=not args.rogue,
+                        check_fetchers=not args.no_fetch_check,
                         accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
                         fetch_observer=fetches.observe)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
@@ -159,10 +187,30 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         missing_parts=result.missing_parts if result else [], members=[_index_of(peer) for peer in group.members],
         numel=numel,
     )
+    if args.snoop:
+        record.update(_snoop(averager, group, numel))
     if args.trace:
         record["fetches"] = [{**item, "peer": _index_of(item["peer"]), "start": item["start"] - started,
                               "end": item["end"] - started} for item in fetches.log]
     return record
+
+
+def _snoop(averager: Averager, group, numel: int) -> dict:
+    """Ask every other member for the slices of its update that other reducers fetch (``in``, j for
+    j not this peer's index): a member curious about another member's individual update."""
+    got = refused = 0
+    service = averager.service
+    for index, peer in group.others():
+        for j in range(group.size):
+            if j in (group.my_index, index):
+                continue
+            try:  # what a modified client can call: the service's own fetch, with any key it likes
+                _, payloads = service._call(service._fetch(peer, (group.group_id, 0, "in", j), 8 * numel + 4096),
+                                            averager.averaging.chunk_timeout * 2)
+                got += bool(payloads)
+            except Exception:
+                refused += 1
+    return {"snooped": got, "snoop_refused": refused}
 
 
 class Fetches:

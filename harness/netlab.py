@@ -163,6 +163,25 @@ class Lab:
         _run("ip", "-n", self.ns(host), "link", "set", "eth0", "up" if up else "down")
 
 
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_all(procs, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except Exception:
+            pass
+    alive = [proc for proc in procs if proc.poll() is None]
+    for proc in alive:
+        kill_group(proc)
+    return not alive
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process group that ``proc`` leads (it was started in a session of its own)."""
     if proc.poll() is None:

@@ -146,3 +146,26 @@ def test_nan_from_one_peer_never_reaches_the_average(averagers, tmp_path, rogue)
         assert "refused an input" in log
     else:
         assert "holds NaN/Inf; it abstains" in (tmp_path / f"averager{poisoned}.log").read_text()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("checked", [True, False], ids=["fetchers-checked", "defence-off"])
+def test_a_member_cannot_fetch_slices_of_another_members_update(averagers, checked):
+    """A curious member (a real process) asks the other members for the slices of their updates that
+    a third member reduces: refused and counted, and the round still averages. With the check turned
+    off on the honest peers, the same requests return the slices: the attack the check stops."""
+    snooper = 2
+    extra_for = lambda index: ["--snoop"] if index == snooper else ([] if checked else ["--no-fetch-check"])  # noqa: E731
+    peers = averagers.swarm(3, "--expect", "3", "--rounds", "2", "--megabytes", "1", extra_for=extra_for)
+    for peer in peers:
+        assert peer.proc.wait(150) == 0, peer.log_tail()
+    records = [record for record in averagers.records(snooper).values() if record.get("ok") and record["group_size"] == 3]
+    assert records, averagers.records(snooper)
+    snooped = sum(record["snooped"] for record in records)
+    refused = sum(record["snoop_refused"] for record in records)
+    if checked:
+        assert snooped == 0 and refused == 2 * len(records), records
+        assert "refused a request from" in peers[0].log_tail(200) + peers[1].log_tail(200)
+        assert all(record.get("ok") for index in (0, 1) for record in averagers.records(index).values())
+    else:
+        assert snooped >= 1, records

@@ -3,6 +3,10 @@
 Entries are keyed by ``(group_id, phase, kind, index)``. A peer asking for an entry that is not
 there yet waits for it (the RPC handler sends heartbeats meanwhile); entries of a finished group
 are dropped after a grace period so that slow members can still fetch them.
+
+Who may fetch what (:meth:`Outbox.may_fetch`): only the members of the entry's group, and a slice
+of this peer's own update (``in``, index ``j``) only the member that reduces part ``j``: another
+member has no business with it (it is one peer's individual update, not an average).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Outbox:
         self._ready: dict[Hashable, asyncio.Event] = {}
         self._created: dict[Hashable, float] = {}
         self._expiry: dict[bytes, float] = {}
+        self._members: dict[bytes, tuple] = {}
+        self._known: dict[bytes, asyncio.Event] = {}  # set once the group is opened here
 
     def put(self, key: tuple, entry: Entry) -> None:
         self._entries[key] = entry
@@ -44,6 +50,28 @@ class Outbox:
                 return None
         return self._entries.get(key)
 
+    def open_group(self, group_id: bytes, members: tuple) -> None:
+        """This peer is in ``group_id`` with ``members`` (in the group's order); call before any put."""
+        self._members[group_id] = tuple(members)
+        self._group_event(group_id).set()
+
+    async def members(self, group_id: bytes, timeout: float) -> Optional[tuple]:
+        """The group's members, waiting at most ``timeout`` s for this peer to open it (a member may
+        ask a moment before this peer has heard from the leader); None if it never does."""
+        if group_id not in self._members:
+            try:
+                await asyncio.wait_for(self._group_event(group_id).wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self._members.get(group_id)
+
+    @staticmethod
+    def may_fetch(key: tuple, members: tuple, asker) -> bool:
+        _group_id, _phase, kind, index = key
+        if asker not in members:
+            return False
+        return kind != "in" or (0 <= index < len(members) and members[index] == asker)
+
     def finish_group(self, group_id: bytes) -> None:
         """Keep a finished group's entries for ``retention`` seconds, then drop them."""
         self._expiry[group_id] = time.monotonic() + self.retention
@@ -55,6 +83,12 @@ class Outbox:
             self._created[key] = time.monotonic()
         return self._ready[key]
 
+    def _group_event(self, group_id: bytes) -> asyncio.Event:
+        if group_id not in self._known:
+            self._known[group_id] = asyncio.Event()
+            self._created[(group_id,)] = time.monotonic()
+        return self._known[group_id]
+
     def _collect(self) -> None:
         """Drop finished groups past retention, and anything older than ``horizon`` (groups this peer
         never finished, or keys that only a stray request asked for)."""
@@ -65,5 +99,8 @@ class Outbox:
                 self._entries.pop(key, None)
                 self._ready.pop(key, None)
                 del self._created[key]
+                if len(key) == 1:  # a group's membership
+                    self._members.pop(key[0], None)
+                    self._known.pop(key[0], None)
         for group_id in expired:
             del self._expiry[group_id]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable, Collection, Optional, Sequence
 
@@ -34,6 +35,11 @@ logger = get_logger(__name__)
 
 StateProvider = Callable[[], Optional[tuple[dict, list[torch.Tensor]]]]
 
+# Fetch requests one peer may hold open here at once. A member of a group has at most a few in
+# flight (its part's inputs, the averaged parts, the commit); the cap stops a peer from parking
+# thousands of waiting streams.
+MAX_OPEN_FETCHES_PER_PEER = 16
+
 
 class AveragingService(ServicerBase):
     """Start with :meth:`start` (raises if the loop cannot come up), stop with :meth:`shutdown`.
@@ -41,6 +47,8 @@ class AveragingService(ServicerBase):
     :param chunk_timeout: silence (s) after which a peer counts as gone during a round. Keep it a few
       times the time one chunk (64 KB) takes on the slowest link, and well below ``round_timeout``.
     :param request_timeout: silence (s) after which a round's leader counts as gone.
+    :param check_fetchers: serve a round's parts only to the members of its group, and a slice of this
+      peer's update only to the member that reduces it. False only in a harness that shows the attack.
     :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
       end, bytes}`` (``error`` instead of ``bytes`` if it failed), on the service's loop: keep it cheap.
       For traces in benchmarks and for fault tests that strike while parts are moving.
@@ -48,11 +56,13 @@ class AveragingService(ServicerBase):
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
                  accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
-                 fetch_observer: Optional[Callable[[dict], None]] = None):
+                 check_fetchers: bool = True, fetch_observer: Optional[Callable[[dict], None]] = None):
         self.dht, self.run_id = dht, run_id
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
-        self.fetch_observer = fetch_observer
+        self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
+        self.fetches_refused = 0  # requests for parts refused: not a member, not its slice, too many open
+        self._open_fetches: Counter[PeerID] = Counter()
         self.namespace = f"{run_id}_swarm_averaging"
         self.peer_id: PeerID = dht.peer_id
         self.outbox = Outbox(retention=max(60.0, 4 * chunk_timeout))
@@ -108,8 +118,12 @@ class AveragingService(ServicerBase):
                    timeout: float) -> Group:
         """:raises RoundMissed: see :meth:`Matchmaker.form_group`."""
         deadline = time.monotonic() + timeout
-        coroutine = self.matchmaker.form_group(round_number, weight=weight, expected=expected, deadline=deadline)
-        return self._call(coroutine, timeout + self.request_timeout + 5)
+        return self._call(self._form_group(round_number, weight, expected, deadline), timeout + self.request_timeout + 5)
+
+    async def _form_group(self, round_number: int, weight: float, expected, deadline: float) -> Group:
+        group = await self.matchmaker.form_group(round_number, weight=weight, expected=expected, deadline=deadline)
+        self.outbox.open_group(group.group_id, group.members)
+        return group
 
     def allreduce(self, group: Group, tensors: Sequence[torch.Tensor], *, weight: float, phase: int = 0,
                   choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
@@ -149,8 +163,31 @@ class AveragingService(ServicerBase):
         except (wire.ProtocolError, KeyError, TypeError, ValueError):
             yield wire.response(error="malformed fetch request")
             return
-        waited, limit = 0.0, 60 * self.chunk_timeout  # a member asks only for what its group will produce
+        asker = context.remote_id
+        if self._open_fetches[asker] >= MAX_OPEN_FETCHES_PER_PEER:
+            self.fetches_refused += 1
+            yield wire.response(error="too many open requests")
+            return
+        self._open_fetches[asker] += 1
+        try:
+            async for message in self._serve_fetch(key, asker):
+                yield message
+        finally:
+            self._open_fetches[asker] -= 1
+            if self._open_fetches[asker] <= 0:
+                del self._open_fetches[asker]
+
+    async def _serve_fetch(self, key: tuple, asker: PeerID) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         heartbeat = self.chunk_timeout / 4
+        if self.check_fetchers:
+            members = await self.outbox.members(key[0], self.chunk_timeout)
+            if members is None or not self.outbox.may_fetch(key, members, asker):
+                self.fetches_refused += 1
+                logger.warning(f"refused a request from {asker} for {key[2]} {key[3]} of a group "
+                               f"{'it is not in' if members is None or asker not in members else 'part not its own'}")
+                yield wire.response(error="not yours to fetch")
+                return
+        waited, limit = 0.0, 60 * self.chunk_timeout  # a member asks only for what its group will produce
         entry = await self.outbox.get(key, heartbeat)
         while entry is None and waited < limit:
             yield wire.response(**wire.HEARTBEAT)
