@@ -1,4 +1,5 @@
-"""Who leads a round and what a member may declare (swarm.averaging.matchmaking, .service).
+"""Who leads a round, what a member may declare and what a peer may ask for (swarm.averaging.matchmaking,
+.service).
 
 Leadership used to go to the smallest peer id, and an Ed25519 id (identity multihash, first byte 0)
 sorts below every RSA id (sha2-256 multihash, first byte 0x12): one such peer led every round.
@@ -7,10 +8,12 @@ sorts below every RSA id (sha2-256 multihash, first byte 0x12): one such peer le
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 
 import hivemind
 import pytest
+import torch
 from hivemind.p2p import PeerID
 
 from swarm.averaging import wire
@@ -67,3 +70,29 @@ def test_a_join_declaring_an_impossible_weight_is_refused(two_services, weight):
     replies = attacker._call(join(), 30)
     assert replies == [{"error": "malformed join request"}]
     assert MAX_WEIGHT == 2.0**53
+
+
+def test_a_donor_serves_one_state_download_per_peer_at_a_time(two_services):
+    """Each download streams the whole state: a peer asking again while its first download runs is
+    refused (and counted), and may ask again once it is done."""
+    donor, asker = two_services
+    state = torch.randn(4 << 20)  # 16 MiB: the first download is still streaming when the second asks
+    donor.state_provider = lambda: ({"round": 1}, [state])
+    outcomes: list = []
+
+    def download():
+        try:
+            outcomes.append(asker.download_state(donor.peer_id, timeout=60, max_bytes=64 << 20))
+        except Exception as e:  # noqa: BLE001 - the refusal is what this test looks for
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=download) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    assert len(outcomes) == 2 and len(errors) == 1 and "busy" in str(errors[0]), outcomes
+    assert donor.fetches_refused == 1
+    _, tensors = asker.download_state(donor.peer_id, timeout=60, max_bytes=64 << 20)
+    assert torch.equal(tensors[0], state)

@@ -39,6 +39,9 @@ StateProvider = Callable[[], Optional[tuple[dict, list[torch.Tensor]]]]
 # flight (its part's inputs, the averaged parts, the commit); the cap stops a peer from parking
 # thousands of waiting streams.
 MAX_OPEN_FETCHES_PER_PEER = 16
+# State downloads served at once: one per asking peer, a few in all (each streams the whole state:
+# without a cap, a few peers asking in a loop take a donor's whole upload).
+MAX_STATE_DOWNLOADS, MAX_STATE_DOWNLOADS_PER_PEER = 4, 1
 
 
 class AveragingService(ServicerBase):
@@ -61,8 +64,9 @@ class AveragingService(ServicerBase):
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
-        self.fetches_refused = 0  # requests for parts refused: not a member, not its slice, too many open
+        self.fetches_refused = 0  # requests refused: not a member, not its slice, too many open, state busy
         self._open_fetches: Counter[PeerID] = Counter()
+        self._state_downloads: Counter[PeerID] = Counter()
         self.namespace = f"{run_id}_swarm_averaging"
         self.peer_id: PeerID = dht.peer_id
         self.outbox = Outbox(retention=max(60.0, 4 * chunk_timeout))
@@ -201,16 +205,28 @@ class AveragingService(ServicerBase):
             yield message
 
     async def rpc_download_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        asker = context.remote_id
+        if self._state_downloads[asker] >= MAX_STATE_DOWNLOADS_PER_PEER \
+                or sum(self._state_downloads.values()) >= MAX_STATE_DOWNLOADS:
+            self.fetches_refused += 1
+            yield wire.response(error="busy serving state; try another donor")
+            return
         state = self.state_provider()
         if state is None:
             yield wire.response(error="no state to share yet")
             return
-        metadata, tensors = state
-        loop = asyncio.get_running_loop()
-        payloads = await loop.run_in_executor(None, lambda: [serialize_torch_tensor(t) for t in tensors])
-        for message in wire.tensor_messages(payloads, **metadata):
-            self.bytes_served += sum(len(t.buffer) for t in message.tensors)
-            yield message
+        self._state_downloads[asker] += 1
+        try:
+            metadata, tensors = state
+            loop = asyncio.get_running_loop()
+            payloads = await loop.run_in_executor(None, lambda: [serialize_torch_tensor(t) for t in tensors])
+            for message in wire.tensor_messages(payloads, **metadata):
+                self.bytes_served += sum(len(t.buffer) for t in message.tensors)
+                yield message
+        finally:
+            self._state_downloads[asker] -= 1
+            if self._state_downloads[asker] <= 0:
+                del self._state_downloads[asker]
 
     # ---- client side ------------------------------------------------------------------------
     def _stub(self, peer: PeerID):
