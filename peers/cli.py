@@ -14,6 +14,7 @@ from peers import exit_codes
 from peers.health import DEFAULT_MAX_AGE, run_health
 from swarm import __version__
 from swarm.config.loading import dump_config, load_config
+from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, SwarmError
 
 logger = logging.getLogger("swarm.cli")
@@ -95,11 +96,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":  # the container's health check: cheap, no logging set-up, no hivemind import
         return _health(args)
-    from peers.lifecycle import setup_logging  # imports hivemind (about 2 s)
+    # The config is read and checked before anything imports hivemind or torch (about 2-3 s together),
+    # so that a user's mistake is answered with its one line at once.
+    try:
+        config = _load(args)
+    except SwarmError as e:
+        return _report(args, e)
+    if args.command == "config":
+        print(dump_config(config), end="")
+        return exit_codes.OK
+    from peers.lifecycle import setup_logging  # imports hivemind
 
-    role = {"join": "trainer"}.get(args.command, args.command)
-    setup_logging(role)
-    code = _run(args)
+    setup_logging({"join": "trainer"}.get(args.command, args.command))
+    code = _run(args, config)
     if args.command in ("join", "bootstrap", "monitor", "status"):
         # Everything was shut down explicitly. Skip interpreter finalization: hivemind's __del__ hooks
         # would try to shut the same averagers down again and can abort the process on the way out.
@@ -109,21 +118,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
-def _run(args: argparse.Namespace) -> int:
-    try:
-        return _dispatch(args)
-    except SwarmError as e:
-        print(f"swarm {args.command}: error: {e}", file=sys.stderr, flush=True)
-        return exit_codes.for_error(e)
-    except KeyboardInterrupt:
-        print(f"swarm {args.command}: interrupted", file=sys.stderr, flush=True)
-        return exit_codes.INTERRUPTED
-    except Exception:
-        logger.exception("unexpected failure")
-        return exit_codes.INTERNAL
+def _load(args: argparse.Namespace) -> SwarmConfig:
+    """The validated config of this command: YAML, ``SWARM_*``, ``--set`` and the flags that stand for keys."""
+    if args.command == "demo":
+        from peers.demo import demo_config  # no torch or hivemind at import
 
-
-def _dispatch(args: argparse.Namespace) -> int:
+        return demo_config(args.config, args.overrides, num_peers=args.peers, epochs=args.epochs)
     overrides = list(args.overrides)
     initial_peers = list(getattr(args, "initial_peers", None) or [])
     if getattr(args, "initial_peers_file", None):
@@ -132,16 +132,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides.append("network.initial_peers=" + ",".join(initial_peers))
     if getattr(args, "resume", False):
         overrides.append("checkpoint.resume=true")
+    return load_config(args.config, overrides)
 
+
+def _report(args: argparse.Namespace, error: SwarmError) -> int:
+    print(f"swarm {args.command}: error: {error}", file=sys.stderr, flush=True)
+    return exit_codes.for_error(error)
+
+
+def _run(args: argparse.Namespace, config: SwarmConfig) -> int:
+    try:
+        return _dispatch(args, config)
+    except SwarmError as e:
+        return _report(args, e)
+    except KeyboardInterrupt:
+        print(f"swarm {args.command}: interrupted", file=sys.stderr, flush=True)
+        return exit_codes.INTERRUPTED
+    except Exception:
+        logger.exception("unexpected failure")
+        return exit_codes.INTERNAL
+
+
+def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
+    """Run the role; each role module is imported only here, after the config is known to be valid."""
     if args.command == "demo":
         from peers.demo import run_demo
 
         return run_demo(config_path=args.config, overrides=args.overrides, num_peers=args.peers,
                         epochs=args.epochs, workdir=args.workdir)
-
-    config = load_config(args.config, overrides)
-    if args.command == "config":
-        print(dump_config(config), end="")
     elif args.command == "bootstrap":
         from peers.bootstrap import run_bootstrap
 

@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from harness.processes import PeerProcess, read_json, wait_for
-from swarm.train.checkpoint import checkpoint_path
 from swarm.config.loading import load_config
+from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, SwarmError
 
 DEBUG_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
@@ -38,14 +36,9 @@ def run_demo(
     epochs: Optional[int],
     workdir: Optional[Path],
 ) -> int:
-    config_path = config_path or DEBUG_CONFIG
-    if not Path(config_path).is_file():
-        raise ConfigError(f"the demo's config {config_path} is missing; pass --config configs/debug.yaml")
-    if not 1 <= num_peers <= 8:
-        raise ConfigError(f"--peers must be between 1 and 8, got {num_peers}")
-    epochs = epochs or DEFAULT_EPOCHS
-    overrides = [*DEMO_DEFAULTS, *overrides, f"training.max_epochs={epochs}"]
-    config = load_config(config_path, overrides)  # fail here, once, rather than in every child
+    config = demo_config(config_path, overrides, num_peers=num_peers, epochs=epochs)
+    config_path, epochs = config_path or DEBUG_CONFIG, epochs or DEFAULT_EPOCHS
+    overrides = _demo_overrides(overrides, epochs)  # the children get the same keys
     unit = "round" if config.averaging.mode == "diloco" else "epoch"
     what = (f"DiLoCo rounds of {config.diloco.inner_steps} local steps, {config.averaging.compression} pseudo-gradients"
             if unit == "round" else f"sync epochs of {config.training.target_batch_size} samples")
@@ -79,6 +72,24 @@ def run_demo(
     finally:
         for peer in reversed(peers):
             peer.stop()
+
+
+def demo_config(config_path: Optional[Path], overrides: Sequence[str], *, num_peers: int,
+                epochs: Optional[int]) -> SwarmConfig:
+    """The demo's config, checked once here rather than in every child; imports neither torch nor hivemind.
+
+    :raises ConfigError: the config file is missing, a key or value is wrong, or ``num_peers`` is out of range.
+    """
+    config_path = config_path or DEBUG_CONFIG
+    if not Path(config_path).is_file():
+        raise ConfigError(f"the demo's config {config_path} is missing; pass --config configs/debug.yaml")
+    if not 1 <= num_peers <= 8:
+        raise ConfigError(f"--peers must be between 1 and 8, got {num_peers}")
+    return load_config(config_path, _demo_overrides(overrides, epochs or DEFAULT_EPOCHS))
+
+
+def _demo_overrides(overrides: Sequence[str], epochs: int) -> list[str]:
+    return [*DEMO_DEFAULTS, *overrides, f"training.max_epochs={epochs}"]
 
 
 def _start_trainer(index: int, num_peers: int, base: list[str], address: str, workdir: Path) -> PeerProcess:
@@ -150,6 +161,10 @@ def _progress_line(statuses: list[dict], epochs: int, started: float, unit: str)
 
 
 def _summarize(trainers: list[PeerProcess], workdir: Path, started: float, num_peers: int, keep: bool) -> int:
+    import torch  # only here: the demo's own process needs torch for nothing else
+
+    from swarm.train.checkpoint import checkpoint_path
+
     statuses = [read_json(workdir / f"peer{index}" / "status.json") for index in range(num_peers)]
     before = _mean(status["initial_heldout_loss"] for status in statuses)
     after = _mean(status["heldout_loss"] for status in statuses)
