@@ -40,7 +40,7 @@ from swarm.averaging.group import RoundMissed  # noqa: E402
 from swarm.averaging.service import AveragingService  # noqa: E402
 from swarm.compression.plan import CompressionPlan  # noqa: E402
 from swarm.config.schema import AveragingConfig, NetworkConfig  # noqa: E402
-from swarm.net.dht import start_dht, visible_maddrs  # noqa: E402
+from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs  # noqa: E402
 from swarm.train.rounds import RoundTracker  # noqa: E402
 
 
@@ -171,7 +171,7 @@ def main() -> None:
     finally:
         tracker.shutdown()
         service.shutdown()
-        dht.shutdown()
+        shutdown_dht(dht)
     os._exit(0)
 
 
