@@ -1,5 +1,5 @@
 """The periodic-loop helper every background thread runs on: errors reach the owner, shutdown is
-bounded and prompt, ready means what it says, and nothing sleeps."""
+bounded and prompt, ready means what it says, and nothing sleeps; and the owners' side of it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import logging
 import threading
 import time
 
+import hivemind
 import pytest
 
+from peers import exit_codes
+from peers.lifecycle import check_alive
 from peers.processes import wait_for
+from swarm.averaging.service import AveragingService
 from swarm.errors import BackgroundError
 from swarm.loops import PeriodicLoop
 
@@ -158,3 +162,32 @@ def test_the_loop_waits_on_an_event_and_never_sleeps(monkeypatch):
     assert iteration.calls >= 5
     assert loop.shutdown(timeout=5.0)
     loop.check()
+
+
+@pytest.mark.timeout(20)
+def test_a_peer_checking_a_dead_loop_logs_one_line_and_exits_non_zero(caplog):
+    loop = PeriodicLoop(name="doomed", iteration=Counter(RuntimeError("boom")), period=LONG).start()
+    wait_for(lambda: not loop.is_alive(), timeout=10, what="the loop to die")
+    with pytest.raises(BackgroundError) as raised:
+        check_alive(None, loop)
+    assert exit_codes.for_error(raised.value) != exit_codes.OK
+    assert any(r.levelno == logging.ERROR and "leaving the swarm" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(120)
+def test_the_averaging_service_check_raises_once_its_event_loop_died():
+    """Not a periodic loop (an asyncio loop serving requests), but its owner checks it the same way."""
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        service = AveragingService(dht=dht, run_id="loops-test", chunk_timeout=2.0, request_timeout=1.0)
+        service.check()  # not started yet: nothing to report
+        service.start()
+        service.check()
+        service._loop.call_soon_threadsafe(service._loop.stop)  # the seam: the loop ends under the service
+        wait_for(lambda: not service._thread.is_alive(), timeout=10, what="the service's thread to end")
+        with pytest.raises(BackgroundError, match="averaging service"):
+            service.check()
+        service.shutdown(timeout=1.0)
+        service.check()  # once shut down, a stopped thread is expected
+    finally:
+        dht.shutdown()
