@@ -32,7 +32,6 @@ import math
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.allreduce_links import wait_all  # noqa: E402
 from benchmarks.netlab import Lab, available, kill_group, load_average, wait_for_file  # noqa: E402
 from benchmarks.report import environment, markdown_table, median, write_json  # noqa: E402
+from swarm.loops import PeriodicLoop  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "debug.yaml"
@@ -60,19 +60,19 @@ CONFIGS = {  # name -> (kind, options)
 }
 
 
-class Sampler(threading.Thread):
+class Sampler:
     """Every ``period`` seconds: bytes sent so far by every host of the lab, and each trainer's status
-    file (samples, epoch, held-out loss, finished). Stopped with :meth:`finish`, which takes a last tick."""
+    file (samples, epoch, held-out loss, finished). Stopped with :meth:`finish`, which takes a last tick
+    and raises if sampling died on the way (a benchmark must not report a partial series)."""
 
     def __init__(self, lab: Lab, hosts: list[int], statuses: list[Path], period: float = 0.5):
-        super().__init__(daemon=True)
         self.lab, self.hosts, self.statuses, self.period = lab, hosts, statuses, period
         self.ticks: list[dict] = []
-        self._stop_event = threading.Event()
+        self._loop = PeriodicLoop(name="sampler", iteration=self.tick, period=period, initial_wait=period)
 
-    def run(self) -> None:
-        while not self._stop_event.wait(self.period):
-            self.tick()
+    def start(self) -> "Sampler":
+        self._loop.start()
+        return self
 
     def tick(self) -> None:
         states = []
@@ -84,9 +84,9 @@ class Sampler(threading.Thread):
         self.ticks.append(dict(time=time.monotonic(), sent=sum(self.lab.counters(h)[0] for h in self.hosts),
                                states=states))
 
-    def finish(self) -> list[dict]:
-        self._stop_event.set()
-        self.join()
+    def finish(self, timeout: float = 10.0) -> list[dict]:
+        self._loop.shutdown(timeout)
+        self._loop.check()
         self.tick()
         return self.ticks
 
