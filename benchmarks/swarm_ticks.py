@@ -8,27 +8,27 @@ file); :func:`window` cuts the steady-state part of a run out of the ticks, :fun
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Optional
 
 from harness.netlab import Lab
+from swarm.loops import PeriodicLoop
 
 
-class Sampler(threading.Thread):
+class Sampler:
     """Every ``period`` seconds: bytes sent so far by every host of the lab, and each trainer's status
-    file (samples, epoch, held-out loss, finished). Stopped with :meth:`finish`, which takes a last tick."""
+    file (samples, epoch, held-out loss, finished). Stopped with :meth:`finish`, which takes a last tick
+    and raises if sampling died on the way (a benchmark must not report a partial series)."""
 
     def __init__(self, lab: Lab, hosts: list[int], statuses: list[Path], period: float = 0.5):
-        super().__init__(daemon=True)
         self.lab, self.hosts, self.statuses, self.period = lab, hosts, statuses, period
         self.ticks: list[dict] = []
-        self._stop_event = threading.Event()
+        self._loop = PeriodicLoop(name="sampler", iteration=self.tick, period=period, initial_wait=period)
 
-    def run(self) -> None:
-        while not self._stop_event.wait(self.period):
-            self.tick()
+    def start(self) -> "Sampler":
+        self._loop.start()
+        return self
 
     def tick(self) -> None:
         states = []
@@ -40,9 +40,9 @@ class Sampler(threading.Thread):
         self.ticks.append(dict(time=time.monotonic(), sent=sum(self.lab.counters(h)[0] for h in self.hosts),
                                states=states))
 
-    def finish(self) -> list[dict]:
-        self._stop_event.set()
-        self.join()
+    def finish(self, timeout: float = 10.0) -> list[dict]:
+        self._loop.shutdown(timeout)
+        self._loop.check()
         self.tick()
         return self.ticks
 

@@ -40,7 +40,7 @@ from swarm.averaging.averager import Averager
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.registry import wire_codecs
 from swarm.config.schema import AveragingConfig, NetworkConfig
-from swarm.net.dht import start_dht, visible_maddrs
+from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.train.rounds import RoundTracker
 
 
@@ -142,7 +142,7 @@ def main() -> None:
     finally:
         tracker.shutdown()
         averager.shutdown()
-        dht.shutdown()
+        shutdown_dht(dht)
     os._exit(0)
 
 

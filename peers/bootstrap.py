@@ -2,7 +2,7 @@
 
 Its identity lives in a key file, so its peer id and multiaddr survive restarts and the line other
 peers join with stays valid. It publishes a metrics record (role ``bootstrap``) as a sign of life,
-runs until SIGINT/SIGTERM and exits non-zero if its DHT dies.
+runs until SIGINT/SIGTERM and exits non-zero if its DHT or one of its background threads dies.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from peers.lifecycle import StopSignals, run_bounded, set_log_peer, write_json_atomic
+from peers.lifecycle import StopSignals, check_alive, run_bounded, set_log_peer, write_json_atomic
 from peers.status_file import StatusFile
 from swarm.config.schema import SwarmConfig
 from swarm.errors import SwarmError
 from swarm.net.identity import load_identity
 from swarm.net.metrics_record import metrics_validators
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
-from swarm.net.dht import start_dht, visible_maddrs
+from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
         while not stop.event.wait(LIVENESS_PERIOD):
             if not dht.is_alive():
                 raise SwarmError("the DHT process of this bootstrap peer died; restart it")
-            if publisher is not None:
-                publisher.check()
+            check_alive(publisher, status_file, dht.rejoin)
         stop.disarm()
         if publisher is not None:
             run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
@@ -65,7 +64,7 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
         status_file.shutdown()
         if publisher is not None:
             publisher.shutdown(leave=False, timeout=1.0)
-        dht.shutdown()
+        shutdown_dht(dht)
         state["finished"] = True
         status_file.publish()
     logger.info("bootstrap peer left cleanly")

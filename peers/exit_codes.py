@@ -3,7 +3,7 @@
 from swarm.errors import CheckpointError, ConfigError, DataError, MonitorError, NetworkError, SwarmError
 
 OK = 0  # finished, or left the swarm cleanly on SIGINT/SIGTERM
-INTERNAL = 1  # a bug or an unexpected failure: the traceback is logged
+INTERNAL = 1  # a bug or an unexpected failure (a background thread that died included): the traceback is logged
 USAGE = 2  # bad command line, config key, config value or multiaddr
 UNREACHABLE = 3  # none of the initial peers answered before network.bootstrap_timeout
 DATA = 4  # data folder missing, unreadable or without usable text

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from hivemind.utils.logging import use_hivemind_log_handler
 
+from swarm.errors import SwarmError
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +98,19 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+
+
+def check_alive(*components) -> None:
+    """Call ``check()`` on each component (None is skipped): a background thread that died raises here,
+    in the main loop, after one clear log line, and the peer leaves and exits non-zero (see exit_codes)."""
+    for component in components:
+        if component is None:
+            continue
+        try:
+            component.check()
+        except SwarmError as e:
+            logger.error(f"{e}; leaving the swarm")
+            raise
 
 
 def run_bounded(what: str, fn, timeout: float) -> bool:

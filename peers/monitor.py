@@ -11,11 +11,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from peers.lifecycle import StopSignals, set_log_peer, write_json_atomic
+from peers.lifecycle import StopSignals, check_alive, set_log_peer, write_json_atomic
 from swarm.telemetry.collector import Collector, start_reader_dht
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, MonitorError, SwarmError
 from swarm.telemetry.history import History
+from swarm.net.dht import shutdown_dht
 from swarm.telemetry.monitor import Monitor
 
 logger = logging.getLogger(__name__)
@@ -44,12 +45,12 @@ def run_monitor(config: SwarmConfig, *, url_file: Optional[Path]) -> None:
         while not stop.event.wait(LIVENESS_PERIOD):
             if not dht.is_alive():
                 raise SwarmError("the DHT process of this monitor died; restart it")
-            monitor.check()
+            check_alive(monitor, dht.rejoin)
         stop.disarm()
     finally:
         monitor.shutdown()
         if dht is not None:
-            dht.shutdown()
+            shutdown_dht(dht)
     logger.info("monitor stopped; its history stays in the database")
 
 

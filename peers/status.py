@@ -14,6 +14,7 @@ from peers.lifecycle import StopSignals
 from swarm.telemetry.collector import Collector, SwarmView, start_reader_dht
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError
+from swarm.net.dht import shutdown_dht
 
 RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet
 
@@ -33,7 +34,7 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
             view = collector.collect()
         stop.disarm()
     finally:
-        dht.shutdown()
+        shutdown_dht(dht)
     print(json.dumps(view.as_dict(), indent=2) if as_json else format_table(view), flush=True)
 
 

@@ -1,7 +1,7 @@
 """A peer's JSON status file: what scripts, tests and the container health check read.
 
 The file is rewritten atomically whenever the peer reports a change, and at least every ``period``
-seconds by a heartbeat thread that also asks the DHT how many peers this one is connected to. So a
+seconds by a heartbeat thread (a :class:`~swarm.loops.PeriodicLoop`) that also asks the DHT how many peers this one is connected to. So a
 fresh ``updated_at`` means the process is alive and its DHT answers, whatever the training loop is
 doing (a long averaging round or state download included), and ``connected_peers`` says whether it
 is in touch with the swarm. ``swarm health`` (:mod:`peers.health`) turns the two into a verdict.
@@ -13,7 +13,6 @@ and ``updated_at`` (Unix time of this write).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from pathlib import Path
@@ -22,9 +21,8 @@ from typing import Callable, Optional
 import hivemind
 
 from peers.lifecycle import write_json_atomic
+from swarm.loops import PeriodicLoop
 from swarm.net.dht import count_connected_peers
-
-logger = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD = 5.0  # seconds between writes when nothing else happens; `swarm health` allows 6x this
 
@@ -43,17 +41,16 @@ class StatusFile:
         self.initial_peers = initial_peers
         self.connected_peers: Optional[int] = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        # a write that fails (a full disk) must not kill the peer, but it must be seen: OSError is
+        # logged and retried; the DHT's answer is bounded by count_connected_peers, which never raises
+        self._loop = PeriodicLoop(name="status-heartbeat", iteration=self._heartbeat, period=period,
+                                  startup=self._heartbeat, retry_on=(OSError,))
 
     def start(self) -> None:
-        """Write the first status now (so it exists once this returns), then keep it fresh."""
-        if self.path is None:
-            return
-        self._refresh_connections()
-        self.publish()
-        self._thread = threading.Thread(target=self._heartbeat, name="status-heartbeat", daemon=True)
-        self._thread.start()
+        """Write the first status now (so it exists once this returns; errors are the caller's), then
+        keep it fresh."""
+        if self.path is not None:
+            self._loop.start()
 
     def publish(self) -> None:
         if self.path is None:
@@ -62,21 +59,14 @@ class StatusFile:
             write_json_atomic(self.path, {**self.snapshot(), "connected_peers": self.connected_peers,
                                           "initial_peers": self.initial_peers, "updated_at": time.time()})
 
+    def check(self) -> None:
+        """:raises BackgroundError: the heartbeat thread died."""
+        self._loop.check()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the heartbeat (before the DHT goes away); :meth:`publish` still works afterwards."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                logger.warning(f"the status heartbeat did not stop within {timeout:g}s")
-
-    def _refresh_connections(self) -> None:
-        self.connected_peers = count_connected_peers(self.dht, timeout=self.period)
+        self._loop.shutdown(timeout)
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.period):
-            self._refresh_connections()
-            try:
-                self.publish()
-            except OSError as e:  # a full disk must not kill the peer, but it must be seen
-                logger.warning(f"cannot write the status file {self.path}: {e}")
+        self.connected_peers = count_connected_peers(self.dht, timeout=self.period)
+        self.publish()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from peers.lifecycle import StopSignals, reap_children, run_bounded, set_log_peer
+from peers.lifecycle import StopSignals, check_alive, reap_children, run_bounded, set_log_peer
 from peers.status_file import StatusFile
 from swarm.train import checkpoint as ckpt
 from swarm.config.schema import SwarmConfig
@@ -29,7 +29,7 @@ from swarm.net.metrics_record import metrics_validators
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
 from swarm.train.model import ByteGPT
 from swarm.train.factory import build_collaboration
-from swarm.net.dht import start_dht, visible_maddrs
+from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.train.loop import TrainingLoop, TrainingStatus
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> T
     finally:
         stop.disarm()
         peer.close()
-        dht.shutdown()
+        shutdown_dht(dht)
         reap_children()
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -135,6 +135,8 @@ class _TrainerPeer:
         return snapshot.state_hash
 
     def _publish(self, current: TrainingStatus) -> None:
+        """The training loop's status hook: also where a dead background thread stops the peer."""
+        check_alive(self.status_file, self.publisher, self.opt, self.dht.rejoin)
         self.status_file.publish()
         if self.publisher is not None:
             self.publisher.update(current)

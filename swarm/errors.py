@@ -26,3 +26,8 @@ class CheckpointError(SwarmError):
 
 class MonitorError(SwarmError):
     """The monitor's history database is unusable or belongs to another run, or its port is taken."""
+
+
+class BackgroundError(SwarmError):
+    """A background thread of this peer died; its owner raises this (from the thread's own error) so
+    that the peer stops instead of running on without it."""

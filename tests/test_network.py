@@ -4,13 +4,15 @@ peer whose link was down finds its way back into the DHT."""
 from __future__ import annotations
 
 import signal
+import threading
+import time
 
 import pytest
 
 from harness.processes import wait_for
 from swarm.config.schema import NetworkConfig
 from swarm.config.multiaddrs import parse_peer_multiaddr, split_peer_list
-from swarm.net.dht import start_dht
+from swarm.net.dht import shutdown_dht, start_dht
 
 PEER_ID = "12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"
 
@@ -82,4 +84,26 @@ def test_a_peer_forgotten_by_both_sides_comes_back_through_its_initial_peers():
                  timeout=30, what="the two DHT nodes to know each other again")
     finally:
         for node in reversed(nodes):
-            node.shutdown()
+            shutdown_dht(node)
+
+
+@pytest.mark.timeout(120)
+def test_the_rejoin_loop_stops_with_shutdown_dht():
+    first = start_dht(NetworkConfig(listen_host="127.0.0.1"))
+    second = None
+    try:
+        assert first.rejoin is None, "a peer without initial peers has no one to rejoin"
+        address = next(str(maddr) for maddr in first.get_visible_maddrs() if "/127.0.0.1/" in str(maddr))
+        second = start_dht(NetworkConfig(listen_host="127.0.0.1", initial_peers=[address], rejoin_period=0.2))
+        rejoin = second.rejoin
+        assert rejoin.is_alive()
+        assert rejoin.wait_ready(30), "a first round of pings"
+        started = time.monotonic()
+        shutdown_dht(second)
+        assert time.monotonic() - started < 15 and not rejoin.is_alive() and not second.is_alive()
+        assert "rejoin" not in {thread.name for thread in threading.enumerate()}
+        rejoin.check()  # stopped, not died
+    finally:
+        if second is not None and second.is_alive():
+            shutdown_dht(second)
+        shutdown_dht(first)

@@ -5,5 +5,6 @@ peer offers its group, keyed and awaited), ``group``, ``matchmaking`` (a leader 
 peers), ``allreduce`` (reduce-scatter, all-gather, commit: a dead peer's part is dropped by every
 survivor alike), ``service`` (the event loop, RPC handlers, blocking calls) and ``averager`` (the
 component a collaboration uses: service, compression plan and counters behind one ``average()``).
-May import: hivemind, torch, :mod:`swarm.compression`, :mod:`swarm.net` and :mod:`swarm.loops`.
+May import: hivemind, torch, :mod:`swarm.errors`, :mod:`swarm.compression`, :mod:`swarm.net` and
+:mod:`swarm.loops`.
 """

@@ -118,5 +118,9 @@ class Averager:
         self.last_result = result
         return result.tensors, result.sent
 
+    def check(self) -> None:
+        """:raises BackgroundError: the averaging service's event loop died."""
+        self.service.check()
+
     def shutdown(self) -> None:
         self.service.shutdown()

@@ -30,6 +30,7 @@ from swarm.averaging.group import MAX_WEIGHT, Group
 from swarm.averaging.matchmaking import Matchmaker
 from swarm.averaging.outbox import Outbox
 from swarm.compression.payloads import decode_payload
+from swarm.errors import BackgroundError
 
 logger = get_logger(__name__)
 
@@ -45,7 +46,12 @@ MAX_STATE_DOWNLOADS, MAX_STATE_DOWNLOADS_PER_PEER = 4, 1
 
 
 class AveragingService(ServicerBase):
-    """Start with :meth:`start` (raises if the loop cannot come up), stop with :meth:`shutdown`.
+    """Start with :meth:`start` (raises if the loop cannot come up), :meth:`check` that it still runs,
+    stop with :meth:`shutdown`.
+
+    Not a :class:`~swarm.loops.PeriodicLoop`: its thread runs an asyncio event loop that serves RPCs and
+    the trainer's coroutines as they come, with no period and no iteration to retry; a coroutine's
+    error goes to whoever awaits it (the trainer's blocking call, a peer's RPC), not to the loop.
 
     :param chunk_timeout: silence (s) after which a peer counts as gone during a round. Keep it a few
       times the time one chunk (64 KB) takes on the slowest link, and well below ``round_timeout``.
@@ -73,7 +79,9 @@ class AveragingService(ServicerBase):
         self.state_provider: StateProvider = lambda: None
         self.bytes_served = 0
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="averaging-service", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="averaging-service", daemon=True)
+        self._stopping = False
+        self._error: Optional[BaseException] = None
         self._p2p: Optional[P2P] = None
         self.matchmaker: Optional[Matchmaker] = None
 
@@ -82,6 +90,19 @@ class AveragingService(ServicerBase):
         self._thread.start()
         self._call(self._start(), timeout)
         return self
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_forever()
+        except BaseException as e:  # raised in the owner's thread by check(), never swallowed
+            self._error = e
+            logger.error(f"the averaging service's event loop died: {e!r}", exc_info=e)
+
+    def check(self) -> None:
+        """:raises BackgroundError: the service's thread ended before :meth:`shutdown`."""
+        if self._thread.ident is not None and not self._stopping and not self._thread.is_alive():
+            cause = f": {self._error!r}" if self._error is not None else ""
+            raise BackgroundError(f"the averaging service's event loop stopped{cause}") from self._error
 
     async def _start(self) -> None:
         self._p2p = await self.dht.replicate_p2p()
@@ -92,6 +113,9 @@ class AveragingService(ServicerBase):
         await self.add_p2p_handlers(self._p2p, namespace=self.namespace)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Remove the handlers, cancel what runs, stop the loop: each of the two waits (the handlers and
+        tasks, the thread) takes at most ``timeout`` seconds; a stuck thread is left behind (a daemon)."""
+        self._stopping = True
         if not self._thread.is_alive():
             return
         try:
@@ -100,6 +124,8 @@ class AveragingService(ServicerBase):
             logger.warning(f"averaging service did not stop cleanly: {e!r}")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(f"the averaging service's thread did not stop within {timeout:g}s; leaving it behind")
 
     async def _stop(self) -> None:
         if self._p2p is not None:

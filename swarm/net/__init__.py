@@ -1,7 +1,8 @@
 """This peer on the network: identity, addresses, the DHT, and every DHT record the project uses.
 
 Owns: ``identity`` (one RSA key: peer id and record signatures), ``dht``
-(start with retries, the rejoin loop, reachability), ``keys`` (every DHT key, one table of who
+(start with retries, shutdown, reachability), ``rejoin`` (the loop that pings the initial peers
+to find the way back after a partition), ``keys`` (every DHT key, one table of who
 writes and reads it), and one module per record kind with its schema and validators
 (``metrics_record``, ``diloco_records``, ``refusals``).
 May import: hivemind, :mod:`swarm.errors`, :mod:`swarm.loops`, :mod:`swarm.hivemind_private` and

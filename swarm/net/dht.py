@@ -3,10 +3,9 @@
 Connecting is retried only for the one named transient failure (no initial peer answered), with
 exponential backoff and jitter, up to ``network.bootstrap_timeout``; then :class:`NetworkError`.
 
-A DHT node drops a peer from its routing table as soon as one request to it fails, so after a
-partition both sides have forgotten each other and no lookup crosses over again. While the DHT runs,
-a peer therefore pings its initial peers every ``network.rejoin_period`` seconds: an answer puts each
-side back into the other's table, and lookups through the initial peers reach the rest of the swarm.
+While the DHT runs, a :class:`~swarm.net.rejoin.Rejoin` loop (``dht.rejoin``) pings the initial peers
+every ``network.rejoin_period`` seconds, so that a peer finds its way back after a partition. Shut a
+DHT from :func:`start_dht` down with :func:`shutdown_dht`, which stops that loop first.
 """
 
 from __future__ import annotations
@@ -14,20 +13,17 @@ from __future__ import annotations
 import random
 import threading
 import time
-from functools import partial
 from typing import Iterable, Optional
 
 import hivemind
 from hivemind.dht.validation import RecordValidatorBase
-from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_logger
-from multiaddr import Multiaddr
 
 from swarm.config.schema import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
-from swarm.hivemind_private import dial, ping
 from swarm.net.identity import Identity, load_identity
+from swarm.net.rejoin import Rejoin
 
 logger = get_logger(__name__)
 
@@ -42,7 +38,8 @@ def start_dht(
     client_mode: Optional[bool] = None,
     stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
-    """Start a DHT node (its own process and a p2pd daemon) joined to the swarm.
+    """Start a DHT node (its own process and a p2pd daemon) joined to the swarm, with its rejoin loop
+    as ``dht.rejoin`` (None without initial peers or with ``network.rejoin_period`` 0).
 
     :param identity: the key that makes this peer's id (see :mod:`swarm.net.identity`); default: the one at
       network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
@@ -74,9 +71,9 @@ def start_dht(
                 record_validators=list(record_validators),
             )
             identity.discard_file()
+            dht.rejoin = None
             if config.initial_peers and config.rejoin_period > 0:
-                threading.Thread(target=_keep_in_touch, args=(dht, config.initial_peers, config.rejoin_period),
-                                 name="rejoin", daemon=True).start()
+                dht.rejoin = Rejoin(dht=dht, initial_peers=config.initial_peers, period=config.rejoin_period).start()
             return dht
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
@@ -96,30 +93,13 @@ def start_dht(
         delay = min(delay * 2, 30.0)
 
 
-def _keep_in_touch(dht: hivemind.DHT, initial_peers: list[str], period: float) -> None:
-    """Ping the initial peers every ``period`` seconds until the DHT shuts down (see the module docstring)."""
-    while dht.is_alive():
-        time.sleep(period)
-        try:
-            dht.run_coroutine(partial(_ping_initial_peers, initial_peers=initial_peers), return_future=True).result(
-                period + 30)
-        except Exception as e:  # the DHT is shutting down, or busy: try again at the next period
-            if dht.is_alive():
-                logger.debug(f"could not ping the initial peers: {e!r}")
-
-
-async def _ping_initial_peers(_dht: hivemind.DHT, node, initial_peers: list[str]) -> None:
-    """Ping each initial peer, dialing its address first if the ping fails (its address may be forgotten)."""
-    for maddr in initial_peers:
-        address = Multiaddr(maddr)
-        peer = PeerID.from_base58(address["p2p"])
-        if peer == node.peer_id or await ping(node, peer):
-            continue
-        try:
-            await dial(node, peer, address.decapsulate(f"/p2p/{address['p2p']}"))
-            await ping(node, peer)
-        except Exception as e:  # still unreachable; next period
-            logger.debug(f"initial peer {maddr} is unreachable: {e!r}")
+def shutdown_dht(dht: hivemind.DHT, *, timeout: float = 3.0) -> None:
+    """Stop the rejoin loop of a DHT from :func:`start_dht` (waiting at most ``timeout`` seconds for a
+    round of pings in flight), then shut the DHT down."""
+    rejoin = getattr(dht, "rejoin", None)
+    if rejoin is not None:
+        rejoin.shutdown(timeout)
+    dht.shutdown()
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import hivemind
@@ -23,7 +24,7 @@ from swarm.config.schema import MetricsConfig, PeerConfig
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import PeerMetrics
 from swarm.net.refusals import read_refusals
-from swarm.errors import SwarmError
+from swarm.loops import PeriodicLoop
 from swarm.net.identity import Identity
 from swarm.net.dht import reachability
 from swarm.telemetry.traffic import TrafficMeter
@@ -50,7 +51,7 @@ class MetricsPublisher:
     Call :meth:`start`, then :meth:`update` whenever there is news (cheap; it only keeps the latest
     status), and :meth:`shutdown` on leaving: it stores a last record with ``state: left``.
     A failed store is logged and retried at the next period; an unexpected error stops the thread and
-    is raised by the next :meth:`update` or :meth:`check`.
+    is raised (:class:`~swarm.errors.BackgroundError`) by the next :meth:`update` or :meth:`check`.
     """
 
     def __init__(
@@ -70,18 +71,17 @@ class MetricsPublisher:
         self.failed = 0  # stores that no DHT peer accepted
         self._status: Optional[TrainingStatus] = None
         self._lock = threading.Lock()
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._first = threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="metrics-publisher", daemon=True)
+        # a store no peer accepted is counted and retried inside _publish; anything else ends the loop
+        self._loop = PeriodicLoop(name="metrics-publisher", iteration=partial(self._publish, ttl=config.ttl),
+                                  period=config.period)
 
     def start(self) -> "MetricsPublisher":
-        self._thread.start()
+        self._loop.start()
         return self
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once the first record was stored (or tried)."""
-        return self._first.wait(timeout)
+        """True once the first record was stored (or tried). :raises BackgroundError: the thread died."""
+        return self._loop.wait_ready(timeout)
 
     def update(self, status: TrainingStatus, *, now: bool = False) -> None:
         """Keep ``status`` for the next record; ``now`` publishes it without waiting for the period."""
@@ -89,24 +89,20 @@ class MetricsPublisher:
         with self._lock:
             self._status = status
         if now:
-            self._wake.set()
+            self._loop.wake()
 
     def check(self) -> None:
-        """:raises SwarmError: the publishing thread died."""
-        if self._error is not None:
-            raise SwarmError(f"the metrics publisher stopped: {self._error!r}")
+        """:raises BackgroundError: the publishing thread died."""
+        self._loop.check()
 
     def shutdown(self, *, leave: bool = True, timeout: float = STORE_TIMEOUT) -> None:
         """Stop the thread; with ``leave``, then store a last record saying this peer left.
 
         :param timeout: seconds for each of the two waits (the thread, the last store).
         """
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._loop.shutdown(timeout):
             logger.warning("the metrics publisher is stuck in a store; leaving without a last record")
-        elif leave and self._error is None:
+        elif leave and self._loop.error is None:
             self._publish(state="left", ttl=LEFT_RECORD_TTL, timeout=timeout)
 
     def record(self, state: Optional[str] = None) -> dict:
@@ -141,18 +137,6 @@ class MetricsPublisher:
         )
         PeerMetrics.parse_obj(record)  # a record our own schema refuses is a bug here, not in the swarm
         return record
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                self._publish(ttl=self.config.ttl)
-                self._first.set()
-                self._wake.wait(self.config.period)
-                self._wake.clear()
-        except BaseException as e:  # reported to the owner by check()/update(), never swallowed
-            logger.exception("the metrics publisher failed")
-            self._error = e
-            self._first.set()
 
     def _publish(self, *, ttl: float, state: Optional[str] = None, timeout: float = STORE_TIMEOUT) -> None:
         record = self.record(state)

@@ -16,6 +16,7 @@ from hivemind.utils import get_logger
 from swarm.telemetry.collector import Collector, SwarmView
 from swarm.config.schema import MonitorConfig
 from swarm.errors import SwarmError
+from swarm.loops import PeriodicLoop
 from swarm.telemetry.history import History
 from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
 from swarm.telemetry.web import DashboardServer
@@ -44,9 +45,8 @@ class Monitor:
         self._view: Optional[SwarmView] = None
         self._stats = {"collections": 0, "errors": 0}
         self._lock = threading.Lock()
-        self._stop, self._ready = threading.Event(), threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+        # a collection that timed out is counted and retried inside _collect; anything else ends the loop
+        self._loop = PeriodicLoop(name="monitor", iteration=self._collect, period=config.period, from_start=True)
         self._last_prune = 0.0
 
     @property
@@ -60,23 +60,22 @@ class Monitor:
 
     def start(self, collector: Collector) -> "Monitor":
         self.collector = collector
-        self._thread.start()
+        self._loop.start()
         return self
 
     def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
+        """True once the first collection is in (or timed out). :raises BackgroundError: the thread died."""
+        return self._loop.wait_ready(timeout)
 
     def check(self) -> None:
-        """:raises SwarmError: the collecting thread or the HTTP server died."""
-        if self._error is not None:
-            raise SwarmError(f"the monitor stopped collecting: {self._error!r}")
+        """:raises SwarmError: the collecting thread (:class:`~swarm.errors.BackgroundError`) or the HTTP
+        server died."""
+        self._loop.check()
         if not self.server.is_alive():
             raise SwarmError("the monitor's web server stopped")
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._loop.shutdown(timeout)
         self.server.shutdown()
         self.history.close()
 
@@ -88,24 +87,15 @@ class Monitor:
             self._stats["collections"] += 1
         return view
 
-    def _run(self) -> None:
+    def _collect(self) -> None:
         try:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    view = self.collect_once()
-                    logger.debug(f"collected {len(view.peers)} peers, {len(view.flagged)} flagged")
-                except TimeoutError:
-                    with self._lock:
-                        self._stats["errors"] += 1
-                    logger.warning("the DHT did not answer in time; collecting again next period")
-                self._ready.set()
-                self._maybe_prune()
-                self._stop.wait(max(0.0, self.config.period - (time.monotonic() - started)))
-        except BaseException as e:  # reported by check(): the entry point exits non-zero
-            logger.exception("the monitor failed")
-            self._error = e
-            self._ready.set()
+            view = self.collect_once()
+            logger.debug(f"collected {len(view.peers)} peers, {len(view.flagged)} flagged")
+        except TimeoutError:  # counted here (the dashboard shows it), not left to the loop
+            with self._lock:
+                self._stats["errors"] += 1
+            logger.warning("the DHT did not answer in time; collecting again next period")
+        self._maybe_prune()
 
     def _maybe_prune(self) -> None:
         if self.config.history_days is None or time.monotonic() - self._last_prune < PRUNE_PERIOD:
@@ -147,4 +137,4 @@ class Monitor:
         return self.history.csv_rows(table)
 
     def healthy(self) -> bool:
-        return self._error is None and self._ready.is_set() and self._thread.is_alive()
+        return self._loop.error is None and self._loop.ready.is_set() and self._loop.is_alive()

@@ -61,5 +61,9 @@ class Collaboration(ABC):
         this peer's state meanwhile; give up at ``deadline`` (``time.monotonic()``) or on ``stop``.
         Returns whether every peer still in the run held this peer's state when it returned."""
 
+    def check(self) -> None:
+        """:raises BackgroundError: one of this collaboration's own background threads died. Called
+        from the trainer's loop; hivemind's optimizer (sync mode) runs and watches its own."""
+
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -111,6 +111,10 @@ class DiLoCo(Collaboration, SharedState):
         peer whose last round failed adopts the swarm's state here, as it would have at its next step."""
         return self.agreement.settle(peers_in_run=lambda: self.tracker.rounds_of_peers(), stop=stop, deadline=deadline)
 
+    def check(self) -> None:
+        self.tracker.check()
+        self.averager.check()
+
     def shutdown(self) -> None:
         self.tracker.shutdown()
         self.averager.shutdown()

@@ -19,15 +19,21 @@ from typing import Optional
 
 import hivemind
 from hivemind.p2p import PeerID
-from hivemind.utils import get_dht_time, get_logger
+from hivemind.utils import get_dht_time
 
+from swarm.loops import PeriodicLoop
 from swarm.net import keys
 from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
 
-logger = get_logger(__name__)
-
 
 class RoundTracker:
+    """Start with :meth:`start` (its first refresh runs in the caller's thread, so an unreachable DHT is
+    the caller's error), then read; :meth:`check` raises if the background refresh died; :meth:`shutdown`.
+
+    :param refresh_period: seconds between refreshes (one store and one get). Heartbeats are judged
+      against it: a peer is taken for gone after about three missed refreshes (see :meth:`_tolerance`).
+    """
+
     def __init__(self, *, dht: hivemind.DHT, run_id: str, refresh_period: float):
         self.dht, self.run_id, self.refresh_period = dht, run_id, refresh_period
         self.peer_id: PeerID = dht.peer_id
@@ -41,21 +47,22 @@ class RoundTracker:
         self._read_at = get_dht_time()  # when the last read that completed began
         self._cycle_started: Optional[float] = None  # when the refresh in flight began
         self._cycle = 0.0  # how long the last refresh took (seconds)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="round-tracker", daemon=True)
+        # The DHT fails in many ways (timeouts, a node gone, a daemon error); each is retried at the next
+        # period, and the heartbeat tolerance above decides when silence means a peer is gone.
+        self._loop = PeriodicLoop(name="round-tracker", iteration=self.refresh, period=refresh_period,
+                                  startup=self.refresh, retry_on=(Exception,))
 
     # ---- called by the trainer ---------------------------------------------------------------
     def start(self) -> "RoundTracker":
-        self.refresh()
-        self._thread.start()
+        self._loop.start()
         return self
 
+    def check(self) -> None:
+        """:raises BackgroundError: the refresh thread died."""
+        self._loop.check()
+
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._loop.shutdown(timeout)
 
     def report(self, round_number: int, samples: int) -> None:
         with self._lock:
@@ -65,7 +72,7 @@ class RoundTracker:
         """Set this peer's state record and push it out now (not at the next period)."""
         with self._lock:
             self._my_state = record
-        self._wake.set()
+        self._loop.wake()
 
     def swarm_samples(self, round_number: int) -> int:
         with self._lock:
@@ -115,17 +122,6 @@ class RoundTracker:
     def _fresh_progress(self) -> dict[str, Progress]:
         horizon = min(get_dht_time(), self._read_at) - self._tolerance()
         return {peer: p for peer, p in self._progress.items() if p.time >= horizon}
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.refresh_period)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.refresh()
-            except Exception as e:  # the DHT can fail transiently; report and go on (counted in logs)
-                logger.warning(f"could not refresh swarm progress: {e!r}")
 
     def refresh(self) -> None:
         """Store this peer's record and read everyone's: one store and one get (blocking DHT calls).
