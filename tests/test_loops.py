@@ -12,7 +12,7 @@ import pytest
 
 from peers import exit_codes
 from peers.lifecycle import check_alive
-from peers.processes import wait_for
+from harness.processes import wait_for
 from swarm.averaging.service import AveragingService
 from swarm.errors import BackgroundError
 from swarm.loops import PeriodicLoop
