@@ -189,5 +189,8 @@ def test_the_averaging_service_check_raises_once_its_event_loop_died():
             service.check()
         service.shutdown(timeout=1.0)
         service.check()  # once shut down, a stopped thread is expected
+        # what shutdown cannot do on a dead thread: let hivemind's tasks on that loop end, then close it
+        service._loop.run_until_complete(service._stop())
+        service._loop.close()
     finally:
         dht.shutdown()
