@@ -49,7 +49,7 @@ class PeriodicLoop:
     """
 
     def __init__(self, *, name: str, iteration: Callable[[], None], period: float,
-                 startup: Optional[Callable[[], None]] = None, retry_on: tuple[type[Exception], ...] = (),
+                 startup: Optional[Callable[[], None]] = None, retry_on: tuple[type[BaseException], ...] = (),
                  from_start: bool = False, initial_wait: Optional[float] = None):
         self.name, self.iteration, self.period = name, iteration, period
         self.initial_wait = initial_wait if initial_wait is not None else (0.0 if startup is None else period)

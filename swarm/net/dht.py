@@ -10,6 +10,7 @@ DHT from :func:`start_dht` down with :func:`shutdown_dht`, which stops that loop
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -28,6 +29,13 @@ from swarm.net.rejoin import Rejoin
 logger = get_logger(__name__)
 
 _BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connect to initial peers")
+
+# What a call into the DHT process raises when that one call failed, not the DHT: a timeout, a broken
+# pipe, or its coroutine destroyed or cancelled inside the DHT process (hivemind keeps no reference to
+# the task it runs a coroutine in, so the garbage collector can end one while it waits, and hivemind
+# hands the GeneratorExit on through the future). Periodic callers retry these at the next period.
+DHT_CALL_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, OSError, EOFError, GeneratorExit,
+                                                      asyncio.CancelledError)
 
 
 def start_dht(
@@ -135,7 +143,7 @@ def count_connected_peers(dht: hivemind.DHT, timeout: float = 5.0) -> Optional[i
     """
     try:
         return dht.run_coroutine(_list_connected_peers, return_future=True).result(timeout)
-    except (TimeoutError, OSError, EOFError) as e:
+    except DHT_CALL_FAILURES as e:
         logger.warning(f"the DHT did not report its connections: {e!r}")
         return None
 

@@ -10,6 +10,7 @@ the swarm. :func:`swarm.net.dht.start_dht` starts one (as ``dht.rejoin``) and
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 import hivemind
@@ -40,9 +41,10 @@ class Rejoin:
     def __init__(self, *, dht: hivemind.DHT, initial_peers: list[str], period: float):
         self.dht, self.initial_peers, self.period = dht, list(initial_peers), period
         self.unreachable: set[str] = set()  # initial peers that did not answer the last round
-        # the first round waits one period: the DHT has just joined through these very peers
+        # the first round waits one period: the DHT has just joined through these very peers; every failure
+        # is retried, the BaseExceptions a DHT call can hand on included (see swarm.net.dht.DHT_CALL_FAILURES)
         self._loop = PeriodicLoop(name="rejoin", iteration=self._ping_all, period=period, initial_wait=period,
-                                  retry_on=(Exception,))
+                                  retry_on=(Exception, GeneratorExit, asyncio.CancelledError))
 
     def start(self) -> "Rejoin":
         self._loop.start()

@@ -26,7 +26,7 @@ from swarm.net.metrics_record import PeerMetrics
 from swarm.net.refusals import read_refusals
 from swarm.loops import PeriodicLoop
 from swarm.net.identity import Identity
-from swarm.net.dht import reachability
+from swarm.net.dht import DHT_CALL_FAILURES, reachability
 from swarm.telemetry.traffic import TrafficMeter
 from swarm.train.loop import TrainingStatus
 
@@ -71,9 +71,10 @@ class MetricsPublisher:
         self.failed = 0  # stores that no DHT peer accepted
         self._status: Optional[TrainingStatus] = None
         self._lock = threading.Lock()
-        # a store no peer accepted is counted and retried inside _publish; anything else ends the loop
+        # a store no peer accepted is counted and retried inside _publish, a DHT call that failed is retried
+        # here; anything else (a record our own schema refuses: a bug) ends the loop
         self._loop = PeriodicLoop(name="metrics-publisher", iteration=partial(self._publish, ttl=config.ttl),
-                                  period=config.period)
+                                  period=config.period, retry_on=DHT_CALL_FAILURES)
 
     def start(self) -> "MetricsPublisher":
         self._loop.start()

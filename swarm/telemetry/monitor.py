@@ -17,6 +17,7 @@ from swarm.telemetry.collector import Collector, SwarmView
 from swarm.config.schema import MonitorConfig
 from swarm.errors import SwarmError
 from swarm.loops import PeriodicLoop
+from swarm.net.dht import DHT_CALL_FAILURES
 from swarm.telemetry.history import History
 from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
 from swarm.telemetry.web import DashboardServer
@@ -45,7 +46,7 @@ class Monitor:
         self._view: Optional[SwarmView] = None
         self._stats = {"collections": 0, "errors": 0}
         self._lock = threading.Lock()
-        # a collection that timed out is counted and retried inside _collect; anything else ends the loop
+        # a collection whose DHT call failed is counted and retried inside _collect; anything else ends the loop
         self._loop = PeriodicLoop(name="monitor", iteration=self._collect, period=config.period, from_start=True)
         self._last_prune = 0.0
 
@@ -91,10 +92,10 @@ class Monitor:
         try:
             view = self.collect_once()
             logger.debug(f"collected {len(view.peers)} peers, {len(view.flagged)} flagged")
-        except TimeoutError:  # counted here (the dashboard shows it), not left to the loop
+        except DHT_CALL_FAILURES as e:  # counted here (the dashboard shows it), not left to the loop
             with self._lock:
                 self._stats["errors"] += 1
-            logger.warning("the DHT did not answer in time; collecting again next period")
+            logger.warning(f"the DHT did not answer ({e!r}); collecting again next period")
         self._maybe_prune()
 
     def _maybe_prune(self) -> None:

@@ -23,6 +23,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.loops import PeriodicLoop
 from swarm.net import keys
+from swarm.net.dht import DHT_CALL_FAILURES
 from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
 
 
@@ -47,10 +48,11 @@ class RoundTracker:
         self._read_at = get_dht_time()  # when the last read that completed began
         self._cycle_started: Optional[float] = None  # when the refresh in flight began
         self._cycle = 0.0  # how long the last refresh took (seconds)
-        # The DHT fails in many ways (timeouts, a node gone, a daemon error); each is retried at the next
-        # period, and the heartbeat tolerance above decides when silence means a peer is gone.
+        # The DHT fails in many ways (timeouts, a node gone, a daemon error, a call's coroutine destroyed in
+        # the DHT process); each is retried at the next period, and the heartbeat tolerance above decides
+        # when silence means a peer is gone.
         self._loop = PeriodicLoop(name="round-tracker", iteration=self.refresh, period=refresh_period,
-                                  startup=self.refresh, retry_on=(Exception,))
+                                  startup=self.refresh, retry_on=(Exception, *DHT_CALL_FAILURES))
 
     # ---- called by the trainer ---------------------------------------------------------------
     def start(self) -> "RoundTracker":
