@@ -109,6 +109,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
             "--address-file", str(address), "--set", f"network.listen_host={lab.ip(0)}"], log=work / "bootstrap.log")
         started = wait_for_file(address, bootstrap, 90)
         if started is None:
+            sampler.finish()
             return dict(error=f"the bootstrap peer did not start; see {work / 'bootstrap.log'}")
         maddr = next(m for m in started["maddrs"] if f"/{lab.ip(0)}/" in m)
         trainers = []
