@@ -8,7 +8,7 @@ benchmark peer) says only what to average, with which weight and among whom.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import hivemind
 import torch
@@ -39,7 +39,8 @@ class Averager:
       in a fault-injection harness that plays a broken peer.
     """
 
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True):
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
+                 owner: Optional[bytes] = None):
         self.averaging = averaging
         self.counters = Counters()
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
@@ -48,7 +49,7 @@ class Averager:
         self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
                                         request_timeout=averaging.request_timeout,
                                         accepted_codecs=wire_codecs(averaging.compression),
-                                        check_own_input=check_own_input).start()
+                                        check_own_input=check_own_input, owner=owner).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
 

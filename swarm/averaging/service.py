@@ -44,8 +44,9 @@ class AveragingService(ServicerBase):
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
-                 accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True):
-        self.dht, self.run_id = dht, run_id
+                 accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
+                 owner: Optional[bytes] = None):
+        self.dht, self.run_id, self.owner = dht, run_id, owner
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.namespace = f"{run_id}_swarm_averaging"
@@ -68,7 +69,7 @@ class AveragingService(ServicerBase):
         self._p2p = await self.dht.replicate_p2p()
         self.matchmaker = Matchmaker(
             dht=self.dht, peer_id=self.peer_id, run_id=self.run_id, get_stub=self._stub,
-            request_timeout=self.request_timeout,
+            request_timeout=self.request_timeout, owner=self.owner,
         )
         await self.add_p2p_handlers(self._p2p, namespace=self.namespace)
 
