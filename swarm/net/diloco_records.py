@@ -28,7 +28,7 @@ from swarm.net.signed_record import CLOCK_SLACK, SignedRecordGuard, Verdict
 MAX_HASH_CHARS = 128
 MAX_ROLE_CHARS = 32
 ROLES = ("volunteer", "institution")
-# A genuine record is about 420 bytes with its signature (measured, RSA-2048); anything larger is an attack.
+# A genuine value is about 470 bytes with its signature (measured, RSA-2048), its subkey 390; anything over is an attack.
 MAX_RECORD_BYTES = 1024
 # At most this many peers' samples add up to one round's total (a state's total is the sum over its rounds).
 MAX_PEERS = 4096
