@@ -17,7 +17,8 @@ from peers.status_file import StatusFile
 from swarm.config.schema import SwarmConfig
 from swarm.errors import SwarmError
 from swarm.net.identity import load_identity
-from swarm.net.metrics_record import metrics_validators
+from swarm.net.validators import run_validators
+from swarm.train.rounds import record_bounds
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
 from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 
@@ -33,7 +34,7 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
     stop = StopSignals()
     identity = load_identity(Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY))
     dht = start_dht(config.network, identity=identity, stop=stop.event,
-                    record_validators=metrics_validators(config.run_id, identity.private_key))
+                    record_validators=run_validators(config.run_id, identity.private_key, record_bounds(config)))
     publisher = None
     state = {"peer_id": str(dht.peer_id), "role": "bootstrap", "finished": False}
     status_file = StatusFile(status_path, dht=dht, snapshot=lambda: dict(state),

@@ -25,7 +25,8 @@ from swarm.train.data import TextDataset, load_dataset
 from swarm.train.device import describe_device, resolve_device
 from swarm.errors import CheckpointError
 from swarm.net.identity import load_identity
-from swarm.net.metrics_record import metrics_validators
+from swarm.net.validators import run_validators
+from swarm.train.rounds import record_bounds
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
 from swarm.train.model import ByteGPT
 from swarm.train.factory import build_collaboration
@@ -45,7 +46,7 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> T
     local = _prepare_local(config)
     identity = load_identity(config.network.identity_path)
     dht = start_dht(config.network, identity=identity, stop=stop.event,
-                    record_validators=metrics_validators(config.run_id, identity.private_key))
+                    record_validators=run_validators(config.run_id, identity.private_key, record_bounds(config)))
     peer = _TrainerPeer(config, local, dht)
     try:
         peer.start(identity, status_path)

@@ -3,8 +3,12 @@ with the same view reaches the same answer."""
 
 from __future__ import annotations
 
+import pytest
+
 from swarm.net.diloco_records import StateRecord
 from swarm.train.agreement import choose_donor, donors_of_agreed_state, in_agreement
+
+pytestmark = pytest.mark.timeout(30)
 
 
 def test_own_state_when_everyone_agrees():
@@ -13,16 +17,44 @@ def test_own_state_when_everyone_agrees():
 
 
 def test_a_state_that_has_seen_more_samples_wins():
-    states = {"a": StateRecord(3, 300, "h1"), "b": StateRecord(4, 400, "h2"), "c": StateRecord(3, 300, "h1")}
+    states = {"a": StateRecord(3, 300, "h1"), "b": StateRecord(4, 400, "h2"), "c": StateRecord(3, 300, "h1"),
+              "d": StateRecord(4, 400, "h2")}
     assert choose_donor("a", states) == ("b", states["b"])
     assert choose_donor("b", states) is None
+
+
+def test_one_peers_claim_never_moves_peers_whose_state_a_quorum_holds():
+    """The takeover of issue 10: one record claiming 2^62 samples at round 10^6."""
+    liar = StateRecord(10**6, 2**62, "zero")
+    states = {"a": StateRecord(19, 6000, "h"), "b": StateRecord(19, 6000, "h"), "x": liar}
+    assert choose_donor("a", states) is None and choose_donor("b", states) is None
+    # a second identity makes a quorum: that is what admission (private runs) is for
+    assert choose_donor("a", {**states, "y": liar})[1] == liar
+
+
+def test_a_single_peer_cannot_make_a_lone_peer_jump_rounds():
+    states = {"a": StateRecord(19, 6000, "h"), "x": StateRecord(10**6, 2**62, "zero")}
+    assert choose_donor("a", states) is None
+    near = {"a": StateRecord(19, 6000, "h"), "x": StateRecord(20, 7000, "other")}
+    assert choose_donor("a", near) is None  # not even one round ahead, unless it averaged with this peer
+    assert choose_donor("a", near, partners={"x"}) == ("x", near["x"])  # partners whose round ended apart meet
+    assert choose_donor("a", states, partners={"x"}) is None  # ...but never jump rounds
+
+
+def test_a_newcomer_adopts_a_lone_trainers_state_but_not_one_of_two_rival_claims():
+    fresh = StateRecord(0, 0, "init")
+    lone = {"new": fresh, "other-new": fresh, "a": StateRecord(19, 6000, "h")}
+    assert choose_donor("new", lone) == ("a", lone["a"])
+    rivals = {**lone, "x": StateRecord(10**6, 2**62, "zero")}
+    assert choose_donor("new", rivals) is None
+    assert choose_donor("new", {**rivals, "b": StateRecord(19, 6000, "h")}) == ("a", lone["a"])
 
 
 def test_equal_samples_go_to_the_majority_then_the_smaller_hash():
     split = {"a": StateRecord(5, 500, "ffff"), "b": StateRecord(5, 500, "0000"), "c": StateRecord(5, 500, "ffff")}
     assert choose_donor("b", split)[1].hash == "ffff"  # two holders beat one
     tie = {"a": StateRecord(5, 500, "ffff"), "b": StateRecord(5, 500, "0000")}
-    assert choose_donor("a", tie) == ("b", tie["b"]) and choose_donor("b", tie) is None
+    assert choose_donor("a", tie, {"b"}) == ("b", tie["b"]) and choose_donor("b", tie, {"a"}) is None
 
 
 def test_institutions_are_preferred_donors():

@@ -8,7 +8,7 @@ benchmark peer) says only what to average, with which weight and among whom.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Collection
+from typing import Callable, Collection, Optional
 
 import hivemind
 import torch
@@ -39,12 +39,13 @@ class Averager:
       in a fault-injection harness that plays a broken peer.
     :param accepted_codecs: payload formats accepted from others; by default those of
       ``averaging.compression`` (a benchmark that cycles codecs passes them all).
-    :param check_fetchers, fetch_observer: see :class:`AveragingService`.
+    :param owner, check_fetchers, fetch_observer: see :class:`AveragingService`.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
-                 check_fetchers: bool = True,
-                 accepted_codecs: Collection[str] | None = None, fetch_observer: Callable[[dict], None] | None = None):
+                 owner: Optional[bytes] = None, check_fetchers: bool = True,
+                 accepted_codecs: Optional[Collection[str]] = None,
+                 fetch_observer: Optional[Callable[[dict], None]] = None):
         self.averaging = averaging
         self.counters = Counters()
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
@@ -53,7 +54,7 @@ class Averager:
         self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
                                         request_timeout=averaging.request_timeout,
                                         accepted_codecs=accepted_codecs or wire_codecs(averaging.compression),
-                                        check_own_input=check_own_input, check_fetchers=check_fetchers,
+                                        check_own_input=check_own_input, owner=owner, check_fetchers=check_fetchers,
                                         fetch_observer=fetch_observer).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)

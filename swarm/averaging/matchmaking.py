@@ -3,7 +3,8 @@
 A peer's rank in a round is a hash of the run, the round and its peer id (:func:`leader_rank`), so
 the leader changes from round to round and no one can lead every round by choosing its own id (an
 Ed25519 id sorts below every RSA id; a smallest-id rule let it lead always).
-A peer ready to average round ``r`` announces itself in the DHT (``keys.diloco_ready``) and asks
+A peer ready to average round ``r`` announces itself in the DHT (``keys.diloco_ready``, a signed record
+whose value is the round) and asks
 the lowest-ranked ready peer it knows to take it in. That leader waits until every peer expected in the
 round (alive and not ahead of it, as the caller's progress records tell) has joined, or the deadline
 passes, then seals the group and tells every member. A peer that died stops being expected once its
@@ -28,6 +29,7 @@ from hivemind.utils import get_dht_time, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout
 
 from swarm.net import keys
+from swarm.net.signed_record import peer_of_subkey
 from swarm.averaging import wire
 from swarm.averaging.group import MAX_WEIGHT, Group, RoundMissed
 
@@ -56,10 +58,14 @@ class Matchmaker:
 
     :param get_stub: callable(peer_id) -> stub of the remote averaging servicer.
     :param request_timeout: silence after which a leader counts as gone.
+    :param owner: this peer's ``[owner:<RSA key>]`` tag: its ready record is signed under it (see
+      :func:`swarm.net.signed_record.owner_tag`); None: stored under the plain peer id, unsigned.
     """
 
-    def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub, request_timeout: float):
+    def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub, request_timeout: float,
+                 owner: Optional[bytes] = None):
         self.dht, self.peer_id, self.run_id, self.get_stub = dht, peer_id, run_id, get_stub
+        self.owner = owner
         self.request_timeout = request_timeout
         self._leading: dict[int, _Lead] = {}
         self._sealed: dict[int, Group] = {}
@@ -230,19 +236,25 @@ class Matchmaker:
                 "weights": list(group.weights)}
 
     async def _announce(self, round_number: int) -> None:
-        key = keys.diloco_ready(self.run_id, round_number)
+        key = keys.diloco_ready(self.run_id)
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.dht.store(key, True, get_dht_time() + keys.READY_TTL, subkey=self.peer_id.to_base58())
+            None, lambda: self.dht.store(key, round_number, get_dht_time() + keys.READY_TTL,
+                                         subkey=self.owner or self.peer_id.to_base58())
         )
 
     async def _ready_peers(self, round_number: int) -> set[PeerID]:
-        key = keys.diloco_ready(self.run_id, round_number)
+        """Peers whose latest (signed) ready record names this round."""
+        key = keys.diloco_ready(self.run_id)
         found = await asyncio.get_running_loop().run_in_executor(None, lambda: self.dht.get(key, latest=True))
         peers = set()
         if found is not None and isinstance(found.value, dict):
-            for subkey in found.value:
+            for subkey, item in found.value.items():
+                peer = peer_of_subkey(subkey)
+                if peer is None or getattr(item, "value", None) != round_number or type(item.value) is not int:
+                    continue
                 try:
-                    peers.add(PeerID.from_base58(str(subkey)))
+                    peers.add(PeerID.from_base58(peer))
                 except Exception:  # a malformed subkey from a broken or hostile peer
                     continue
         return peers
+

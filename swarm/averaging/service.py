@@ -65,8 +65,9 @@ class AveragingService(ServicerBase):
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
                  accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
-                 check_fetchers: bool = True, fetch_observer: Optional[Callable[[dict], None]] = None):
-        self.dht, self.run_id = dht, run_id
+                 owner: Optional[bytes] = None, check_fetchers: bool = True,
+                 fetch_observer: Optional[Callable[[dict], None]] = None):
+        self.dht, self.run_id, self.owner = dht, run_id, owner
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
@@ -108,7 +109,7 @@ class AveragingService(ServicerBase):
         self._p2p = await self.dht.replicate_p2p()
         self.matchmaker = Matchmaker(
             dht=self.dht, peer_id=self.peer_id, run_id=self.run_id, get_stub=self._stub,
-            request_timeout=self.request_timeout,
+            request_timeout=self.request_timeout, owner=self.owner,
         )
         await self.add_p2p_handlers(self._p2p, namespace=self.namespace)
 

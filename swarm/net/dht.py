@@ -51,7 +51,7 @@ def start_dht(
 
     :param identity: the key that makes this peer's id (see :mod:`swarm.net.identity`); default: the one at
       network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
-    :param record_validators: e.g. :func:`swarm.net.keys.metrics_validators` for this identity.
+    :param record_validators: :func:`swarm.net.validators.run_validators` for this identity and run.
     :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
     :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.

@@ -5,12 +5,15 @@
 | ``{run_id}_metrics``: one subkey per peer, ``[owner:<its RSA key>]`` -> :class:`PeerMetrics`, signed | every trainer and the bootstrap peer, each its own subkey, every ``metrics.period`` s | ``swarm monitor``, ``swarm status`` | ``metrics.ttl`` after its last write; a clean leave writes a last ``state: left`` record |
 | ``{run_id}_progress`` | hivemind.Optimizer's ProgressTracker (sync mode), one signed subkey per peer (signed with the peer's identity key, see :mod:`swarm.train.sync`) | every sync-mode trainer (epoch, samples) | hivemind's metadata expiration (~60 s), refreshed |
 | ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
-| ``{run_id}_diloco_peers`` | each DiLoCo trainer under its peer id, every ``diloco.refresh_period``: ``[[round, samples, time], [state round, total samples, state hash, role]]``; a sync-mode trainer that finished a run writes ``[[], [epoch, epoch, state hash, role]]`` (:mod:`swarm.train.agreement`) | DiLoCo trainers: swarm samples this round and who takes part (progress, a heartbeat), which state the swarm agrees on (state sync); finished sync-mode trainers: which final model they settle on | ``DILOCO_TTL``, refreshed |
-| ``{run_id}_diloco_ready_{round}`` | each DiLoCo trainer when it is ready to average ``round`` | matchmaking: who may lead the round | ``READY_TTL`` |
+| ``{run_id}_diloco_peers``: one subkey per peer, ``[owner:<its RSA key>]`` -> ``[[round, samples, time], [state round, total samples, state hash, role]]``, signed, bounded | each DiLoCo trainer every ``diloco.refresh_period``; a sync-mode trainer that finished a run writes ``[[], [epoch, epoch, state hash, role]]`` (:mod:`swarm.train.agreement`) | DiLoCo trainers: swarm samples this round and who takes part (progress, a heartbeat), which state the swarm agrees on (state sync); finished sync-mode trainers: which final model they settle on | ``DILOCO_TTL`` (at most, refused beyond it + 30 s), refreshed |
+| ``{run_id}_diloco_ready``: one subkey per peer, ``[owner:<its RSA key>]`` -> the round it is ready to average, signed, bounded | each DiLoCo trainer when it is ready to average a round | matchmaking: who may lead the round | ``READY_TTL`` (at most, + 30 s) |
 
-DiLoCo records are stored under the peer id (base58) as subkey, written by the peer itself.
+DiLoCo records are signed by the peer that writes them and checked on every DHT node by
+:class:`swarm.net.diloco_records.DiLoCoRecordGuard` (owner, signature, size, expiration, schema,
+:class:`~swarm.net.diloco_records.RecordBounds`); the peer id a reader maps a record to is derived from the
+signing key. All validators of a run: :func:`swarm.net.validators.run_validators`.
 
-Each record kind has its own module here with its schema and validators: :mod:`swarm.net.metrics_record` (signed metrics) and :mod:`swarm.net.diloco_records` (progress and state).
+Each record kind has its own module here with its schema and validators: :mod:`swarm.net.metrics_record` (signed metrics) and :mod:`swarm.net.diloco_records` (progress, state and readiness); what they share is :mod:`swarm.net.signed_record`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ def diloco_peers(run_id: str) -> str:
     return f"{run_id}_diloco_peers"
 
 
-def diloco_ready(run_id: str, round_number: int) -> str:
-    return f"{run_id}_diloco_ready_{round_number}"
+def diloco_ready(run_id: str) -> str:
+    return f"{run_id}_diloco_ready"
 
 
 METRICS_SUFFIX = "metrics"

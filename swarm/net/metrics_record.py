@@ -19,23 +19,23 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import MSGPackSerializer, get_logger
+from hivemind.utils import get_logger
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat, conint, constr
 
 from swarm.net.identity import peer_id_of_owner
 from swarm.net.keys import metrics_key
-from swarm.net.refusals import REFUSALS
+from swarm.net.signed_record import SignedRecordGuard, Verdict
 
 logger = get_logger(__name__)
 
 # A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
 MAX_RECORD_BYTES = 4096
 ROLES = ("bootstrap", "volunteer", "institution")
-REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation")
+# why a DHT node refused a record, of any signed kind (swarm.net.signed_record): published in each peer's metrics
+REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible")
 STATES = ("running", "finished", "left")
 REACHABILITY = ("direct", "relayed", "client")
 
@@ -102,70 +102,28 @@ def metrics_validators(run_id: str, private_key: RSAPrivateKey) -> list[RecordVa
     return [signatures, SchemaValidator(MetricsSchema, prefix=run_id), MetricsRecordGuard(run_id, signatures)]
 
 
-class MetricsRecordGuard(RecordValidatorBase):
-    """Checks ``{run_id}_metrics`` records before hivemind's validators do, and says why it refuses one.
-
-    Reasons: ``oversized``, ``unsigned`` (the subkey names no RSA owner), ``bad_signature``, ``schema``,
-    ``impersonation`` (the claimed peer id is not the signer's). Each distinct refused record is
-    counted once in :data:`REFUSALS` and logged once at WARNING.
+class MetricsRecordGuard(SignedRecordGuard):
+    """Checks ``{run_id}_metrics`` records before hivemind's validators do, and says why it refuses one
+    (:class:`~swarm.net.signed_record.SignedRecordGuard`): ``oversized``, ``unsigned`` (the subkey
+    names no RSA owner), ``bad_signature``, ``schema``, ``impersonation`` (the claimed peer id is not
+    the signer's).
     """
 
     def __init__(self, run_id: str, signatures: RSASignatureValidator):
+        # metrics.ttl is each peer's own setting, so no node can bound another's expiration by it
+        super().__init__(keys={metrics_key(run_id): None}, signatures=signatures, max_bytes=MAX_RECORD_BYTES)
         self.run_id = run_id
-        self._key_id = DHTID.generate(source=metrics_key(run_id)).to_bytes()
-        self._signatures = signatures
 
-    @property
-    def priority(self) -> int:
-        return 20  # validation runs in decreasing priority: before RSASignatureValidator (10)
-
-    def validate(self, record: DHTRecord) -> bool:
-        if record.key != self._key_id:
-            return True
-        reason, detail = self.check(record)
-        if reason is None:
-            return True
-        to_log = REFUSALS.add(reason, record, self._sender(record), detail)
-        if to_log is not None:
-            repeats = f" ({to_log} such records from this sender since the last line)" if to_log > 1 else ""
-            logger.warning(f"refused a {metrics_key(self.run_id)} record ({reason}): {detail}{repeats}")
-        return False
-
-    @staticmethod
-    def _owner_peer_id(record: DHTRecord) -> Optional[str]:
+    def check_value(self, key: str, owner: str, value, record: DHTRecord) -> Verdict:
         try:
-            owner = MSGPackSerializer.loads(record.subkey)
-        except Exception:  # msgpack raises several types for garbage; all mean the same here
-            return None
-        return peer_id_of_owner(owner) if isinstance(owner, bytes) else None
-
-    def _sender(self, record: DHTRecord) -> str:
-        return self._owner_peer_id(record) or "unsigned"
-
-    def check(self, record: DHTRecord) -> tuple[Optional[str], str]:
-        """(None, "") for a genuine record, else (reason, detail)."""
-        if len(record.value) > MAX_RECORD_BYTES:
-            return "oversized", f"{len(record.value)} bytes, at most {MAX_RECORD_BYTES} allowed"
-        owner_peer_id = self._owner_peer_id(record)
-        if owner_peer_id is None:
-            return "unsigned", "the subkey names no [owner:<RSA key>]"
-        if not self._signatures.validate(record):
-            return "bad_signature", f"signature does not match the owner key of {owner_peer_id}"
-        try:
-            value = MSGPackSerializer.loads(self._signatures.strip_value(record))
             parsed = PeerMetrics.parse_obj(value)
         except (ValidationError, ValueError, TypeError) as e:
-            return "schema", f"from {owner_peer_id}: {_first_line(e)}"
-        except Exception as e:  # msgpack's errors for truncated or garbage bytes
-            return "schema", f"from {owner_peer_id}: undecodable value ({type(e).__name__})"
+            return "schema", f"from {owner}: {_first_line(e)}"
         if parsed.dict() != value:
-            return "schema", f"from {owner_peer_id}: missing fields or values of the wrong type"
-        if parsed.peer_id != owner_peer_id:
-            return "impersonation", f"signed by {owner_peer_id} but claims to be {parsed.peer_id}"
+            return "schema", f"from {owner}: missing fields or values of the wrong type"
+        if parsed.peer_id != owner:
+            return "impersonation", f"signed by {owner} but claims to be {parsed.peer_id}"
         return None, ""
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return isinstance(other, MetricsRecordGuard) and other.run_id == self.run_id
 
 
 def parse_metrics(value) -> tuple[list[tuple[str, PeerMetrics]], list[dict]]:

@@ -20,7 +20,8 @@ from hivemind.utils import get_dht_time, get_logger
 from swarm.config.schema import NetworkConfig
 from swarm.net.identity import load_identity
 from swarm.net.keys import metrics_key
-from swarm.net.metrics_record import PeerMetrics, metrics_validators, parse_metrics
+from swarm.net.metrics_record import PeerMetrics, parse_metrics
+from swarm.net.validators import run_validators
 from swarm.net.refusals import read_refusals
 from swarm.net.dht import client_network, start_dht
 
@@ -36,7 +37,7 @@ def start_reader_dht(network: NetworkConfig, run_id: str, *, stop: threading.Eve
     identity, any free port, and the validators that drop forged records before they reach it."""
     identity = load_identity(None)
     return start_dht(client_network(network), identity=identity, client_mode=True, stop=stop,
-                     record_validators=metrics_validators(run_id, identity.private_key))
+                     record_validators=run_validators(run_id, identity.private_key))
 
 
 @dataclass

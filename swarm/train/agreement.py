@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 import torch
 from hivemind.p2p import PeerID
@@ -59,11 +59,14 @@ class StateAgreement:
     :param service: serves this peer's state to others and downloads theirs.
     :param tracker: carries this peer's state record out and everyone's in.
     :param role: travels in the state record; institutions are preferred as donors.
+    :param partners: the peers (base58 ids) this one last averaged with, whose state alone it may adopt
+      (:func:`choose_donor`).
     """
 
     def __init__(self, *, state: SharedState, service: AveragingService, tracker: RoundTracker, role: str,
-                 load_state_timeout: float):
+                 load_state_timeout: float, partners: Callable[[], Iterable[str]] = tuple):
         self.state, self.service, self.tracker, self.role = state, service, tracker, role
+        self.partners = partners
         self.load_state_timeout = load_state_timeout
         self.downloads = 0  # states adopted from others
         self._shared: Optional[State] = None
@@ -90,7 +93,7 @@ class StateAgreement:
         """Adopt the agreed state if this peer holds another: from the first donor that serves it
         intact. Returns whether it adopted one; any failure leaves this peer's state as it was."""
         states = self.states() if states is None else states
-        donors = donors_of_agreed_state(self.tracker.me, states)
+        donors = donors_of_agreed_state(self.tracker.me, states, set(self.partners()))
         max_bytes = _max_state_bytes(self.state) if donors else 0
         for peer in donors:
             try:
@@ -135,19 +138,53 @@ def _max_state_bytes(state: SharedState) -> int:
     return sum(t.numel() * max(t.element_size(), 4) for t in state.capture()[1]) + STATE_SLACK_BYTES
 
 
-def choose_donor(me: str, states: dict[str, StateRecord]) -> Optional[tuple[str, StateRecord]]:
+# A state announced by this many peers (distinct signed records) may be adopted whatever this peer holds.
+QUORUM = 2
+# A state announced by one partner alone may be adopted only this many rounds ahead of this peer's own.
+SINGLE_LEAD = 1
+
+
+def choose_donor(me: str, states: dict[str, StateRecord], partners: Collection[str] = ()) -> Optional[tuple[str, StateRecord]]:
     """Which peer's state this peer should adopt, or None if its own is the one the swarm agrees on.
 
-    The agreed state is the one that has seen the most samples; ties go to the state held by more
-    peers, then to the smaller hash. Every peer with the same view reaches the same answer, so a split
-    swarm (after a fault or a partition) converges on one state. Among the holders of that state,
-    institutions are preferred as donors.
+    The agreed state is, among this peer's own and the states it may adopt, the one that has seen the
+    most samples; ties go to the state held by more peers, then to the smaller hash. A state may be
+    adopted (:func:`adoptable`) when
+
+    - :data:`QUORUM` peers or more announce it (each record is signed by its peer, so one peer cannot
+      announce for two); or
+    - one of ``partners`` (the peers this one last averaged with) announces it, this peer's own state
+      has no quorum either, and it is at most :data:`SINGLE_LEAD` round ahead (partners whose round
+      ended differently, e.g. one of them timed out, still meet); or
+    - this peer is fresh (round 0, no samples) and it is the only state other than the initial one
+      that anyone announces (newcomers joining a lone trainer).
+
+    So one peer's claim never makes a peer adopt a state unless that peer averaged with it last round,
+    and never makes it jump rounds; a peer needs a second identity to reach the quorum (open runs:
+    identities are free; see the README). Every peer with the same view reaches the same answer, so a
+    split swarm converges on one state. Among the holders of the agreed state, institutions are
+    preferred as donors.
     """
-    donors = donors_of_agreed_state(me, states)
+    donors = donors_of_agreed_state(me, states, partners)
     return (donors[0], states[donors[0]]) if donors else None
 
 
-def donors_of_agreed_state(me: str, states: dict[str, StateRecord]) -> list[str]:
+def adoptable(me: str, candidate: tuple[int, str], holders: dict[tuple[int, str], list[str]],
+              states: dict[str, StateRecord], partners: Collection[str] = ()) -> bool:
+    """Whether ``me`` may adopt the state ``(total, hash)`` that ``holders[candidate]`` announce (see
+    :func:`choose_donor`)."""
+    mine = states[me]
+    own = (mine.total, mine.hash)
+    if candidate == own or len(holders[candidate]) >= QUORUM:
+        return True
+    if mine.round == 0 and mine.total == 0:  # fresh: the initial state proves nothing, however many hold it
+        return len(holders) == 2
+    if len(holders[own]) >= QUORUM:
+        return False
+    return all(peer in partners and states[peer].round <= mine.round + SINGLE_LEAD for peer in holders[candidate])
+
+
+def donors_of_agreed_state(me: str, states: dict[str, StateRecord], partners: Collection[str] = ()) -> list[str]:
     """Every holder of the state the swarm agrees on (see :func:`choose_donor`), best donor first;
     empty if this peer holds that state already or has no record."""
     if me not in states:
@@ -155,7 +192,8 @@ def donors_of_agreed_state(me: str, states: dict[str, StateRecord]) -> list[str]
     holders: dict[tuple[int, str], list[str]] = {}
     for peer, record in states.items():
         holders.setdefault((record.total, record.hash), []).append(peer)
-    best = max(holders, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
+    candidates = [state for state in holders if adoptable(me, state, holders, states, partners)]
+    best = max(candidates, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
     mine = states[me]
     if best == (mine.total, mine.hash):
         return []

@@ -16,15 +16,18 @@ halves of a partitioned swarm become one again.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import hivemind
 import torch
 from hivemind.utils import get_logger
+from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.averager import Averager
 from swarm.averaging.counters import Counters
 from swarm.config.schema import AveragingConfig, DiLoCoConfig
+from swarm.net.diloco_records import DEFAULT_BOUNDS, RecordBounds
+from swarm.net.signed_record import owner_tag
 from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
 from swarm.train.collaboration import Collaboration, SwarmView
 from swarm.train.rounds import RoundTracker
@@ -34,11 +37,14 @@ logger = get_logger(__name__)
 
 class DiLoCo(Collaboration, SharedState):
     """:param inner_optimizer: callable(params) -> the local optimizer (AdamW, or 8-bit AdamW).
-    :param batch_size: samples per local step, for the default round budget."""
+    :param batch_size: samples per local step, for the default round budget.
+    :param private_key: the peer's identity key: its DiLoCo records are signed with it.
+    :param bounds: what other peers' records may claim (:func:`swarm.train.rounds.record_bounds`)."""
 
     def __init__(self, *, model: torch.nn.Module, dht: hivemind.DHT, run_id: str, role: str,
                  inner_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
-                 config: DiLoCoConfig, averaging: AveragingConfig, batch_size: int):
+                 config: DiLoCoConfig, averaging: AveragingConfig, batch_size: int,
+                 private_key: Optional[RSAPrivateKey] = None, bounds: RecordBounds = DEFAULT_BOUNDS):
         self.config, self.batch_size = config, batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inner = inner_optimizer(self.params)
@@ -49,10 +55,15 @@ class DiLoCo(Collaboration, SharedState):
         self.round, self.total_samples = 0, 0
         self._round_samples, self._round_started = 0, time.monotonic()
 
-        self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging)
-        self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period)
+        owner = owner_tag(dht, private_key)  # this peer's records are signed under it (swarm.net.diloco_records)
+        if owner is None:
+            logger.warning("DiLoCo records go unsigned: no identity key for this peer id; nodes that check "
+                           "signatures refuse them")
+        self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging, owner=owner)
+        self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
+                                    bounds=bounds)
         self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,
-                                        load_state_timeout=averaging.load_state_timeout)
+                                        load_state_timeout=averaging.load_state_timeout, partners=self._partners)
         self.agreement.publish()
         self.tracker.start()
         self.agreement.catch_up()  # a late joiner starts from the swarm's state, not from scratch
@@ -120,6 +131,10 @@ class DiLoCo(Collaboration, SharedState):
         self.averager.shutdown()
 
     # ---- rounds --------------------------------------------------------------------------
+    def _partners(self) -> list[str]:
+        group = self.averager.last_group
+        return [peer.to_base58() for peer in group.members] if group is not None else []
+
     def _round_closed(self) -> bool:
         expected = self.tracker.expected(self.round)
         budget = self.config.round_samples or self.config.inner_steps * self.batch_size * len(expected)

@@ -12,6 +12,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm.config.schema import SwarmConfig
 from swarm.train.collaboration import Collaboration
 from swarm.train.diloco import DiLoCo
+from swarm.train.rounds import record_bounds
 from swarm.train.sync import build_collaborative_optimizer, inner_optimizer_factory
 
 
@@ -25,7 +26,8 @@ def build_collaboration(*, config: SwarmConfig, dht: hivemind.DHT, model: torch.
     if config.averaging.mode == "diloco":
         return DiLoCo(model=model, dht=dht, run_id=config.run_id, role=config.peer.role,
                       inner_optimizer=inner_optimizer_factory(config.optimizer), config=config.diloco,
-                      averaging=config.averaging, batch_size=config.training.batch_size)
+                      averaging=config.averaging, batch_size=config.training.batch_size, private_key=private_key,
+                      bounds=record_bounds(config))
     return build_collaborative_optimizer(dht=dht, run_id=config.run_id, role=config.peer.role, params=model.parameters(),
                                          optimizer=config.optimizer, training=config.training,
                                          averaging=config.averaging, sync=config.sync, private_key=private_key)

@@ -21,10 +21,20 @@ import hivemind
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from swarm.config.schema import DiLoCoConfig, SwarmConfig
 from swarm.loops import PeriodicLoop
 from swarm.net import keys
 from swarm.net.dht import DHT_CALL_FAILURES
-from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
+from swarm.net.diloco_records import DEFAULT_BOUNDS, Progress, RecordBounds, StateRecord, encode_record, parse_record
+from swarm.net.signed_record import peer_of_subkey
+
+
+def record_bounds(config: SwarmConfig) -> RecordBounds:
+    """What this run's DiLoCo records may claim (:class:`RecordBounds`), from settings every peer of the
+    run shares: ``training.max_epochs``, ``diloco.round_timeout`` and ``monitor.max_samples_per_second``."""
+    diloco = config.diloco or DiLoCoConfig()
+    return RecordBounds.for_run(max_epochs=config.training.max_epochs, round_timeout=diloco.round_timeout,
+                                max_samples_per_second=config.monitor.max_samples_per_second)
 
 
 class RoundTracker:
@@ -33,10 +43,16 @@ class RoundTracker:
 
     :param refresh_period: seconds between refreshes (one store and one get). Heartbeats are judged
       against it: a peer is taken for gone after about three missed refreshes (see :meth:`_tolerance`).
+    :param owner: this peer's ``[owner:<RSA key>]`` tag (:func:`swarm.net.signed_record.owner_tag`):
+      its record is stored under it and signed by the DHT; None: under the plain peer id, unsigned
+      (accepted only by DHT nodes that check nothing).
+    :param bounds: records claiming more are ignored (the DHT nodes refuse them too).
     """
 
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, refresh_period: float):
+    def __init__(self, *, dht: hivemind.DHT, run_id: str, refresh_period: float, owner: Optional[bytes] = None,
+                 bounds: RecordBounds = DEFAULT_BOUNDS):
         self.dht, self.run_id, self.refresh_period = dht, run_id, refresh_period
+        self.owner, self.bounds = owner, bounds
         self.peer_id: PeerID = dht.peer_id
         self.me = self.peer_id.to_base58()
         self._lock = threading.Lock()
@@ -138,7 +154,7 @@ class RoundTracker:
                 progress = Progress(mine.round, mine.samples, now) if mine is not None else None
                 stored = self.dht.store(keys.diloco_peers(self.run_id), encode_record(progress, my_state),
                                         now + keys.DILOCO_TTL,
-                                        subkey=self.me, return_future=True)
+                                        subkey=self.owner or self.me, return_future=True)
             found = self.dht.get(keys.diloco_peers(self.run_id), latest=True)  # while the store is under way
             if stored is not None:
                 stored.result()
@@ -156,9 +172,10 @@ class RoundTracker:
         others unreachable), so a peer missing from it keeps its last known record until that expires."""
         if isinstance(found.value, dict):
             for subkey, item in found.value.items():
-                peer, expires = str(subkey), getattr(item, "expiration_time", 0.0)
-                parsed_record = parse_record(getattr(item, "value", None))
-                if parsed_record is None or not isinstance(expires, (int, float)) or expires < self._expires.get(peer, 0.0):
+                peer, expires = peer_of_subkey(subkey), getattr(item, "expiration_time", 0.0)
+                parsed_record = parse_record(getattr(item, "value", None), self.bounds)
+                if (peer is None or parsed_record is None or not isinstance(expires, (int, float))
+                        or expires < self._expires.get(peer, 0.0)):
                     continue
                 self._expires[peer] = float(expires)
                 for table, parsed in zip((self._progress, self._states), parsed_record):

@@ -27,6 +27,7 @@ from swarm.train.collaboration import Collaboration, SwarmView
 from swarm.compression.registry import make_codec
 from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
 from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
+from swarm.net.signed_record import owner_tag
 from swarm.train.rounds import RoundTracker
 
 # State sharing priority is the donor's epoch; institutions add this bonus so that a late joiner
@@ -142,7 +143,7 @@ def build_collaborative_optimizer(
         grad_compression=compression,
         tracker_opts=dict(private_key=private_key) if private_key is not None else None,
         verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
-    ), counters, run_id=run_id, role=role, averaging=averaging, last_epoch=training.max_epochs)
+    ), counters, run_id=run_id, role=role, averaging=averaging, last_epoch=training.max_epochs, private_key=private_key)
 
 
 class HivemindSync(Collaboration):
@@ -150,8 +151,9 @@ class HivemindSync(Collaboration):
     ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
 
     def __init__(self, opt: hivemind.Optimizer, counters: Counters, *, run_id: str, role: str,
-                 averaging: AveragingConfig, last_epoch: Optional[int]):
+                 averaging: AveragingConfig, last_epoch: Optional[int], private_key: Optional[RSAPrivateKey] = None):
         self.opt = opt
+        self.private_key = private_key  # signs this peer's state record when settling (swarm.net.diloco_records)
         self._counters = counters  # rounds by outcome; bytes are not measured in this mode
         self.run_id, self.role, self.averaging = run_id, role, averaging
         self.last_epoch = last_epoch  # training.max_epochs
@@ -222,9 +224,13 @@ class HivemindSync(Collaboration):
         averaging, epoch = self.averaging, self.local_epoch
         service = AveragingService(dht=self.opt.dht, run_id=self.run_id, chunk_timeout=averaging.chunk_timeout,
                                    request_timeout=averaging.request_timeout).start()
-        tracker = RoundTracker(dht=self.opt.dht, run_id=self.run_id, refresh_period=SETTLE_REFRESH_PERIOD)
+        tracker = RoundTracker(dht=self.opt.dht, run_id=self.run_id, refresh_period=SETTLE_REFRESH_PERIOD,
+                               owner=owner_tag(self.opt.dht, self.private_key))
+        # partners: the peers of hivemind's progress records (sync mode does not know its groups; and
+        # any fresh key may write those records, see the README)
         agreement = StateAgreement(state=TrainingState(self.opt.state_averager), service=service, tracker=tracker,
-                                   role=self.role, load_state_timeout=averaging.load_state_timeout)
+                                   role=self.role, load_state_timeout=averaging.load_state_timeout,
+                                   partners=lambda: self.epochs_of_peers().keys())
         try:
             agreement.publish()
             tracker.start()
