@@ -56,6 +56,8 @@ class AveragingService(ServicerBase):
     :param chunk_timeout: silence (s) after which a peer counts as gone during a round. Keep it a few
       times the time one chunk (64 KB) takes on the slowest link, and well below ``round_timeout``.
     :param request_timeout: silence (s) after which a round's leader counts as gone.
+    :param owner: this peer's ``[owner:<RSA key>]`` tag: its ready records for matchmaking are stored
+      under it and signed (see :mod:`swarm.net.signed_record`); None: unsigned, for DHTs that check nothing.
     :param check_fetchers: serve a round's parts only to the members of its group, and a slice of this
       peer's update only to the member that reduces it. False only in a harness that shows the attack.
     :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
