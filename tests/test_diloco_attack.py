@@ -18,7 +18,7 @@ from hivemind.proto import dht_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from conftest import DEBUG_CONFIG, REPO
-from peers.processes import read_json, wait_for
+from harness.processes import read_json, wait_for
 from swarm.net import keys
 from swarm.net.diloco_records import parse_record
 from swarm.net.identity import load_identity
