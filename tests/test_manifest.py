@@ -4,6 +4,7 @@ The end-to-end tests through the CLI are in test_run_manifest.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import hivemind
@@ -80,7 +81,8 @@ def test_only_the_authority_signature_verifies(keys, manifest):
 def test_manifest_schema_is_bounded(manifest):
     tree = json.loads(manifest.canonical())
     for change, fragment in [({"admission": "private"}, "admission"), ({"version": 0}, "version"),
-                             ({"codecs": ["zstd"]}, "codecs"), ({"settings": {**tree["settings"], "data": {}}}, "settings"),
+                             ({"codecs": ["zstd"]}, "codecs"),
+                             ({"settings": {**tree["settings"], "data": {}}}, "settings"),
                              ({"codecs": ["fp16"]}, "must include averaging.compression")]:
         with pytest.raises(ManifestError, match=fragment):
             parse_manifest(json.dumps({**tree, **change}, sort_keys=True, separators=(",", ":")).encode())
@@ -93,19 +95,20 @@ def test_dht_validator_accepts_only_the_authority_s_current_records(keys, manife
     fp, data = manifest.fingerprint, manifest.canonical()
     signature = sign_manifest(manifest, authority).signature
     validator = ManifestValidator(fp)
-    assert validator.check(record(data, signature, fp=fp)) is None
+    assert validator.check(record(data, signature, fp=fp)) == (None, "")
     assert validator.validate(record(b"anything", b"else", fp="a" * 32))  # another key: not its business
     refused = {
-        "altered": record(data.replace(b'"n_layers":4', b'"n_layers":40'), signature, fp=fp),
-        "another key": record(data, other.sign(data), fp=fp),
-        "wrong version": record(data, signature, fp=fp, version=7),
-        "year-long": record(data, signature, fp=fp, expiration=get_dht_time() + 365 * 86400),
-        "garbage": record(b"\xff" * 50, b"", fp=fp),
+        "forged": record(data.replace(b'"n_layers":4', b'"n_layers":40'), signature, fp=fp),
+        "version": record(data, signature, fp=fp, version=7),
+        "expiration": record(data, signature, fp=fp, expiration=get_dht_time() + 365 * 86400),
+        "undecodable": dataclasses.replace(record(data, signature, fp=fp), value=b"\xc1 not msgpack"),
         "oversized": record(b"x" * 20_000, signature, fp=fp),
     }
-    for name, forged in refused.items():
-        assert validator.check(forged) is not None, name
-        assert not validator.validate(forged), name
+    for reason, forged in refused.items():
+        assert validator.check(forged)[0] == reason
+        assert not validator.validate(forged), reason
+    assert validator.check(record(data, other.sign(data), fp=fp))[0] == "forged"
+    assert validator.refused == dict.fromkeys(refused, 1)
 
 
 def test_peer_config_against_manifest(manifest):

@@ -106,40 +106,42 @@ class ManifestValidator(RecordValidatorBase):
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
         self._key_id = DHTID.generate(source=manifest_key(fingerprint)).to_bytes()
-        self.refused = 0
+        self.refused: dict[str, int] = {}  # reason -> records refused
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._key_id:
             return True
-        problem = self.check(record)
-        if problem is None:
+        reason, detail = self.check(record)
+        if reason is None:
             return True
-        self.refused += 1
-        if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th, 8th ...: visible, yet no flood
-            logger.warning(f"refused a manifest record of run {self.fingerprint} ({problem}); "
-                           f"{self.refused} refused so far")
+        count = self.refused[reason] = self.refused.get(reason, 0) + 1
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... of each reason: visible, yet no flood
+            logger.warning(f"refused a manifest record of run {self.fingerprint} ({reason}: {detail}); "
+                           f"{count} refused for this reason so far")
         return False
 
-    def check(self, record: DHTRecord) -> Optional[str]:
-        """None for a genuine record, else why not."""
-        if record.expiration_time > get_dht_time() + MAX_EXPIRATION_AHEAD:
-            return f"expires {record.expiration_time - get_dht_time():.0f}s ahead, at most {MAX_EXPIRATION_AHEAD:g}"
+    def check(self, record: DHTRecord) -> tuple[Optional[str], str]:
+        """(None, "") for a genuine record, else (reason, detail); reasons: ``expiration``, ``oversized``,
+        ``undecodable``, ``forged`` (not the authority's manifest of this run), ``version``."""
+        ahead = record.expiration_time - get_dht_time()
+        if ahead > MAX_EXPIRATION_AHEAD:
+            return "expiration", f"expires {ahead:.0f}s ahead, at most {MAX_EXPIRATION_AHEAD:g}"
         if len(record.value) > MAX_RECORD_BYTES:
-            return f"{len(record.value)} bytes, at most {MAX_RECORD_BYTES}"
+            return "oversized", f"{len(record.value)} bytes, at most {MAX_RECORD_BYTES}"
         try:
             version = MSGPackSerializer.loads(record.subkey)
             data, signature = MSGPackSerializer.loads(record.value)
         except Exception as e:  # msgpack raises several types for garbage; all mean the same here
-            return f"undecodable ({type(e).__name__})"
+            return "undecodable", type(e).__name__
         if not isinstance(data, bytes):
-            return "not [manifest bytes, signature]"
+            return "undecodable", "not [manifest bytes, signature]"
         try:
             signed = verify_manifest(data, signature, self.fingerprint)
         except ManifestError as e:
-            return str(e)
+            return "forged", str(e)
         if signed.manifest.version != version:
-            return f"stored under version {version!r} but is version {signed.manifest.version}"
-        return None
+            return "version", f"stored under version {version!r} but is version {signed.manifest.version}"
+        return None, ""
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, ManifestValidator) and other.fingerprint == self.fingerprint
