@@ -103,3 +103,18 @@ def test_forged_manifests_are_refused_by_nodes_and_joiners(module_swarm, run):
     refusals = log.read_text()
     assert "(forged: " in refusals and "(expiration: " in refusals, refusals[-3000:]
     assert joiner.stop() == 0 and forger.stop() == 0
+
+
+@pytest.mark.timeout(180)
+def test_only_the_authority_key_signs_a_new_version(run, tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text((run["workdir"] / "manifest.json").read_text())  # the bootstrap's own file stays as is
+    again = run_cli("run", "create", "--config", str(DEBUG_CONFIG), "--set", "optimizer.lr=0.001",
+                    "--key", str(run["workdir"] / "authority.key"), "--out", str(manifest))
+    assert again.returncode == 0, again.stderr[-2000:]
+    signed = json.loads(manifest.read_text())
+    assert (signed["fingerprint"], signed["manifest"]["version"]) == (run["fingerprint"], 2)
+    assert signed["manifest"]["settings"]["optimizer"]["lr"] == 0.001
+    other = run_cli("run", "create", "--config", str(DEBUG_CONFIG), "--key", str(tmp_path / "other.key"),
+                    "--out", str(manifest))
+    assert_one_clear_line(other, exit_codes.USAGE, "holds the manifest of another run")
