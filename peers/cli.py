@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE, metavar="SECONDS",
                         help=f"a status older than this means the peer is stuck or gone (default {DEFAULT_MAX_AGE:g})")
 
+    _add_run_commands(commands, with_config)
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    with_peers(with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
+    return parser
+
+
+def _add_run_commands(commands, with_config) -> None:
+    """`swarm run create`: what a run's owner does once (and again for each new version)."""
     run = commands.add_parser("run", help="own a run: its authority key and signed manifest")
     run_commands = run.add_subparsers(dest="run_command", required=True, metavar="SUBCOMMAND")
     create = with_config(run_commands.add_parser(
@@ -100,11 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run authority key, made if missing; keep it private (default ~/.swarm/run-authority.key)")
     create.add_argument("--out", type=Path, default=Path("run-manifest.json"),
                         help="the signed manifest to write (default run-manifest.json)")
-
-    config = commands.add_parser("config", help="inspect configs")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    with_peers(with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,12 +15,13 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from conftest import DEBUG_CONFIG
+from harness.processes import wait_for
 from swarm.config.loading import config_tree, load_config
 from swarm.errors import ConfigError, ManifestError
 from swarm.net.keys import manifest_key
 from swarm.net.manifest import (FINGERPRINT_RE, RunManifest, apply_manifest, check_fingerprint, explicit_keys,
                                 fingerprint, new_manifest, parse_manifest)
-from swarm.net.manifest_record import (MANIFEST_TTL, ManifestValidator, authority_of, newest_manifest,
+from swarm.net.manifest_record import (MANIFEST_TTL, ManifestPublisher, ManifestValidator, authority_of, newest_manifest,
                                        publish_manifest, read_manifest_file, sign_manifest, verify_manifest)
 
 
@@ -140,7 +141,7 @@ def test_manifest_file_round_trip_and_tampering(tmp_path, keys, manifest):
 
 
 @pytest.mark.timeout(120)
-def test_dht_keeps_the_newest_genuine_version(keys, manifest):
+def test_dht_keeps_the_newest_genuine_version(keys, manifest, tmp_path):
     authority, other = keys
     fp = manifest.fingerprint
     v2 = RunManifest.model_validate({**manifest.model_dump(), "version": 2})
@@ -153,5 +154,14 @@ def test_dht_keeps_the_newest_genuine_version(keys, manifest):
                              expiration_time=get_dht_time() + MANIFEST_TTL)
         newest = newest_manifest(dht, fp)
         assert newest is not None and newest.manifest.version == 2
+        # a publisher re-reads its file: the authority's version 4 replaces version 2
+        path = tmp_path / "manifest.json"
+        path.write_text(json.dumps(sign_manifest(v2, authority).as_dict()))
+        publisher = ManifestPublisher(path=path, period=0.2).start(dht)
+        v4 = RunManifest.model_validate({**manifest.model_dump(), "version": 4})
+        path.write_text(json.dumps(sign_manifest(v4, authority).as_dict()))
+        wait_for(lambda: newest_manifest(dht, fp).manifest.version == 4, timeout=30, what="version 4")
+        publisher.check()
+        publisher.shutdown()
     finally:
         dht.shutdown()
