@@ -3,6 +3,11 @@
 Its identity lives in a key file, so its peer id and multiaddr survive restarts and the line other
 peers join with stays valid. It publishes a metrics record (role ``bootstrap``) as a sign of life,
 runs until SIGINT/SIGTERM and exits non-zero if its DHT or one of its background threads dies.
+
+With ``--manifest`` it serves a run that has an owner: it takes the run's settings from the signed
+manifest (refusing to start if its own config contradicts them), publishes the manifest in the DHT
+(re-reading the file at every refresh, so a newer version signed by the authority replaces the old
+one), refuses forged manifest records, and prints the complete line a newcomer joins with.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from peers.status_file import StatusFile
 from swarm.config.schema import SwarmConfig
 from swarm.errors import SwarmError
 from swarm.net.identity import load_identity
+from swarm.net.manifest import apply_manifest
+from swarm.net.manifest_record import ManifestPublisher, ManifestValidator
 from swarm.net.validators import run_validators
 from swarm.train.rounds import record_bounds
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
@@ -30,13 +37,22 @@ METRICS_SHUTDOWN_TIMEOUT = 4.0
 
 
 def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path],
-                  status_path: Optional[Path] = None) -> None:
+                  status_path: Optional[Path] = None, manifest_path: Optional[Path] = None,
+                  explicit: frozenset[str] = frozenset()) -> None:
     stop = StopSignals()
+    manifest = None
+    validators = []
+    if manifest_path is not None:
+        manifest = ManifestPublisher(path=manifest_path)
+        config = apply_manifest(config, set(explicit), manifest.signed.manifest)
+        validators.append(ManifestValidator(manifest.signed.fingerprint))
     identity = load_identity(Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY))
     dht = start_dht(config.network, identity=identity, stop=stop.event,
-                    record_validators=run_validators(config.run_id, identity.private_key, record_bounds(config)))
+                    record_validators=validators + run_validators(config.run_id, identity.private_key,
+                                                                  record_bounds(config)))
     publisher = None
-    state = {"peer_id": str(dht.peer_id), "role": "bootstrap", "finished": False}
+    state = {"peer_id": str(dht.peer_id), "role": "bootstrap", "finished": False, "run_id": config.run_id,
+             "fingerprint": manifest.signed.fingerprint if manifest else None}
     status_file = StatusFile(status_path, dht=dht, snapshot=lambda: dict(state),
                              initial_peers=len(config.network.initial_peers))
     try:
@@ -47,21 +63,23 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
                                          facts=PeerFacts(role="bootstrap", peer=config.peer)).start()
         if address_file is not None:
             write_json_atomic(address_file, {"peer_id": str(dht.peer_id), "maddrs": maddrs})
+        if manifest is not None:
+            manifest.start(dht)
         logger.info(f"identity {identity.path} (peer id {dht.peer_id}); run {config.run_id}")
-        print("swarm bootstrap peer is running. Others join with:", flush=True)
-        for maddr in maddrs:
-            print(f"  swarm join --initial-peers {maddr}", flush=True)
+        _print_join_lines(maddrs, manifest.signed.fingerprint if manifest else None)
         status_file.start()
         while not stop.event.wait(LIVENESS_PERIOD):
             if not dht.is_alive():
                 raise SwarmError("the DHT process of this bootstrap peer died; restart it")
-            check_alive(publisher, status_file, dht.rejoin)
+            check_alive(publisher, status_file, dht.rejoin, manifest)
         stop.disarm()
         if publisher is not None:
             run_bounded("metrics shutdown", partial(publisher.shutdown, timeout=METRICS_SHUTDOWN_TIMEOUT / 2),
                         METRICS_SHUTDOWN_TIMEOUT)
             publisher = None
     finally:
+        if manifest is not None:
+            manifest.shutdown()
         status_file.shutdown()
         if publisher is not None:
             publisher.shutdown(leave=False, timeout=1.0)
@@ -69,3 +87,15 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
         state["finished"] = True
         status_file.publish()
     logger.info("bootstrap peer left cleanly")
+
+
+def _print_join_lines(maddrs: list[str], fingerprint: Optional[str]) -> None:
+    """The line a newcomer copies: complete with the run's fingerprint when this peer serves a manifest."""
+    if fingerprint is None:
+        print("swarm bootstrap peer is running (no --manifest: joiners need this peer's config and run_id). "
+              "Others join with:", flush=True)
+    else:
+        print(f"swarm bootstrap peer of run {fingerprint} is running. Others join with:", flush=True)
+    run = f" --run {fingerprint}" if fingerprint else ""
+    for maddr in maddrs:
+        print(f"  swarm join --initial-peers {maddr}{run}", flush=True)

@@ -13,9 +13,10 @@ from typing import Optional, Sequence
 from peers import exit_codes
 from peers.health import DEFAULT_MAX_AGE, run_health
 from swarm import __version__
-from swarm.config.loading import dump_config, load_config
+from swarm.config.loading import config_tree, dump_config, load_config
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, SwarmError
+from swarm.net.manifest import check_fingerprint, explicit_keys
 
 logger = logging.getLogger("swarm.cli")
 
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swarm",
         description="Train one shared model together over the internet, peer to peer.",
         epilog="Exit codes: 0 ok or left cleanly, 1 internal error, 2 usage/config/multiaddr, "
-        "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, 130 interrupted.",
+        "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, "
+        "7 run manifest missing, forged or contradicted, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,10 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap = with_peers(with_config(commands.add_parser("bootstrap", help="run a DHT-only peer that keeps the swarm reachable")))
     bootstrap.add_argument("--identity", type=Path, help="private key file (default: network.identity_path or ~/.swarm/bootstrap.key)")
     bootstrap.add_argument("--address-file", type=Path, help="also write the peer id and multiaddrs here as JSON")
+    bootstrap.add_argument("--manifest", type=Path, metavar="FILE",
+                           help="publish this run manifest (from `swarm run create`) and use its settings")
     with_status(bootstrap, "keep a JSON status of this peer here, for `swarm health` (default: $SWARM_STATUS_FILE)")
 
     join = with_peers(with_config(commands.add_parser("join", help="join a swarm as a trainer peer")))
     join.add_argument("--resume", action="store_true", help="restore model, optimizer and epoch from checkpoint.dir")
+    join.add_argument("--run", metavar="FINGERPRINT",
+                      help="join this run: fetch its signed manifest from the DHT and train with its settings")
     with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
                       "(default: $SWARM_STATUS_FILE)")
 
@@ -86,10 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE, metavar="SECONDS",
                         help=f"a status older than this means the peer is stuck or gone (default {DEFAULT_MAX_AGE:g})")
 
+    _add_run_commands(commands, with_config)
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     with_peers(with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
     return parser
+
+
+def _add_run_commands(commands, with_config) -> None:
+    """`swarm run create`: what a run's owner does once (and again for each new version)."""
+    run = commands.add_parser("run", help="own a run: its authority key and signed manifest")
+    run_commands = run.add_subparsers(dest="run_command", required=True, metavar="SUBCOMMAND")
+    create = with_config(run_commands.add_parser(
+        "create", help="sign a manifest of the config's run (a new version if --out holds one of the same run)"))
+    create.add_argument("--key", type=Path, default=Path("~/.swarm/run-authority.key"),
+                        help="run authority key, made if missing; keep it private (default ~/.swarm/run-authority.key)")
+    create.add_argument("--out", type=Path, default=Path("run-manifest.json"),
+                        help="the signed manifest to write (default run-manifest.json)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -105,6 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "config":
         print(dump_config(config), end="")
         return exit_codes.OK
+    if getattr(args, "run", None) is not None:
+        try:
+            check_fingerprint(args.run)
+        except SwarmError as e:
+            return _report(args, e)
     from peers.lifecycle import setup_logging  # imports hivemind
 
     setup_logging({"join": "trainer"}.get(args.command, args.command))
@@ -124,6 +148,11 @@ def _load(args: argparse.Namespace) -> SwarmConfig:
         from peers.demo import demo_config  # no torch or hivemind at import
 
         return demo_config(args.config, args.overrides, num_peers=args.peers, epochs=args.epochs)
+    return load_config(args.config, _overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` and the flags that stand for config keys, as ``key=value`` overrides."""
     overrides = list(args.overrides)
     initial_peers = list(getattr(args, "initial_peers", None) or [])
     if getattr(args, "initial_peers_file", None):
@@ -132,7 +161,12 @@ def _load(args: argparse.Namespace) -> SwarmConfig:
         overrides.append("network.initial_peers=" + ",".join(initial_peers))
     if getattr(args, "resume", False):
         overrides.append("checkpoint.resume=true")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def _explicit(args: argparse.Namespace) -> set[str]:
+    """The dotted keys this peer sets itself (YAML, ``SWARM_*``, ``--set``): checked against a run manifest."""
+    return explicit_keys(config_tree(args.config, _overrides(args)))
 
 
 def _report(args: argparse.Namespace, error: SwarmError) -> int:
@@ -164,11 +198,11 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
         from peers.bootstrap import run_bootstrap
 
         run_bootstrap(config, identity_path=args.identity, address_file=args.address_file,
-                      status_path=args.status_file)
+                      status_path=args.status_file, manifest_path=args.manifest, explicit=_explicit(args))
     elif args.command == "join":
         from peers.trainer import run_trainer
 
-        run_trainer(config, status_path=args.status_file)
+        run_trainer(config, status_path=args.status_file, run=args.run, explicit=_explicit(args))
     elif args.command == "monitor":
         from peers.monitor import export_csv, run_monitor
 
@@ -176,6 +210,10 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
             export_csv(config, args.export_csv)
         else:
             run_monitor(config, url_file=args.url_file)
+    elif args.command == "run":
+        from peers.run import create_run
+
+        create_run(config, key_path=args.key, out=args.out)
     elif args.command == "status":
         from peers.status import run_status
 

@@ -25,6 +25,8 @@ from swarm.train.data import TextDataset, load_dataset
 from swarm.train.device import describe_device, resolve_device
 from swarm.errors import CheckpointError
 from swarm.net.identity import load_identity
+from swarm.net.manifest import apply_manifest
+from swarm.net.manifest_record import ManifestValidator, fetch_manifest
 from swarm.net.validators import run_validators
 from swarm.train.rounds import record_bounds
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
@@ -39,15 +41,28 @@ OPTIMIZER_SHUTDOWN_TIMEOUT = 8.0  # seconds to say goodbye to averaging groups b
 METRICS_SHUTDOWN_TIMEOUT = 4.0  # seconds to publish the last "left" record before leaving anyway
 
 
-def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> TrainingStatus:
+def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run: Optional[str] = None,
+                explicit: frozenset[str] = frozenset()) -> TrainingStatus:
+    """Train until the run ends or a signal comes.
+
+    :param run: the fingerprint of the run to join: its settings come from its manifest in the DHT,
+      and the local inputs are checked once they are known (after joining the DHT).
+    :param explicit: the dotted config keys this peer set itself; any that contradicts the manifest
+      is a :class:`~swarm.errors.ManifestError`.
+    """
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-    local = _prepare_local(config)
+    local = _prepare_local(config) if run is None else None
     identity = load_identity(config.network.identity_path)
-    dht = start_dht(config.network, identity=identity, stop=stop.event,
-                    record_validators=run_validators(config.run_id, identity.private_key, record_bounds(config)))
-    peer = _TrainerPeer(config, local, dht)
+    dht, config, signed = _join(config, identity, stop, run=run, explicit=explicit)
+    try:
+        local = local or _prepare_local(config)
+    except BaseException:
+        shutdown_dht(dht)
+        raise
+    peer = _TrainerPeer(config, local, dht, fingerprint=run,
+                        manifest_version=signed.manifest.version if signed else None)
     try:
         peer.start(identity, status_path)
         try:
@@ -64,6 +79,24 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None) -> T
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         logger.info("left the swarm")
+
+
+def _join(config: SwarmConfig, identity, stop: StopSignals, *, run: Optional[str], explicit: frozenset[str]):
+    """Start the DHT; with ``run``, fetch the run's manifest and return the config with its settings."""
+    if run is None:
+        return start_dht(config.network, identity=identity, stop=stop.event,
+                         record_validators=run_validators(config.run_id, identity.private_key,
+                                                          record_bounds(config))), config, None
+    dht = start_dht(config.network, identity=identity, stop=stop.event, record_validators=[ManifestValidator(run)])
+    try:
+        signed = fetch_manifest(dht, run, timeout=config.network.bootstrap_timeout, stop=stop.event)
+        config = apply_manifest(config, set(explicit), signed.manifest)
+        dht.add_validators(run_validators(config.run_id, identity.private_key, record_bounds(config)))
+    except BaseException:
+        shutdown_dht(dht)
+        raise
+    logger.info(f"run {config.run_id} ({run}): settings from its manifest, version {signed.manifest.version}")
+    return dht, config, signed
 
 
 @dataclass
@@ -94,10 +127,14 @@ def _prepare_local(config: SwarmConfig) -> _Local:
 class _TrainerPeer:
     """The joined trainer's components: collaboration, status file and metrics publisher."""
 
-    def __init__(self, config: SwarmConfig, local: _Local, dht):
+    def __init__(self, config: SwarmConfig, local: _Local, dht, *, fingerprint: Optional[str] = None,
+                 manifest_version: Optional[int] = None):
         self.config, self.local, self.dht = config, local, dht
         self.opt = self.status_file = self.publisher = None
         self.status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
+        # which run this peer trains in, for its status file (the join test reads it)
+        self.run = {"run_id": config.run_id, "fingerprint": fingerprint, "manifest_version": manifest_version,
+                    "model": config.model.model_dump(), "averaging_mode": config.averaging.mode}
 
     def start(self, identity, status_path: Optional[Path]) -> None:
         config, local, dht = self.config, self.local, self.dht
@@ -115,7 +152,8 @@ class _TrainerPeer:
         if local.resume_from is not None:
             self._resume(local.resume_from)
         self.status.epoch = self.status.start_epoch = self.opt.local_epoch
-        self.status_file = StatusFile(status_path, dht=dht, snapshot=self.status.as_dict,
+        self.status_file = StatusFile(status_path, dht=dht,
+                                      snapshot=lambda: {**self.status.as_dict(), "run": self.run},
                                       initial_peers=len(config.network.initial_peers))
         self.status_file.start()
 

@@ -28,6 +28,10 @@ class MonitorError(SwarmError):
     """The monitor's history database is unusable or belongs to another run, or its port is taken."""
 
 
+class ManifestError(SwarmError):
+    """A run's manifest is not in the DHT, is forged or malformed, or this peer's config contradicts it."""
+
+
 class BackgroundError(SwarmError):
     """A background thread of this peer died; its owner raises this (from the thread's own error) so
     that the peer stops instead of running on without it."""

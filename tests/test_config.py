@@ -99,9 +99,10 @@ def test_cli_options_are_frozen():
             for name, sub in commands.items() if name != "config"}
     assert seen == {
         "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--initial-peers-file",
-                             "--set", "--status-file", "-h", "--help"]),
-        "join": sorted(["--config", "--initial-peers", "--initial-peers-file", "--resume", "--set", "--status-file",
-                        "-h", "--help"]),
+                             "--manifest", "--set", "--status-file", "-h", "--help"]),
+        "join": sorted(["--config", "--initial-peers", "--initial-peers-file", "--resume", "--run", "--set",
+                        "--status-file", "-h", "--help"]),
+        "run": sorted(["-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
         "monitor": sorted(["--config", "--export-csv", "--initial-peers", "--initial-peers-file", "--set", "--url-file",
                            "-h", "--help"]),
@@ -109,6 +110,9 @@ def test_cli_options_are_frozen():
                           "--help"]),
         "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
     }
+    run_commands = commands["run"]._subparsers._group_actions[0].choices
+    assert sorted(opt for action in run_commands["create"]._actions for opt in action.option_strings) == sorted(
+        ["--config", "--key", "--out", "--set", "-h", "--help"])
 
 
 def test_forced_device_that_is_missing_is_a_config_error():

@@ -35,6 +35,8 @@ CASES = {
                     ("training.batch_size", "'lots'")),
     "missing config file": (("bootstrap", "--config", "/nonexistent/swarm.yaml"), ("/nonexistent/swarm.yaml",)),
     "malformed multiaddr": (("status", "--initial-peers", "/ip4/1.2.3/tcp/1"), ("malformed multiaddr",)),
+    "malformed run fingerprint": (("join", "--config", str(DEBUG_CONFIG), "--run", "QmNotARun"),
+                                  ("--run 'QmNotARun' is not a run fingerprint",)),
     "demo, unknown key": (("demo", "--set", "training.bogus=1"), ("unknown key 'training.bogus'",)),
     "demo, bad peer count": (("demo", "--peers", "0"), ("--peers must be between 1 and 8",)),
 }

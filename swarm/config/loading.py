@@ -35,6 +35,20 @@ def load_config(
     :param environ: environment to read ``SWARM_*`` variables from (default: ``os.environ``).
     :raises ConfigError: one line naming the bad key and what is accepted.
     """
+    tree = config_tree(path, overrides, environ)
+    try:
+        return SwarmConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from None
+
+
+def config_tree(
+    path: Optional[Path] = None,
+    overrides: Sequence[str] = (),
+    environ: Optional[Mapping[str, str]] = None,
+) -> dict:
+    """The keys this peer sets itself, not yet validated: the YAML file, ``SWARM_*`` and ``--set``
+    (what :func:`load_config` validates, and what a run's manifest is checked against)."""
     environ = os.environ if environ is None else environ
     if path is None and environ.get("SWARM_CONFIG"):
         path = Path(environ["SWARM_CONFIG"])
@@ -46,10 +60,7 @@ def load_config(
         if not sep or not dotted.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _assign(tree, dotted.strip(), _parse_scalar(raw))
-    try:
-        return SwarmConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(describe_validation_error(e)) from None
+    return tree
 
 
 def dump_config(config: SwarmConfig) -> str:

@@ -4,8 +4,10 @@ Owns: ``identity`` (one RSA key: peer id and record signatures), ``dht``
 (start with retries, shutdown, reachability), ``rejoin`` (the loop that pings the initial peers
 to find the way back after a partition), ``keys`` (every DHT key, one table of who
 writes and reads it), and one module per record kind with its schema and validators
-(``metrics_record``, ``diloco_records``, ``refusals``), what signed kinds share (``signed_record``) and
-the list of validators every node of a run runs (``validators``).
+(``metrics_record``, ``diloco_records``, ``refusals``), what signed kinds share (``signed_record``),
+the list of validators every node of a run runs (``validators``); ``manifest`` (a run's owner-signed
+settings and a peer's config checked against them) and ``manifest_record`` (signing, its DHT record).
 May import: hivemind, :mod:`swarm.errors`, :mod:`swarm.loops`, :mod:`swarm.hivemind_private` and
-:mod:`swarm.config` (its own section, :class:`~swarm.config.schema.NetworkConfig`).
+:mod:`swarm.config` (its own section, :class:`~swarm.config.schema.NetworkConfig`; ``manifest`` reads the
+whole tree, since it holds a run's shared settings) and :mod:`swarm.compression.registry` (codec names).
 """
