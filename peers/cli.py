@@ -31,72 +31,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_peer_commands(commands)
+    _add_watch_commands(commands)
+    _add_run_commands(commands, _with_config)
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    _with_peers(_with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
+    return parser
 
-    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults, or $SWARM_CONFIG)")
-        sub.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-            help="override one config key, e.g. --set training.batch_size=8 (repeatable)",
-        )
-        return sub
 
-    def with_peers(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument(
-            "--initial-peers", nargs="+", default=None, metavar="MADDR",
-            help="full multiaddr(s) of peers already in the swarm; one reachable is enough",
-        )
-        sub.add_argument(
-            "--initial-peers-file", type=Path, metavar="FILE",
-            help="also join through the addresses in FILE, as written by `swarm bootstrap --address-file`",
-        )
-        return sub
+def _with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--config", type=Path, help="YAML run config (default: built-in defaults, or $SWARM_CONFIG)")
+    sub.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set training.batch_size=8 (repeatable)",
+    )
+    return sub
 
-    def with_status(sub: argparse.ArgumentParser, help: str) -> argparse.ArgumentParser:
-        sub.add_argument("--status-file", type=Path, default=_env_path("SWARM_STATUS_FILE"), help=help)
-        return sub
 
-    bootstrap = with_peers(with_config(commands.add_parser("bootstrap", help="run a DHT-only peer that keeps the swarm reachable")))
+def _with_peers(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument(
+        "--initial-peers", nargs="+", default=None, metavar="MADDR",
+        help="full multiaddr(s) of peers already in the swarm; one reachable is enough",
+    )
+    sub.add_argument(
+        "--initial-peers-file", type=Path, metavar="FILE",
+        help="also join through the addresses in FILE, as written by `swarm bootstrap --address-file`",
+    )
+    return sub
+
+
+def _with_status(sub: argparse.ArgumentParser, help: str) -> argparse.ArgumentParser:
+    sub.add_argument("--status-file", type=Path, default=_env_path("SWARM_STATUS_FILE"), help=help)
+    return sub
+
+
+def _add_peer_commands(commands) -> None:
+    """The peers that take part: bootstrap, join, and the local demo of both."""
+    bootstrap = _with_peers(_with_config(commands.add_parser("bootstrap", help="run a DHT-only peer that keeps the swarm reachable")))
     bootstrap.add_argument("--identity", type=Path, help="private key file (default: network.identity_path or ~/.swarm/bootstrap.key)")
     bootstrap.add_argument("--address-file", type=Path, help="also write the peer id and multiaddrs here as JSON")
     bootstrap.add_argument("--manifest", type=Path, metavar="FILE",
                            help="publish this run manifest (from `swarm run create`) and use its settings")
-    with_status(bootstrap, "keep a JSON status of this peer here, for `swarm health` (default: $SWARM_STATUS_FILE)")
+    _with_status(bootstrap, "keep a JSON status of this peer here, for `swarm health` (default: $SWARM_STATUS_FILE)")
 
-    join = with_peers(with_config(commands.add_parser("join", help="join a swarm as a trainer peer")))
+    join = _with_peers(_with_config(commands.add_parser("join", help="join a swarm as a trainer peer")))
     join.add_argument("--resume", action="store_true", help="restore model, optimizer and epoch from checkpoint.dir")
     join.add_argument("--run", metavar="FINGERPRINT",
                       help="join this run: fetch its signed manifest from the DHT and train with its settings")
-    with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
-                      "(default: $SWARM_STATUS_FILE)")
+    _with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
+                       "(default: $SWARM_STATUS_FILE)")
 
-    demo = with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
+    demo = _with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
     demo.add_argument("--peers", type=int, default=3, help="number of trainer processes (default 3)")
     demo.add_argument("--epochs", type=int, default=None, help="swarm epochs to train (default: the demo's own)")
     demo.add_argument("--workdir", type=Path, help="keep logs and checkpoints here (default: a temporary folder)")
 
-    monitor = with_peers(with_config(commands.add_parser(
+
+def _add_watch_commands(commands) -> None:
+    """What watches a swarm or a peer: monitor, status, health."""
+    monitor = _with_peers(_with_config(commands.add_parser(
         "monitor", help="watch a swarm: history in SQLite, a web dashboard, a JSON API and Prometheus /metrics")))
     monitor.add_argument("--url-file", type=Path, help="also write the dashboard's address here as JSON (for scripts)")
     monitor.add_argument("--export-csv", type=Path, metavar="DIR",
                          help="write the history in monitor.db_path as CSV files into DIR and exit (no network)")
 
-    status = with_peers(with_config(commands.add_parser("status", help="print the swarm's peers as a table, from the DHT")))
+    status = _with_peers(_with_config(commands.add_parser("status", help="print the swarm's peers as a table, from the DHT")))
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                         help="wait this long for the first metrics record (default 10)")
 
-    health = with_status(
+    health = _with_status(
         commands.add_parser("health", help="exit 0 if the peer writing --status-file is alive and connected, else 1"),
         "the status file of the peer to check (default: $SWARM_STATUS_FILE)",
     )
     health.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE, metavar="SECONDS",
                         help=f"a status older than this means the peer is stuck or gone (default {DEFAULT_MAX_AGE:g})")
-
-    _add_run_commands(commands, with_config)
-    config = commands.add_parser("config", help="inspect configs")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    with_peers(with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
-    return parser
 
 
 def _add_run_commands(commands, with_config) -> None:
