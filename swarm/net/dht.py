@@ -79,10 +79,7 @@ def start_dht(
                 record_validators=list(record_validators),
             )
             identity.discard_file()
-            dht.rejoin = None
-            if config.initial_peers and config.rejoin_period > 0:
-                dht.rejoin = Rejoin(dht=dht, initial_peers=config.initial_peers, period=config.rejoin_period).start()
-            return dht
+            return _with_rejoin(dht, config)
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
                 raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
@@ -99,6 +96,13 @@ def start_dht(
         logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
         stop.wait(wait)
         delay = min(delay * 2, 30.0)
+
+
+def _with_rejoin(dht: hivemind.DHT, config: NetworkConfig) -> hivemind.DHT:
+    dht.rejoin = None
+    if config.initial_peers and config.rejoin_period > 0:
+        dht.rejoin = Rejoin(dht=dht, initial_peers=config.initial_peers, period=config.rejoin_period).start()
+    return dht
 
 
 def shutdown_dht(dht: hivemind.DHT, *, timeout: float = 3.0) -> None:
