@@ -59,6 +59,26 @@ def honest_view(dht, run_id: str, mine: set[str]) -> tuple[dict[str, bytes], int
     return owners, round_number, total
 
 
+def forged_records(owners: dict, own: bytes, victims: dict, honest_round: int, state_round: int, state_total: int,
+                   digest: str, now: float) -> dict:
+    """name -> (subkey, value, seconds to live): every record the attacker tries to store this cycle."""
+    far_ahead = encode_record(Progress(10**6, 2**62, now), StateRecord(10**6, 2**62, digest, "institution"))
+    records = {
+        "samples_2_62": (owners["samples_2_62"], encode_record(Progress(honest_round, 2**62, now), None), 30),
+        "round_1e6": (owners["round_1e6"], encode_record(Progress(10**6, 10, now), None), 30),
+        "year_expiration": (owners["year_expiration"], encode_record(Progress(honest_round, 10, now), None), YEAR),
+        "oversize": (owners["oversize"], encode_record(Progress(honest_round, 10, now),
+                                                       StateRecord(0, 0, "a" * 64, "X" * 5000)), 30),
+        "far_takeover": (owners["far_takeover"], far_ahead, 30),
+        "takeover": (own, encode_record(
+            Progress(state_round, 0, now), StateRecord(state_round, state_total, digest, "institution")), 30),
+    }
+    for peer, owner in victims.items():
+        records[f"victim_subkey {peer}"] = (owner, far_ahead, 30)
+        records[f"victim_peer_id {peer}"] = (peer, far_ahead, 30)
+    return records
+
+
 def main(initial_peer: str, report_path: str, takeover: str) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -92,21 +112,7 @@ def main(initial_peer: str, report_path: str, takeover: str) -> int:
             digest = state_digest(state_round, state_total, zeros)
             served["state"] = ({"round": state_round, "total": state_total, HASH: digest}, zeros)
             now = get_dht_time()
-            far_ahead = encode_record(Progress(10**6, 2**62, now), StateRecord(10**6, 2**62, digest, "institution"))
-            records = {
-                "samples_2_62": (owners["samples_2_62"], encode_record(Progress(honest_round, 2**62, now), None), 30),
-                "round_1e6": (owners["round_1e6"], encode_record(Progress(10**6, 10, now), None), 30),
-                "year_expiration": (owners["year_expiration"],
-                                    encode_record(Progress(honest_round, 10, now), None), YEAR),
-                "oversize": (owners["oversize"], encode_record(Progress(honest_round, 10, now),
-                                                               StateRecord(0, 0, "a" * 64, "X" * 5000)), 30),
-                "far_takeover": (owners["far_takeover"], far_ahead, 30),
-                "takeover": (identity.owner, encode_record(
-                    Progress(state_round, 0, now), StateRecord(state_round, state_total, digest, "institution")), 30),
-            }
-            for peer, owner in victims.items():
-                records[f"victim_subkey {peer}"] = (owner, far_ahead, 30)
-                records[f"victim_peer_id {peer}"] = (peer, far_ahead, 30)
+            records = forged_records(owners, identity.owner, victims, honest_round, state_round, state_total, digest, now)
             for index, (name, (subkey, value, ttl)) in enumerate(records.items()):
                 # distinct expirations: hivemind's storage compares (expiration, subkey) and a str subkey
                 # tied with a bytes one raises TypeError (in this node, which stores whatever it is given)
