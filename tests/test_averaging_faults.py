@@ -20,6 +20,8 @@ from conftest import REPO
 from swarm.averaging.group import slice_bounds
 from peers.processes import PeerProcess, read_json, wait_for
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 HARNESS = REPO / "benchmarks" / "allreduce_peer.py"
 spec = importlib.util.spec_from_file_location("allreduce_peer", HARNESS)
 harness = importlib.util.module_from_spec(spec)

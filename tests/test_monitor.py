@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import DEBUG_CONFIG, REPO, Swarm, run_cli
 from peers.processes import PeerProcess, wait_for
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 TRAINERS = ("alice", "bob")
 MIN_LOSS_MOVE = 0.3  # nats/byte: the debug model's loss falls by more than 1 within ten epochs
 ARTIFACTS = REPO / "tests" / "artifacts"

@@ -11,7 +11,7 @@ import netns
 from peers.processes import wait_for
 
 OK, WHY = netns.available()
-pytestmark = pytest.mark.skipif(not OK, reason=WHY)
+pytestmark = [pytest.mark.swarm, pytest.mark.skipif(not OK, reason=WHY)]
 
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=fp16",
           "diloco.refresh_period=0.5", "averaging.chunk_timeout=4")
