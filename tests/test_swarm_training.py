@@ -38,7 +38,7 @@ def assert_one_model(checkpoints: dict) -> None:
 
 @pytest.mark.timeout(300)
 def test_three_trainers_train_one_model(swarm):
-    epochs = 8
+    epochs = 5  # held-out loss is ~4.3 at epoch 3 and ~3.7 at epoch 5, from 5.6: well past MIN_LOSS_DROP
     _, address = swarm.bootstrap()
     names = ["a", "b", "c"]
     trainers = [swarm.trainer(name, [address], f"training.max_epochs={epochs}", "data.num_shards=3",
@@ -81,7 +81,9 @@ def test_late_joiner_downloads_state_and_catches_up(swarm):
 @pytest.mark.timeout(300)
 def test_swarm_survives_a_killed_trainer_and_peers_leave_cleanly(swarm):
     _, address = swarm.bootstrap()
-    a, b, c = (swarm.trainer(name, [address]) for name in ("a", "b", "c"))
+    # Alone, a's rounds wait for partners that are gone (c's record outlives it) until averaging_timeout,
+    # then it steps on its own gradients: a short timeout only shortens that wait (20 s in debug.yaml).
+    a, b, c = (swarm.trainer(name, [address], "averaging.averaging_timeout=5") for name in ("a", "b", "c"))
     wait_for(lambda: min(swarm.epoch(name) for name in "abc") >= 3, timeout=180,
              what="all trainers at epoch 3", alive=[a, b, c])
 
