@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -147,7 +149,16 @@ def test_api_answers_bad_requests_with_clear_errors(watched: Watched):
 def test_status_json_lists_the_peers(watched: Watched):
     wait_for(lambda: swarm_ready(watched, min_epoch=1), timeout=150, what="both trainers in the swarm",
              alive=watched.alive())
-    result = run_cli("status", "--config", str(DEBUG_CONFIG), "--initial-peers", watched.address, "--json", timeout=150)
+    # the JSON and the table side by side: each `swarm status` spends most of its time starting up
+    command = [sys.executable, "-m", "peers", "status", "--config", str(DEBUG_CONFIG), "--initial-peers", watched.address]
+    runs = [subprocess.Popen(command + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL) for extra in (["--json"], [])]
+    try:
+        outputs = [run.communicate(timeout=150) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    result, table = (subprocess.CompletedProcess(run.args, run.returncode, *output) for run, output in zip(runs, outputs))
     assert result.returncode == 0, result.stderr[-2000:]
     view = json.loads(result.stdout)
     peers = {peer["peer_id"]: peer for peer in view["peers"]}
@@ -155,7 +166,6 @@ def test_status_json_lists_the_peers(watched: Watched):
     assert {peers[peer_id]["display_name"] for peer_id in watched.peer_ids.values()} == set(TRAINERS)
     assert view["totals"]["by_role"].get("bootstrap") == 1
 
-    table = run_cli("status", "--config", str(DEBUG_CONFIG), "--initial-peers", watched.address, timeout=150)
     assert table.returncode == 0, table.stderr[-2000:]
     assert "peers online" in table.stdout and all(name in table.stdout for name in TRAINERS), table.stdout
 
