@@ -72,7 +72,8 @@ def get_json(url: str) -> dict:
 
 
 def swarm_ready(watched: Watched, min_epoch: int):
-    """The latest view once it shows both trainers at ``min_epoch`` and a loss that has moved, else None."""
+    """The latest view once it shows both trainers at ``min_epoch``, each with an averaging round, and
+    a loss that has moved, else None."""
     info = get_json(watched.url + "api/swarm")
     view = info["view"]
     if view is None:
@@ -82,6 +83,11 @@ def swarm_ready(watched: Watched, min_epoch: int):
     # for every trainer to report ``min_epoch`` rather than judge their lag on one snapshot.
     epochs = {peer["peer_id"]: peer["epoch"] for peer in view["peers"]}
     if any((epochs.get(peer_id) or 0) < min_epoch for peer_id in watched.peer_ids.values()):
+        return None
+    # A trainer that started first trains alone (a debug epoch then takes about a second) until the
+    # other one is up: the epoch alone does not say that they have averaged yet.
+    rounds = {peer["peer_id"]: peer["rounds_ok"] for peer in view["peers"]}
+    if any((rounds.get(peer_id) or 0) < 1 for peer_id in watched.peer_ids.values()):
         return None
     losses = [row["loss"] for row in get_json(watched.url + "api/history")["swarm"] if row["loss"] is not None]
     if len(losses) < 3 or max(losses) - min(losses) < MIN_LOSS_MOVE:
