@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+):
 #   make demo   - a local swarm trains the debug model on the embedded corpus (about 2.5 minutes)
-#   make test   - the test suite (real peers as real processes on 127.0.0.1)
+#   make test   - the whole test suite (real peers as real processes on 127.0.0.1): what CI runs
+#   make test-fast - the fast lane: every test not marked `swarm` (no peer processes), under 2 minutes
 #   make bench  - every benchmark, tables in benchmarks/results/report.md (root for the network ones;
 #                 13-17 minutes on 2 shared cores, BENCH_ARGS=--quick about 7)
 # and one joins a real swarm: make join PEERS=/ip4/.../tcp/31337/p2p/... [ARGS="--set data.path=..."]
@@ -8,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install join bench
+.PHONY: demo test test-fast install join bench
 BENCH_ARGS ?=
 
 install: $(STAMP)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not swarm"
 
 # Same peer id on every run (the key file) and resume from the last checkpoint if there is one.
 join: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
 from multiaddr import Multiaddr
 
 HIVEMIND_VERSION = "1.1.12"  # the version these calls were written and tested against (pyproject pins it)
@@ -39,3 +40,12 @@ def push_loaded_state(averager) -> None:
         averager._apply_optimizer_parameters_()
     if not averager.reuse_tensors:
         averager._load_local_tensors_into_averager_()
+
+
+def publish_progress(tracker) -> None:
+    """Store a ProgressTracker's local progress (its epoch) in the DHT now. hivemind's reporter
+    publishes only for a peer that accumulated samples in the previous epoch, so a peer that reached
+    an epoch by downloading state goes on showing its old epoch until that record expires
+    (``metadata_expiration``, 60 s): at the end of a run, the others would wait that long for it."""
+    tracker.dht.store(key=tracker.training_progress_key, subkey=tracker._local_public_key,
+                      value=tracker.local_progress.dict(), expiration_time=get_dht_time() + tracker.metadata_expiration)

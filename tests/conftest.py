@@ -1,4 +1,9 @@
-"""Fixtures that start real peers as real processes through the real CLI, and always reap them."""
+"""Fixtures that start real peers as real processes through the real CLI, and always reap them.
+
+Two lanes: a test marked ``swarm`` starts peers as processes (end to end, seconds to minutes each);
+every other test is in the fast lane, ``make test-fast`` (``pytest -m "not swarm"``). ``make test``
+runs both. A test that asks for a fixture starting peers must be marked, or collection fails.
+"""
 
 from __future__ import annotations
 
@@ -116,6 +121,19 @@ def module_swarm(tmp_path_factory, request):
     with running_swarm(tmp_path_factory.mktemp(request.module.__name__),
                        lambda: request.session.testsfailed > failures_before) as swarm:
         yield swarm
+
+
+# fixtures that start peers as processes (the module's own ``averagers`` fixture in test_averaging_faults)
+SWARM_FIXTURES = {"swarm", "module_swarm", "averagers"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep the fast lane free of swarms: a test using a fixture that starts peers must be marked ``swarm``."""
+    unmarked = [item.nodeid for item in items
+                if SWARM_FIXTURES & set(item.fixturenames) and item.get_closest_marker("swarm") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start peers but are not marked @pytest.mark.swarm (the slow lane): "
+                                + ", ".join(unmarked))
 
 
 @pytest.hookimpl(wrapper=True)

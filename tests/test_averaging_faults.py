@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import averaging_peer
 from conftest import REPO
+from harness import averaging_peer
 from harness.processes import PeerProcess, read_json, wait_for
 from swarm.averaging.group import slice_bounds
+
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
 
 AVERAGING_PEER = (sys.executable, "-m", "harness.averaging_peer")
 

@@ -16,6 +16,7 @@ MODES = {
 }
 
 
+@pytest.mark.swarm
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", MODES)
 def test_resume_restores_model_optimizer_and_epoch(swarm, mode):
@@ -34,6 +35,7 @@ def test_resume_restores_model_optimizer_and_epoch(swarm, mode):
     assert (status["start_epoch"], status["epoch"]) == (3, 5), "it should continue from epoch 3, not start over"
 
 
+@pytest.mark.swarm
 @pytest.mark.timeout(240)
 def test_resume_auto_starts_fresh_then_resumes(swarm):
     """What a container does (SWARM_CHECKPOINT_RESUME=auto): the same command on its first start and

@@ -16,6 +16,8 @@ import containers
 from conftest import REPO
 from harness.processes import wait_for
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 BUILD_TIMEOUT = 900.0  # a cold build downloads about 300 MB of wheels; a warm one takes seconds
 MAX_IMAGE_BYTES = 2_000_000_000  # measured 1.4 GB on a Debian base: torch CPU alone is 0.6 GB
 CLEAN_EXIT_SECONDS = 15.0

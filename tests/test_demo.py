@@ -10,6 +10,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 
 def processes_mentioning(text: str) -> list[int]:
     found = []

@@ -7,6 +7,8 @@ import torch
 
 from harness.processes import wait_for
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=blockwise8")
 
 

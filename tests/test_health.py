@@ -51,6 +51,7 @@ def test_cli_exit_codes(tmp_path):
     assert run_cli("health", "--status-file", str(status)).returncode == 1
 
 
+@pytest.mark.swarm
 @pytest.mark.timeout(180)
 def test_real_peers_report_health_through_their_status_files(swarm):
     bootstrap_status = swarm.workdir / "bootstrap-status.json"

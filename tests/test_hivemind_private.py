@@ -11,6 +11,7 @@ import inspect
 import hivemind
 import pytest
 from hivemind.dht.protocol import DHTProtocol
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
@@ -29,6 +30,9 @@ def test_the_private_names_still_exist():
     assert inspect.iscoroutinefunction(DHTProtocol.call_ping)
     for name in ("_apply_optimizer_parameters_", "_load_local_tensors_into_averager_"):
         assert callable(getattr(TrainingStateAverager, name, None)), f"TrainingStateAverager.{name} is gone"
+    assert "self._local_public_key" in inspect.getsource(ProgressTracker.__init__)
+    for name in ("dht", "training_progress_key", "local_progress", "metadata_expiration"):
+        assert f"self.{name}" in inspect.getsource(ProgressTracker), f"ProgressTracker.{name} is gone"
     for name in ("offload_optimizer", "reuse_tensors"):
         assert name in inspect.getsource(TrainingStateAverager.__init__)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DEBUG_CONFIG, REPO, Swarm, run_cli
 from harness.processes import PeerProcess, wait_for
+
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
 
 TRAINERS = ("alice", "bob")
 MIN_LOSS_MOVE = 0.3  # nats/byte: the debug model's loss falls by more than 1 within ten epochs
@@ -68,7 +72,8 @@ def get_json(url: str) -> dict:
 
 
 def swarm_ready(watched: Watched, min_epoch: int):
-    """The latest view once it shows both trainers at ``min_epoch`` and a loss that has moved, else None."""
+    """The latest view once it shows both trainers at ``min_epoch``, each with an averaging round, and
+    a loss that has moved, else None."""
     info = get_json(watched.url + "api/swarm")
     view = info["view"]
     if view is None:
@@ -78,6 +83,11 @@ def swarm_ready(watched: Watched, min_epoch: int):
     # for every trainer to report ``min_epoch`` rather than judge their lag on one snapshot.
     epochs = {peer["peer_id"]: peer["epoch"] for peer in view["peers"]}
     if any((epochs.get(peer_id) or 0) < min_epoch for peer_id in watched.peer_ids.values()):
+        return None
+    # A trainer that started first trains alone (a debug epoch then takes about a second) until the
+    # other one is up: the epoch alone does not say that they have averaged yet.
+    rounds = {peer["peer_id"]: peer["rounds_ok"] for peer in view["peers"]}
+    if any((rounds.get(peer_id) or 0) < 1 for peer_id in watched.peer_ids.values()):
         return None
     losses = [row["loss"] for row in get_json(watched.url + "api/history")["swarm"] if row["loss"] is not None]
     if len(losses) < 3 or max(losses) - min(losses) < MIN_LOSS_MOVE:
@@ -145,7 +155,16 @@ def test_api_answers_bad_requests_with_clear_errors(watched: Watched):
 def test_status_json_lists_the_peers(watched: Watched):
     wait_for(lambda: swarm_ready(watched, min_epoch=1), timeout=150, what="both trainers in the swarm",
              alive=watched.alive())
-    result = run_cli("status", "--config", str(DEBUG_CONFIG), "--initial-peers", watched.address, "--json", timeout=150)
+    # the JSON and the table side by side: each `swarm status` spends most of its time starting up
+    command = [sys.executable, "-m", "peers", "status", "--config", str(DEBUG_CONFIG), "--initial-peers", watched.address]
+    runs = [subprocess.Popen(command + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL) for extra in (["--json"], [])]
+    try:
+        outputs = [run.communicate(timeout=150) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    result, table = (subprocess.CompletedProcess(run.args, run.returncode, *output) for run, output in zip(runs, outputs))
     assert result.returncode == 0, result.stderr[-2000:]
     view = json.loads(result.stdout)
     peers = {peer["peer_id"]: peer for peer in view["peers"]}
@@ -153,7 +172,6 @@ def test_status_json_lists_the_peers(watched: Watched):
     assert {peers[peer_id]["display_name"] for peer_id in watched.peer_ids.values()} == set(TRAINERS)
     assert view["totals"]["by_role"].get("bootstrap") == 1
 
-    table = run_cli("status", "--config", str(DEBUG_CONFIG), "--initial-peers", watched.address, timeout=150)
     assert table.returncode == 0, table.stderr[-2000:]
     assert "peers online" in table.stdout and all(name in table.stdout for name in TRAINERS), table.stdout
 

@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO
 from harness.processes import read_json, wait_for
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 ROGUE = REPO / "tests" / "rogue_peer.py"
 FORGED = "FORGED"
 REFUSED_KINDS = ("bad_signature", "impersonation", "schema", "oversized")

@@ -43,6 +43,7 @@ def test_peer_lists_from_environment_strings():
     assert split_peer_list(["a", "b"]) == ["a", "b"]
 
 
+@pytest.mark.swarm
 @pytest.mark.timeout(120)
 def test_bootstrap_keeps_its_peer_id_across_restarts_and_leaves_cleanly(swarm):
     first, address = swarm.bootstrap()

@@ -12,7 +12,7 @@ from harness.netlab import Lab, available
 from harness.processes import wait_for
 
 WHY_NOT = available()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+pytestmark = [pytest.mark.swarm, pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
 
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=fp16",
           "diloco.refresh_period=0.5", "averaging.chunk_timeout=4")

@@ -22,7 +22,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.counters import Counters
 from swarm.averaging.service import AveragingService
-from swarm.hivemind_private import push_loaded_state
+from swarm.hivemind_private import publish_progress, push_loaded_state
 from swarm.train.collaboration import Collaboration, SwarmView
 from swarm.compression.registry import make_codec
 from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
@@ -157,6 +157,7 @@ class HivemindSync(Collaboration):
         self._counters = counters  # rounds by outcome; bytes are not measured in this mode
         self.run_id, self.role, self.averaging = run_id, role, averaging
         self.last_epoch = last_epoch  # training.max_epochs
+        self._announced_last_epoch = False
 
     @property
     def local_epoch(self) -> int:
@@ -173,6 +174,11 @@ class HivemindSync(Collaboration):
             # be waited out (averaging_timeout) before this peer can settle. hivemind reads this each epoch.
             self.opt.average_state_every = self.last_epoch + 1
         self.opt.step(batch_size=batch_size)
+        if self.last_epoch is not None and self.opt.local_epoch >= self.last_epoch and not self._announced_last_epoch:
+            # The others wait for every peer to reach the last epoch before they settle; one that got
+            # there by downloading state is not reported there by hivemind (see publish_progress).
+            publish_progress(self.opt.tracker)
+            self._announced_last_epoch = True
 
     def zero_grad(self) -> None:
         self.opt.zero_grad()
