@@ -28,6 +28,8 @@ from swarm.net.validators import run_validators
 from swarm.train.rounds import record_bounds
 from swarm.config.loading import load_config
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 ATTACKER = (sys.executable, str(REPO / "tests" / "diloco_attacker.py"))
 UNDEFENDED = (sys.executable, str(REPO / "tests" / "undefended_peer.py"))
 ROUNDS = 12

@@ -19,6 +19,8 @@ from harness.processes import PeerProcess, read_json, wait_for
 from peers import exit_codes
 from test_bad_input import assert_one_clear_line
 
+pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
+
 SWARM = Path(sys.executable).parent / "swarm"  # the command a user types
 DEBUG_MODEL = {"seq_len": 64, "d_model": 128, "n_layers": 4, "n_heads": 4, "dropout": 0.0}
 
