@@ -2,7 +2,7 @@
 plain peer id subkey, no guard) and after (owner subkey, RSA-2048 signature, the run's validators).
 
 Prints a table and writes JSON (``--out``). Runs on CPU in a few seconds:
-``python benchmarks/record_signing.py --records 1000``.
+``python -m benchmarks.record_signing --records 1000``.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from hivemind.dht.routing import DHTID  # noqa: E402
-from hivemind.dht.validation import CompositeValidator, DHTRecord  # noqa: E402
-from hivemind.utils import MSGPackSerializer, get_dht_time  # noqa: E402
-
-from swarm.net import keys  # noqa: E402
-from swarm.net.diloco_records import Progress, RecordBounds, StateRecord, encode_record  # noqa: E402
-from swarm.net.identity import load_identity  # noqa: E402
-from swarm.net.signed_record import peer_of_subkey  # noqa: E402
-from swarm.net.validators import run_validators  # noqa: E402
+from swarm.net import keys
+from swarm.net.diloco_records import Progress, RecordBounds, StateRecord, encode_record
+from swarm.net.identity import load_identity
+from swarm.net.signed_record import peer_of_subkey
+from swarm.net.validators import run_validators
 
 RUN = "bench-run"
 

@@ -24,22 +24,20 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
-import torch  # noqa: E402
-from hivemind.utils import get_dht_time  # noqa: E402
-from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
-
-from rogue_peer import Forger, owner_of  # noqa: E402
-from swarm.averaging.service import AveragingService  # noqa: E402
-from swarm.config.loading import load_config  # noqa: E402
-from swarm.config.schema import NetworkConfig  # noqa: E402
-from swarm.net import keys  # noqa: E402
-from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record  # noqa: E402
-from swarm.net.dht import start_dht  # noqa: E402
-from swarm.net.identity import load_identity, peer_id_of_owner  # noqa: E402
-from swarm.train.agreement import HASH, state_digest  # noqa: E402
-from swarm.train.model import ByteGPT  # noqa: E402
+from rogue_peer import Forger, owner_of
+from swarm.averaging.service import AveragingService
+from swarm.config.loading import load_config
+from swarm.config.schema import NetworkConfig
+from swarm.net import keys
+from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
+from swarm.net.dht import start_dht
+from swarm.net.identity import load_identity, peer_id_of_owner
+from swarm.train.agreement import HASH, state_digest
+from swarm.train.model import ByteGPT
 
 DEBUG_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
 YEAR = 365 * 86400.0

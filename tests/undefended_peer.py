@@ -9,18 +9,15 @@ Usage: undefended_peer.py <swarm CLI arguments>
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from swarm.net import diloco_records  # noqa: E402
-from swarm.train import agreement  # noqa: E402
+from swarm.net import diloco_records
+from swarm.train import agreement
 
 diloco_records.DiLoCoRecordGuard.validate = lambda self, record: True
 diloco_records.RecordBounds.for_run = classmethod(lambda cls, **_: cls(max_round=2**62, max_round_samples=2**62))
 agreement.adoptable = lambda *_: True
 
-from peers.cli import main  # noqa: E402
+from peers.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
