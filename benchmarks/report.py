@@ -50,8 +50,8 @@ def environment() -> dict:
     """Where and when a result was measured: the machine is shared, so its load is part of the result."""
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    import torch  # noqa: imported late: some programs only need it here
     import hivemind
+    import torch  # imported late: some programs only need it here
 
     return dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), commit=commit.stdout.strip(), cpus=os.cpu_count(),
                 load_average=[round(x, 2) for x in os.getloadavg()], python=platform.python_version(),

@@ -35,8 +35,8 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.logging import use_hivemind_log_handler
 
 from harness.netlab import Lab, interface_bytes, process_tree_cpu, wait_for_file
-from swarm.averaging.group import RoundMissed
 from swarm.averaging.averager import Averager
+from swarm.averaging.group import RoundMissed
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.registry import wire_codecs
 from swarm.config.schema import AveragingConfig, NetworkConfig

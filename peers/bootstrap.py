@@ -21,13 +21,13 @@ from peers.lifecycle import StopSignals, check_alive, run_bounded, set_log_peer,
 from peers.status_file import StatusFile
 from swarm.config.schema import SwarmConfig
 from swarm.errors import SwarmError
+from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.net.identity import load_identity
 from swarm.net.manifest import apply_manifest
 from swarm.net.manifest_record import ManifestPublisher, ManifestValidator
 from swarm.net.validators import run_validators
-from swarm.train.rounds import record_bounds
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
-from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
+from swarm.train.rounds import record_bounds
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,6 @@
 """Documented exit codes of the ``swarm`` command (also listed in README.md)."""
 
-from swarm.errors import (CheckpointError, ConfigError, DataError, ManifestError, MonitorError, NetworkError,
-                          SwarmError)
+from swarm.errors import CheckpointError, ConfigError, DataError, ManifestError, MonitorError, NetworkError, SwarmError
 
 OK = 0  # finished, or left the swarm cleanly on SIGINT/SIGTERM
 INTERNAL = 1  # a bug or an unexpected failure (a background thread that died included): the traceback is logged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import multiprocessing as mp
@@ -9,7 +10,6 @@ import os
 import signal
 import tempfile
 import threading
-import _thread
 from pathlib import Path
 
 from hivemind.utils.logging import use_hivemind_log_handler

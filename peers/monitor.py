@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from peers.lifecycle import StopSignals, check_alive, set_log_peer, write_json_atomic
-from swarm.telemetry.collector import Collector, start_reader_dht
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, MonitorError, SwarmError
-from swarm.telemetry.history import History
 from swarm.net.dht import shutdown_dht
+from swarm.telemetry.collector import Collector, start_reader_dht
+from swarm.telemetry.history import History
 from swarm.telemetry.monitor import Monitor
 
 logger = logging.getLogger(__name__)

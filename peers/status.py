@@ -11,10 +11,10 @@ import time
 from typing import Optional
 
 from peers.lifecycle import StopSignals
-from swarm.telemetry.collector import Collector, SwarmView, start_reader_dht
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError
 from swarm.net.dht import shutdown_dht
+from swarm.telemetry.collector import Collector, SwarmView, start_reader_dht
 
 RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet
 

@@ -19,21 +19,21 @@ import torch
 
 from peers.lifecycle import StopSignals, check_alive, reap_children, run_bounded, set_log_peer
 from peers.status_file import StatusFile
-from swarm.train import checkpoint as ckpt
 from swarm.config.schema import SwarmConfig
-from swarm.train.data import TextDataset, load_dataset
-from swarm.train.device import describe_device, resolve_device
 from swarm.errors import CheckpointError
+from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.net.identity import load_identity
 from swarm.net.manifest import apply_manifest
 from swarm.net.manifest_record import ManifestValidator, fetch_manifest
 from swarm.net.validators import run_validators
-from swarm.train.rounds import record_bounds
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
-from swarm.train.model import ByteGPT
+from swarm.train import checkpoint as ckpt
+from swarm.train.data import TextDataset, load_dataset
+from swarm.train.device import describe_device, resolve_device
 from swarm.train.factory import build_collaboration
-from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.train.loop import TrainingLoop, TrainingStatus
+from swarm.train.model import ByteGPT
+from swarm.train.rounds import record_bounds
 
 logger = logging.getLogger(__name__)
 

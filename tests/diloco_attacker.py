@@ -33,8 +33,8 @@ from swarm.averaging.service import AveragingService
 from swarm.config.loading import load_config
 from swarm.config.schema import NetworkConfig
 from swarm.net import keys
-from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
 from swarm.net.dht import start_dht
+from swarm.net.diloco_records import Progress, StateRecord, encode_record, parse_record
 from swarm.net.identity import load_identity, peer_id_of_owner
 from swarm.train.agreement import HASH, state_digest
 from swarm.train.model import ByteGPT

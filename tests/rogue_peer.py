@@ -30,8 +30,8 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.net.keys import metrics_key
 from swarm.net.identity import peer_id_of_owner
+from swarm.net.keys import metrics_key
 
 FORGED_NAME = "FORGED"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarm.train import checkpoint as ckpt
 from swarm.errors import CheckpointError
-
+from swarm.train import checkpoint as ckpt
 
 MODES = {
     "sync": ("averaging.mode=sync",),

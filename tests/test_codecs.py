@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hivemind.proto import runtime_pb2
+
 from codec_checks import (
     RELATIVE_ERROR_BOUND,
     SIZE_RATIO_BOUND,
@@ -15,8 +17,6 @@ from codec_checks import (
     over_the_wire,
     relative_error,
 )
-from hivemind.proto import runtime_pb2
-
 from swarm.compression.finite import check_finite, is_finite, nonfinite_indices
 from swarm.compression.registry import (
     CODEC_NAMES,

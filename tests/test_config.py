@@ -9,8 +9,8 @@ import torch
 
 from conftest import REPO
 from peers.cli import build_parser
-from swarm.config.schema import SwarmConfig
 from swarm.config.loading import dump_config, load_config
+from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

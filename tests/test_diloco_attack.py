@@ -20,13 +20,13 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from conftest import DEBUG_CONFIG, REPO
 from harness.processes import read_json, wait_for
+from swarm.config.loading import load_config
 from swarm.net import keys
 from swarm.net.diloco_records import parse_record
 from swarm.net.identity import load_identity
 from swarm.net.signed_record import CLOCK_SLACK, peer_of_subkey
 from swarm.net.validators import run_validators
 from swarm.train.rounds import record_bounds
-from swarm.config.loading import load_config
 
 pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
 

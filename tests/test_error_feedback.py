@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from codec_checks import decode, encode, over_the_wire, relative_error
 from hivemind.proto import runtime_pb2
 
+from codec_checks import decode, encode, over_the_wire, relative_error
 from swarm.compression.finite import check_finite
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.powersgd import PowerSGD

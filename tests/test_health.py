@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import run_cli
-from peers.health import assess
 from harness.processes import wait_for
+from peers.health import assess
 
 NOW = 1_000_000.0
 TRAINER = {"peer_id": "QmPeerAbc123", "role": "volunteer", "epoch": 4, "samples": 640, "finished": False,

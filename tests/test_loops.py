@@ -10,9 +10,9 @@ import time
 import hivemind
 import pytest
 
+from harness.processes import wait_for
 from peers import exit_codes
 from peers.lifecycle import check_alive
-from harness.processes import wait_for
 from swarm.averaging.service import AveragingService
 from swarm.errors import BackgroundError
 from swarm.loops import PeriodicLoop

@@ -19,11 +19,27 @@ from harness.processes import wait_for
 from swarm.config.loading import config_tree, load_config
 from swarm.errors import ConfigError, ManifestError
 from swarm.net.keys import manifest_key
-from swarm.net.manifest import (FINGERPRINT_RE, RunManifest, apply_manifest, check_fingerprint, explicit_keys,
-                                fingerprint, new_manifest, parse_manifest)
-from swarm.net.manifest_record import (MANIFEST_TTL, ManifestPublisher, ManifestValidator, authority_of,
-                                       newest_manifest,
-                                       publish_manifest, read_manifest_file, sign_manifest, verify_manifest)
+from swarm.net.manifest import (
+    FINGERPRINT_RE,
+    RunManifest,
+    apply_manifest,
+    check_fingerprint,
+    explicit_keys,
+    fingerprint,
+    new_manifest,
+    parse_manifest,
+)
+from swarm.net.manifest_record import (
+    MANIFEST_TTL,
+    ManifestPublisher,
+    ManifestValidator,
+    authority_of,
+    newest_manifest,
+    publish_manifest,
+    read_manifest_file,
+    sign_manifest,
+    verify_manifest,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,16 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.telemetry.collector import Collector, plausibility_problems
+from swarm.averaging.counters import Counters
+from swarm.errors import ConfigError, MonitorError
+from swarm.net.identity import load_identity, peer_id_of_owner
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import MAX_RECORD_BYTES, PeerMetrics, metrics_validators
 from swarm.net.refusals import REFUSALS
-from swarm.errors import ConfigError, MonitorError
+from swarm.telemetry.collector import Collector, plausibility_problems
 from swarm.telemetry.history import History
-from swarm.net.identity import load_identity, peer_id_of_owner
-from swarm.averaging.counters import Counters
-from swarm.train.sync import count_round
 from swarm.telemetry.traffic import parse_ss
+from swarm.train.sync import count_round
 
 RUN = "unit-run"
 

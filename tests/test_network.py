@@ -10,8 +10,8 @@ import time
 import pytest
 
 from harness.processes import wait_for
-from swarm.config.schema import NetworkConfig
 from swarm.config.multiaddrs import parse_peer_multiaddr, split_peer_list
+from swarm.config.schema import NetworkConfig
 from swarm.net.dht import shutdown_dht, start_dht
 
 PEER_ID = "12D3KooWGUeQLTE63eTY7cBSuAeajwMUgUa84rPVAN5NJhocoMVi"

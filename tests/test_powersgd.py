@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from codec_checks import relative_error
 
+from codec_checks import relative_error
 from swarm.compression.finite import check_finite
 from swarm.compression.powersgd import PowerSGD, orthonormalize
 

@@ -25,8 +25,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_logger
 
 from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
-from swarm.compression.payloads import PayloadError, decode_payload
 from swarm.averaging.outbox import Entry, Outbox
+from swarm.compression.payloads import PayloadError, decode_payload
 
 logger = get_logger(__name__)
 

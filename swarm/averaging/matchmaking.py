@@ -28,10 +28,10 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout
 
-from swarm.net import keys
-from swarm.net.signed_record import peer_of_subkey
 from swarm.averaging import wire
 from swarm.averaging.group import MAX_WEIGHT, Group, RoundMissed
+from swarm.net import keys
+from swarm.net.signed_record import peer_of_subkey
 
 logger = get_logger(__name__)
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 from hivemind.dht.validation import DHTRecord
 
+
 class RefusalLog:
     """Distinct records this process's DHT node refused, by reason. Lives in the DHT process.
 

@@ -18,12 +18,12 @@ import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
 from swarm.config.schema import NetworkConfig
+from swarm.net.dht import client_network, start_dht
 from swarm.net.identity import load_identity
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import PeerMetrics, parse_metrics
-from swarm.net.validators import run_validators
 from swarm.net.refusals import read_refusals
-from swarm.net.dht import client_network, start_dht
+from swarm.net.validators import run_validators
 
 logger = get_logger(__name__)
 

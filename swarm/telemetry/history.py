@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
-from swarm.telemetry.collector import SwarmView
 from swarm.errors import MonitorError
+from swarm.telemetry.collector import SwarmView
 
 SCHEMA_VERSION = 1
 SWARM_COLUMNS = ["time", "peers_online", "trainers", "samples_per_second", "epoch", "loss", "heldout_loss",

@@ -21,12 +21,12 @@ from hivemind.utils import get_dht_time, get_logger
 
 from swarm import __version__
 from swarm.config.schema import MetricsConfig, PeerConfig
+from swarm.loops import PeriodicLoop
+from swarm.net.dht import DHT_CALL_FAILURES, reachability
+from swarm.net.identity import Identity
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import PeerMetrics
 from swarm.net.refusals import read_refusals
-from swarm.loops import PeriodicLoop
-from swarm.net.identity import Identity
-from swarm.net.dht import DHT_CALL_FAILURES, reachability
 from swarm.telemetry.traffic import TrafficMeter
 from swarm.train.loop import TrainingStatus
 

@@ -13,11 +13,11 @@ from typing import Optional
 
 from hivemind.utils import get_logger
 
-from swarm.telemetry.collector import Collector, SwarmView
 from swarm.config.schema import MonitorConfig
 from swarm.errors import SwarmError
 from swarm.loops import PeriodicLoop
 from swarm.net.dht import DHT_CALL_FAILURES
+from swarm.telemetry.collector import Collector, SwarmView
 from swarm.telemetry.history import History
 from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
 from swarm.telemetry.web import DashboardServer

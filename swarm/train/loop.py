@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
-
 from hivemind.utils import get_logger
 
-from swarm.train.collaboration import Collaboration
 from swarm.config.schema import TrainingConfig
+from swarm.train.collaboration import Collaboration
 from swarm.train.data import TextDataset
 
 logger = get_logger(__name__)

@@ -22,12 +22,12 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.counters import Counters
 from swarm.averaging.service import AveragingService
-from swarm.hivemind_private import publish_progress, push_loaded_state
-from swarm.train.collaboration import Collaboration, SwarmView
 from swarm.compression.registry import make_codec
 from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
-from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
+from swarm.hivemind_private import publish_progress, push_loaded_state
 from swarm.net.signed_record import owner_tag
+from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
+from swarm.train.collaboration import Collaboration, SwarmView
 from swarm.train.rounds import RoundTracker
 
 # State sharing priority is the donor's epoch; institutions add this bonus so that a late joiner
