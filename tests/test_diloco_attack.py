@@ -33,8 +33,10 @@ pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see 
 ATTACKER = (sys.executable, str(REPO / "tests" / "diloco_attacker.py"))
 UNDEFENDED = (sys.executable, str(REPO / "tests" / "undefended_peer.py"))
 ROUNDS = 12
+# finish_timeout: the attacker's own (signed, in-bounds) state announcement keeps the honest peers from
+# agreeing at the end until it runs out (they leave with identical models all the same); 30 s, not 90
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=fp16",
-          f"training.max_epochs={ROUNDS}")
+          f"training.max_epochs={ROUNDS}", "training.finish_timeout=30")
 LN_256 = math.log(256)  # the held-out loss of an all-zero model: uniform over bytes
 RUN_ID = "swarm-debug"
 
