@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+):
-#   make demo   - a local swarm trains the debug model on the embedded corpus (about 2.5 minutes)
+#   make demo   - a local swarm trains the debug model on the embedded corpus (about 2 minutes)
 #   make test   - the whole test suite (real peers as real processes on 127.0.0.1): what CI runs
 #   make test-fast - the fast lane: every test not marked `swarm` (no peer processes), under 2 minutes
 #   make bench  - every benchmark, tables in benchmarks/results/report.md (root for the network ones;
