@@ -13,7 +13,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
-from hivemind.utils import MSGPackSerializer
+from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.counters import Counters
@@ -39,11 +39,12 @@ def record_of(peer_id: str, **changes) -> dict:
     return record
 
 
-def dht_record(value: dict, *, owner_key: RSAPrivateKey, signing_key: RSAPrivateKey | None = None) -> DHTRecord:
+def dht_record(value: dict, *, owner_key: RSAPrivateKey, signing_key: RSAPrivateKey | None = None,
+               lifetime: float = 60.0) -> DHTRecord:
     """The record a DHT node would receive: msgpack'd subkey and value, signed like hivemind signs."""
     owner = RSASignatureValidator(owner_key).local_public_key
     unsigned = DHTRecord(DHTID.generate(source=metrics_key(RUN)).to_bytes(), MSGPackSerializer.dumps(owner),
-                         MSGPackSerializer.dumps(value), 2e9)
+                         MSGPackSerializer.dumps(value), get_dht_time() + lifetime)
     signer = signing_key or owner_key
     signature = signer.sign(MSGPackSerializer.dumps(dataclasses.astuple(unsigned)))
     return dataclasses.replace(unsigned, value=unsigned.value + b"[signature:" + signature + b"]")
@@ -85,6 +86,8 @@ def test_dht_node_accepts_a_genuine_record_and_refuses_forgeries(keys):
         "schema": dht_record(record_of(rogue.peer_id, samples_per_second="fast"), owner_key=rogue.private_key),
         "oversized": dht_record(record_of(rogue.peer_id, display_name="X" * MAX_RECORD_BYTES),
                                 owner_key=rogue.private_key),
+        # a year-long record would outlive every fresh one its owner writes: refused
+        "expiration": dht_record(record_of(rogue.peer_id), owner_key=rogue.private_key, lifetime=365 * 86400),
     }
     for reason, record in cases.items():
         assert _verdicts(record, victim.private_key) == (False, reason), reason

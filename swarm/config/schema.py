@@ -184,11 +184,17 @@ class CheckpointConfig(Section):
         return value
 
 
+# The longest a metrics record may live: DHT nodes refuse one stored for longer (a year-long record
+# could not be replaced by its owner's fresh ones); metrics.ttl may not exceed it.
+MAX_METRICS_TTL = 3 * 3600.0
+
+
 class MetricsConfig(Section):
     """The signed metrics record this peer publishes to the DHT (read by `swarm monitor` and `swarm status`)."""
 
     period: float = Field(10.0, gt=0, le=3600, description="seconds between records")
-    ttl: float = Field(60.0, gt=0, description="a record expires this long after its last write; must exceed the period")
+    ttl: float = Field(60.0, gt=0, le=MAX_METRICS_TTL,
+                       description="a record expires this long after its last write; must exceed the period")
 
     @model_validator(mode="after")
     def _ttl_above_period(self):

@@ -25,6 +25,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat, conint, constr
 
+from swarm.config.schema import MAX_METRICS_TTL
 from swarm.net.identity import peer_id_of_owner
 from swarm.net.keys import metrics_key
 from swarm.net.signed_record import SignedRecordGuard, Verdict
@@ -110,8 +111,8 @@ class MetricsRecordGuard(SignedRecordGuard):
     """
 
     def __init__(self, run_id: str, signatures: RSASignatureValidator):
-        # metrics.ttl is each peer's own setting, so no node can bound another's expiration by it
-        super().__init__(keys={metrics_key(run_id): None}, signatures=signatures, max_bytes=MAX_RECORD_BYTES)
+        # metrics.ttl is each peer's own setting, bounded for every peer by the same MAX_METRICS_TTL
+        super().__init__(keys={metrics_key(run_id): MAX_METRICS_TTL}, signatures=signatures, max_bytes=MAX_RECORD_BYTES)
         self.run_id = run_id
 
     def check_value(self, key: str, owner: str, value, record: DHTRecord) -> Verdict:
