@@ -112,3 +112,11 @@ def read_json(path: Path) -> Optional[dict]:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def write_json(path: Path | str, value: object) -> None:
+    """Write ``value`` as JSON so that a reader polling with :func:`read_json` never sees half of it."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(value, file)
+    os.replace(temporary, path)

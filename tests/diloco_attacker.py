@@ -17,8 +17,6 @@ Usage: diloco_attacker.py INITIAL_PEER REPORT_JSON far|near
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
 import threading
@@ -28,6 +26,7 @@ import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from harness.processes import write_json
 from rogue_peer import Forger, owner_of
 from swarm.averaging.service import AveragingService
 from swarm.config.loading import load_config
@@ -119,9 +118,7 @@ def main(initial_peer: str, report_path: str, takeover: str) -> int:
             report["cycles"] += 1
             report["victims"] = sorted(victims)
             report["served"] = [state_round, state_total, digest]
-            with open(report_path + ".tmp", "w") as file:
-                json.dump(report, file)
-            os.replace(report_path + ".tmp", report_path)
+            write_json(report_path, report)
             stop.wait(1.0)
     finally:
         service.shutdown()

@@ -14,8 +14,6 @@ Usage: manifest_forger.py INITIAL_PEER FINGERPRINT REPORT_JSON
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
 import threading
@@ -26,6 +24,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from harness.processes import write_json
 from swarm.net.keys import manifest_key
 from swarm.net.manifest_record import newest_manifest
 
@@ -64,9 +63,7 @@ def main(initial_peer: str, fingerprint: str, report_path: str) -> int:
                 stored = dht.store(manifest_key(fingerprint), subkey=version, value=value,
                                    expiration_time=get_dht_time() + ttl)
                 report["stores"][name] = bool(stored)
-            with open(report_path + ".tmp", "w") as file:
-                json.dump(report, file)
-            os.replace(report_path + ".tmp", report_path)
+            write_json(report_path, report)
             stop.wait(2.0)
     finally:
         dht.shutdown()

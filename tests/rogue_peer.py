@@ -17,8 +17,6 @@ Usage: rogue_peer.py INITIAL_PEER RUN_ID VICTIM_PEER_ID REPORT_JSON
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
 import sys
 import threading
@@ -30,6 +28,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from harness.processes import write_json
 from swarm.net.identity import peer_id_of_owner
 from swarm.net.keys import metrics_key
 
@@ -106,9 +105,7 @@ def main(initial_peer: str, run_id: str, victim: str, report_path: str) -> int:
                 stored = dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + 30)
                 report["stores"][name] = bool(stored)
             report["peer_ids"] = {name: peer_id_of_owner(owner) for name, owner in owners.items()}
-            with open(report_path + ".tmp", "w") as file:
-                json.dump(report, file)
-            os.replace(report_path + ".tmp", report_path)
+            write_json(report_path, report)
             stop.wait(2.0)
     finally:
         dht.shutdown()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 from hivemind.proto import runtime_pb2
 
@@ -43,12 +43,7 @@ class Outbox:
 
     async def get(self, key: tuple, timeout: float) -> Optional[Entry]:
         """The entry, waiting at most ``timeout`` seconds for it to be put; None if it never came."""
-        if key not in self._entries:
-            try:
-                await asyncio.wait_for(self._event(key).wait(), timeout)
-            except asyncio.TimeoutError:
-                return None
-        return self._entries.get(key)
+        return await _wait(self._entries, key, lambda: self._event(key), timeout)
 
     def open_group(self, group_id: bytes, members: tuple) -> None:
         """This peer is in ``group_id`` with ``members`` (in the group's order); call before any put."""
@@ -58,12 +53,7 @@ class Outbox:
     async def members(self, group_id: bytes, timeout: float) -> Optional[tuple]:
         """The group's members, waiting at most ``timeout`` s for this peer to open it (a member may
         ask a moment before this peer has heard from the leader); None if it never does."""
-        if group_id not in self._members:
-            try:
-                await asyncio.wait_for(self._group_event(group_id).wait(), timeout)
-            except asyncio.TimeoutError:
-                return None
-        return self._members.get(group_id)
+        return await _wait(self._members, group_id, lambda: self._group_event(group_id), timeout)
 
     @staticmethod
     def may_fetch(key: tuple, members: tuple, asker) -> bool:
@@ -104,3 +94,13 @@ class Outbox:
                     self._known.pop(key[0], None)
         for group_id in expired:
             del self._expiry[group_id]
+
+
+async def _wait(table: dict, key: Hashable, event: Callable[[], asyncio.Event], timeout: float):
+    """``table[key]``, waiting at most ``timeout`` s for ``event()`` (set when it is put); None if it never is."""
+    if key not in table:
+        try:
+            await asyncio.wait_for(event().wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+    return table.get(key)
