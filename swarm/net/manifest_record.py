@@ -33,6 +33,7 @@ from swarm.errors import ManifestError
 from swarm.loops import PeriodicLoop
 from swarm.net.keys import manifest_key
 from swarm.net.manifest import MAX_MANIFEST_BYTES, RunManifest, canonical_json, parse_manifest
+from swarm.net.refusals import REFUSALS
 
 logger = get_logger(__name__)
 
@@ -106,7 +107,6 @@ class ManifestValidator(RecordValidatorBase):
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
         self._key_id = DHTID.generate(source=manifest_key(fingerprint)).to_bytes()
-        self.refused: dict[str, int] = {}  # reason -> records refused
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._key_id:
@@ -114,10 +114,11 @@ class ManifestValidator(RecordValidatorBase):
         reason, detail = self.check(record)
         if reason is None:
             return True
-        count = self.refused[reason] = self.refused.get(reason, 0) + 1
-        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... of each reason: visible, yet no flood
-            logger.warning(f"refused a manifest record of run {self.fingerprint} ({reason}: {detail}); "
-                           f"{count} refused for this reason so far")
+        # counted with every other refusal of this node (published in its metrics); logged once a minute per reason
+        to_log = REFUSALS.add(reason, record, f"manifest {self.fingerprint}", detail)
+        if to_log is not None:
+            repeats = f" ({to_log} such records since the last line)" if to_log > 1 else ""
+            logger.warning(f"refused a manifest record of run {self.fingerprint} ({reason}: {detail}){repeats}")
         return False
 
     def check(self, record: DHTRecord) -> tuple[Optional[str], str]:

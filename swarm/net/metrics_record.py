@@ -35,8 +35,10 @@ logger = get_logger(__name__)
 # A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
 MAX_RECORD_BYTES = 4096
 ROLES = ("bootstrap", "volunteer", "institution")
-# why a DHT node refused a record, of any signed kind (swarm.net.signed_record): published in each peer's metrics
-REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible")
+# why a DHT node refused a record, of any signed kind (swarm.net.signed_record) or a run manifest
+# (swarm.net.manifest_record): published in each peer's metrics
+REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible",
+                   "forged", "undecodable", "version")
 STATES = ("running", "finished", "left")
 REACHABILITY = ("direct", "relayed", "client")
 

@@ -73,13 +73,12 @@ class SignedRecordGuard(RecordValidatorBase):
     """Refuses records of its keys that are oversized, unsigned, badly signed, expire too far ahead or
     fail :meth:`check_value`. Subclasses name their keys and check their values.
 
-    :param keys: DHT key -> time to live (seconds) of that key's records; ``None``: not checked.
+    :param keys: DHT key -> time to live (seconds) of that key's records.
     :param max_bytes: largest stored value, signature included.
     """
 
-    def __init__(self, *, keys: dict[str, Optional[float]], signatures: RSASignatureValidator, max_bytes: int):
-        self._names = {DHTID.generate(source=key).to_bytes(): key for key in keys}
-        self._ttls = {DHTID.generate(source=key).to_bytes(): ttl for key, ttl in keys.items()}
+    def __init__(self, *, keys: dict[str, float], signatures: RSASignatureValidator, max_bytes: int):
+        self._kinds = {DHTID.generate(source=key).to_bytes(): (key, ttl) for key, ttl in keys.items()}
         self._signatures, self.max_bytes = signatures, max_bytes
 
     @property
@@ -91,7 +90,7 @@ class SignedRecordGuard(RecordValidatorBase):
         raise NotImplementedError
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.key not in self._names:
+        if record.key not in self._kinds:
             return True
         reason, detail = self.check(record)
         if reason is None:
@@ -99,7 +98,7 @@ class SignedRecordGuard(RecordValidatorBase):
         to_log = REFUSALS.add(reason, record, owner_peer_id(record.subkey) or "unsigned", detail)
         if to_log is not None:
             repeats = f" ({to_log} such records from this sender since the last line)" if to_log > 1 else ""
-            logger.warning(f"refused a {self._names[record.key]} record ({reason}): {detail}{repeats}")
+            logger.warning(f"refused a {self._kinds[record.key][0]} record ({reason}): {detail}{repeats}")
         return False
 
     def check(self, record: DHTRecord) -> Verdict:
@@ -111,15 +110,15 @@ class SignedRecordGuard(RecordValidatorBase):
             return "unsigned", "the subkey names no [owner:<RSA key>]"
         if not self._signatures.validate(record):
             return "bad_signature", f"signature does not match the owner key of {owner}"
-        ttl = self._ttls[record.key]
-        if ttl is not None and record.expiration_time > get_dht_time() + ttl + CLOCK_SLACK:
+        name, ttl = self._kinds[record.key]
+        if record.expiration_time > get_dht_time() + ttl + CLOCK_SLACK:
             ahead = record.expiration_time - get_dht_time()
             return "expiration", f"from {owner}: expires in {ahead:.0f}s, at most {ttl:g}s allowed"
         try:
             value = MSGPackSerializer.loads(self._signatures.strip_value(record))
         except Exception as e:  # msgpack's errors for truncated or garbage bytes
             return "schema", f"from {owner}: undecodable value ({type(e).__name__})"
-        return self.check_value(self._names[record.key], owner, value, record)
+        return self.check_value(name, owner, value, record)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        return type(other) is type(self) and other._names == self._names
+        return type(other) is type(self) and other._kinds == self._kinds
