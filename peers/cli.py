@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one shared model together over the internet, peer to peer.",
         epilog="Exit codes: 0 ok or left cleanly, 1 internal error, 2 usage/config/multiaddr, "
         "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, "
-        "7 run manifest missing, forged or contradicted, 130 interrupted.",
+        "7 run manifest or certificate missing, forged, expired, revoked or contradicted, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,6 +61,13 @@ def _with_peers(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sub
 
 
+def _with_certificate(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    sub.add_argument("--certificate", type=Path, metavar="FILE",
+                     help="this peer's admission certificate from the run's owner (`swarm admit`): needed in a private "
+                          "run, and it names the run (peer.certificate)")
+    return sub
+
+
 def _with_status(sub: argparse.ArgumentParser, help: str) -> argparse.ArgumentParser:
     sub.add_argument("--status-file", type=Path, default=_env_path("SWARM_STATUS_FILE"), help=help)
     return sub
@@ -73,12 +80,14 @@ def _add_peer_commands(commands) -> None:
     bootstrap.add_argument("--address-file", type=Path, help="also write the peer id and multiaddrs here as JSON")
     bootstrap.add_argument("--manifest", type=Path, metavar="FILE",
                            help="publish this run manifest (from `swarm run create`) and use its settings")
+    _with_certificate(bootstrap)
     _with_status(bootstrap, "keep a JSON status of this peer here, for `swarm health` (default: $SWARM_STATUS_FILE)")
 
     join = _with_peers(_with_config(commands.add_parser("join", help="join a swarm as a trainer peer")))
     join.add_argument("--resume", action="store_true", help="restore model, optimizer and epoch from checkpoint.dir")
     join.add_argument("--run", metavar="FINGERPRINT",
                       help="join this run: fetch its signed manifest from the DHT and train with its settings")
+    _with_certificate(join)
     _with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
                        "(default: $SWARM_STATUS_FILE)")
 
@@ -93,11 +102,13 @@ def _add_watch_commands(commands) -> None:
     monitor = _with_peers(_with_config(commands.add_parser(
         "monitor", help="watch a swarm: history in SQLite, a web dashboard, a JSON API and Prometheus /metrics")))
     monitor.add_argument("--url-file", type=Path, help="also write the dashboard's address here as JSON (for scripts)")
+    _with_certificate(monitor)
     monitor.add_argument("--export-csv", type=Path, metavar="DIR",
                          help="write the history in monitor.db_path as CSV files into DIR and exit (no network)")
 
     status = _with_peers(_with_config(commands.add_parser("status", help="print the swarm's peers as a table, from the DHT")))
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _with_certificate(status)
     status.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                         help="wait this long for the first metrics record (default 10)")
 
@@ -110,7 +121,7 @@ def _add_watch_commands(commands) -> None:
 
 
 def _add_run_commands(commands, with_config) -> None:
-    """`swarm run create`: what a run's owner does once (and again for each new version)."""
+    """What a run's owner does (`swarm run create`, `admit`, `revoke`) and what a peer does to be admitted (`id`)."""
     run = commands.add_parser("run", help="own a run: its authority key and signed manifest")
     run_commands = run.add_subparsers(dest="run_command", required=True, metavar="SUBCOMMAND")
     create = with_config(run_commands.add_parser(
@@ -119,6 +130,31 @@ def _add_run_commands(commands, with_config) -> None:
                         help="run authority key, made if missing; keep it private (default ~/.swarm/run-authority.key)")
     create.add_argument("--out", type=Path, default=Path("run-manifest.json"),
                         help="the signed manifest to write (default run-manifest.json)")
+    create.add_argument("--private", action="store_true",
+                        help="only peers with a certificate (`swarm admit`) take part; fixed for the run's lifetime")
+    create.add_argument("--refresh", type=float, metavar="SECONDS",
+                        help="how often peers re-read the manifest: a revocation takes effect within this long "
+                             "(default 30, or the previous version's)")
+
+    owner = {"--manifest": dict(type=Path, default=Path("run-manifest.json"),
+                                help="the run's manifest file (default run-manifest.json)"),
+             "--key": dict(type=Path, default=Path("~/.swarm/run-authority.key"),
+                           help="the run authority key (default ~/.swarm/run-authority.key)")}
+    admit = commands.add_parser("admit", help="issue a certificate that admits one peer id to the run, with a role")
+    revoke = commands.add_parser("revoke", help="revoke a peer id: a new manifest version, refused within a refresh")
+    for sub in (admit, revoke):
+        sub.add_argument("peer_id", metavar="PEER_ID", help="the peer's id, as `swarm id` prints it")
+        for flag, options in owner.items():
+            sub.add_argument(flag, **options)
+    admit.add_argument("--role", choices=["institution", "volunteer", "monitor", "bootstrap"], default="volunteer",
+                       help="institution and volunteer train (institutions are preferred state donors); monitor watches; "
+                            "bootstrap keeps the DHT reachable (default volunteer)")
+    admit.add_argument("--organization", help="shown to the swarm (at most 64 characters)")
+    admit.add_argument("--days", type=float, default=90.0, help="validity in days (default 90, at most 400)")
+    admit.add_argument("--out", type=Path, default=Path("certificate.json"),
+                       help="the certificate to write (default certificate.json)")
+    ident = with_config(commands.add_parser("id", help="print this peer's id (its key file is made if missing)"))
+    ident.add_argument("--identity", type=Path, help="private key file (default: network.identity_path)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -158,12 +194,12 @@ def _load(args: argparse.Namespace) -> SwarmConfig:
         from peers.demo import demo_config  # no torch or hivemind at import
 
         return demo_config(args.config, args.overrides, num_peers=args.peers, epochs=args.epochs)
-    return load_config(args.config, _overrides(args))
+    return load_config(getattr(args, "config", None), _overrides(args))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """``--set`` and the flags that stand for config keys, as ``key=value`` overrides."""
-    overrides = list(args.overrides)
+    overrides = list(getattr(args, "overrides", []))
     initial_peers = list(getattr(args, "initial_peers", None) or [])
     if getattr(args, "initial_peers_file", None):
         initial_peers += _read_address_file(args.initial_peers_file)
@@ -171,6 +207,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append("network.initial_peers=" + ",".join(initial_peers))
     if getattr(args, "resume", False):
         overrides.append("checkpoint.resume=true")
+    if getattr(args, "certificate", None) is not None:
+        overrides.append(f"peer.certificate={args.certificate}")
     return overrides
 
 
@@ -223,7 +261,20 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
     elif args.command == "run":
         from peers.run import create_run
 
-        create_run(config, key_path=args.key, out=args.out)
+        create_run(config, key_path=args.key, out=args.out, private=args.private, refresh=args.refresh)
+    elif args.command == "admit":
+        from peers.run import admit
+
+        admit(peer_id=args.peer_id, manifest_path=args.manifest, key_path=args.key, role=args.role,
+              organization=args.organization, days=args.days, out=args.out)
+    elif args.command == "revoke":
+        from peers.run import revoke
+
+        revoke(peer_id=args.peer_id, manifest_path=args.manifest, key_path=args.key)
+    elif args.command == "id":
+        from peers.run import print_id
+
+        print_id(args.identity or config.network.identity_path)
     elif args.command == "status":
         from peers.status import run_status
 

@@ -1,7 +1,10 @@
 """`swarm demo`: a whole swarm on this machine, as separate processes on 127.0.0.1.
 
 One bootstrap peer and N trainers (the first an institution, the rest volunteers) train the debug
-model on shards of the embedded corpus, and a monitor serves a live dashboard of them. The demo runs
+model on shards of the embedded corpus, and a monitor serves a live dashboard of them. The run has an
+owner, as a real one does: the demo makes a run authority key and signs an open run manifest, which
+the bootstrap peer publishes and the trainers join by its fingerprint; the first trainer is an
+institution through a certificate the authority signs for its peer id. The demo runs
 DiLoCo with 8-bit pseudo-gradients by default (``--set averaging.mode=sync`` shows hivemind.Optimizer
 instead). Progress is read from the trainers' status files and shown as one line every few seconds;
 the summary compares held-out loss before and after and checks that the peers' final models agree.
@@ -51,18 +54,20 @@ def run_demo(
     print(f"swarm demo: 1 bootstrap + {num_peers} trainers on 127.0.0.1, run {config.run_id!r}, "
           f"{epochs} {what}; logs in {workdir}", flush=True)
 
+    fingerprint = _own_run(config, workdir)
     peers: list[PeerProcess] = []
     try:
         bootstrap = PeerProcess(
             "bootstrap",
-            ["bootstrap", *base, "--set", "network.listen_host=127.0.0.1",
+            ["bootstrap", *base, "--set", "network.listen_host=127.0.0.1", "--manifest", str(workdir / "manifest.json"),
              "--identity", str(workdir / "bootstrap.key"), "--address-file", str(workdir / "bootstrap.json")],
             log_path=workdir / "bootstrap.log",
         )
         peers.append(bootstrap)
         address = wait_for(lambda: read_json(workdir / "bootstrap.json"), timeout=STARTUP_TIMEOUT,
                            what="the bootstrap peer", alive=[bootstrap])["maddrs"][0]
-        trainers = [_start_trainer(index, num_peers, base, address, workdir) for index in range(num_peers)]
+        trainers = [_start_trainer(index, num_peers, [*base, "--run", fingerprint], address, workdir)
+                    for index in range(num_peers)]
         peers.extend(trainers)
         peers.append(_start_monitor(config_path, base, address, workdir, config.run_id))
         _show_progress(trainers, workdir, epochs, started, unit)
@@ -92,15 +97,35 @@ def _demo_overrides(overrides: Sequence[str], epochs: int) -> list[str]:
     return [*DEMO_DEFAULTS, *overrides, f"training.max_epochs={epochs}"]
 
 
+def _own_run(config: SwarmConfig, workdir: Path) -> str:
+    """The demo run's authority key, signed open manifest (``workdir/manifest.json``) and an institution
+    certificate for peer0's identity (``workdir/peer0``); returns the run's fingerprint."""
+    from peers.lifecycle import write_json_atomic  # these import hivemind: not before the config is checked
+    from swarm.net.certificate import issue_certificate
+    from swarm.net.identity import load_identity
+    from swarm.net.manifest import new_manifest
+    from swarm.net.manifest_record import authority_of, sign_manifest
+
+    authority = load_identity(workdir / "authority.key").private_key
+    signed = sign_manifest(new_manifest(config, authority=authority_of(authority)), authority)
+    write_json_atomic(workdir / "manifest.json", signed.as_dict())
+    institution = load_identity(workdir / "peer0" / "identity.key")
+    certificate = issue_certificate(authority, run_id=config.run_id, admission="open", peer_id=institution.peer_id,
+                                    role="institution", organization="demo institution", valid_for=86400.0)
+    write_json_atomic(workdir / "peer0" / "certificate.json", certificate.as_dict())
+    return signed.fingerprint
+
+
 def _start_trainer(index: int, num_peers: int, base: list[str], address: str, workdir: Path) -> PeerProcess:
-    role = "institution" if index == 0 else "volunteer"
     peer_dir = workdir / f"peer{index}"
+    certified = [] if index else ["--certificate", str(peer_dir / "certificate.json"),
+                                  "--set", f"network.identity_path={peer_dir / 'identity.key'}"]
     return PeerProcess(
         f"peer{index}",
-        ["join", *base, "--initial-peers", address,
+        ["join", *base, *certified, "--initial-peers", address,
          "--set", "network.listen_host=127.0.0.1",
          "--set", f"data.num_shards={num_peers}", "--set", f"data.shard_index={index}",
-         "--set", f"peer.role={role}", "--set", f"peer.display_name=peer{index}",
+         "--set", f"peer.display_name=peer{index}",
          "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}", "--status-file", str(peer_dir / "status.json")],
         log_path=peer_dir / "trainer.log",
     )

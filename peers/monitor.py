@@ -14,6 +14,7 @@ from typing import Optional
 from peers.lifecycle import StopSignals, check_alive, set_log_peer, write_json_atomic
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, MonitorError, SwarmError
+from swarm.net.admission import certified_run_id
 from swarm.net.dht import shutdown_dht
 from swarm.telemetry.collector import Collector, start_reader_dht
 from swarm.telemetry.history import History
@@ -28,12 +29,13 @@ def run_monitor(config: SwarmConfig, *, url_file: Optional[Path]) -> None:
     if not config.network.initial_peers:
         raise ConfigError("swarm monitor needs the address of a peer: --initial-peers /ip4/.../tcp/.../p2p/...")
     stop = StopSignals()
+    config = config.model_copy(update={"run_id": certified_run_id(config.peer.certificate, config.run_id)})
     monitor = Monitor(history=History(config.monitor.db_path, config.run_id), config=config.monitor,
                       run_id=config.run_id)
     dht = None
     try:
         monitor.serve()
-        dht = start_reader_dht(config.network, config.run_id, stop=stop.event)
+        dht = start_reader_dht(config.network, config.run_id, stop=stop.event, certificate=config.peer.certificate)
         set_log_peer("monitor", str(dht.peer_id))
         monitor.start(Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second))
         if url_file is not None:

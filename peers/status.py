@@ -13,6 +13,7 @@ from typing import Optional
 from peers.lifecycle import StopSignals
 from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError
+from swarm.net.admission import certified_run_id
 from swarm.net.dht import shutdown_dht
 from swarm.telemetry.collector import Collector, SwarmView, start_reader_dht
 
@@ -23,7 +24,8 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
     if not config.network.initial_peers:
         raise ConfigError("swarm status needs the address of a peer: --initial-peers /ip4/.../tcp/.../p2p/...")
     stop = StopSignals()
-    dht = start_reader_dht(config.network, config.run_id, stop=stop.event)
+    config = config.model_copy(update={"run_id": certified_run_id(config.peer.certificate, config.run_id)})
+    dht = start_reader_dht(config.network, config.run_id, stop=stop.event, certificate=config.peer.certificate)
     try:
         collector = Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second)
         deadline = time.monotonic() + wait

@@ -21,10 +21,12 @@ from peers.lifecycle import StopSignals, check_alive, reap_children, run_bounded
 from peers.status_file import StatusFile
 from swarm.config.schema import SwarmConfig
 from swarm.errors import CheckpointError
+from swarm.net.admission import Admission, authorizer_for, check_admitted, own_certificate, own_role
+from swarm.net.certificate_record import CertificateValidator
 from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.net.identity import load_identity
 from swarm.net.manifest import apply_manifest
-from swarm.net.manifest_record import ManifestValidator, fetch_manifest
+from swarm.net.manifest_record import ManifestValidator, SignedManifest, fetch_manifest
 from swarm.net.validators import run_validators
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
 from swarm.train import checkpoint as ckpt
@@ -55,14 +57,15 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     local = _prepare_local(config) if run is None else None
     identity = load_identity(config.network.identity_path)
-    dht, config, signed = _join(config, identity, stop, run=run, explicit=explicit)
+    dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
     try:
         local = local or _prepare_local(config)
     except BaseException:
+        if admission is not None:
+            admission.shutdown()
         shutdown_dht(dht)
         raise
-    peer = _TrainerPeer(config, local, dht, fingerprint=run,
-                        manifest_version=signed.manifest.version if signed else None)
+    peer = _TrainerPeer(config, local, dht, signed=signed, admission=admission)
     try:
         peer.start(identity, status_path)
         try:
@@ -74,6 +77,8 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     finally:
         stop.disarm()
         peer.close()
+        if admission is not None:
+            admission.shutdown()
         shutdown_dht(dht)
         reap_children()
         # hivemind leaves a few asyncio tasks pending at interpreter exit; they are harmless here
@@ -82,21 +87,28 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
 
 
 def _join(config: SwarmConfig, identity, stop: StopSignals, *, run: Optional[str], explicit: frozenset[str]):
-    """Start the DHT; with ``run``, fetch the run's manifest and return the config with its settings."""
+    """Start the DHT; with a run (``--run``, or the one this peer's certificate names), fetch the run's
+    manifest, return the config with its settings and keep the run's admissions (:class:`Admission`)."""
+    run, certificate = own_certificate(config.peer.certificate, run=run, peer_id=identity.peer_id)
     if run is None:
         return start_dht(config.network, identity=identity, stop=stop.event,
                          record_validators=run_validators(config.run_id, identity.private_key,
-                                                          record_bounds(config))), config, None
-    dht = start_dht(config.network, identity=identity, stop=stop.event, record_validators=[ManifestValidator(run)])
+                                                          record_bounds(config))), config, None, None
+    dht = start_dht(config.network, identity=identity, stop=stop.event,
+                    record_validators=[ManifestValidator(run), CertificateValidator(run)],
+                    authorizer=authorizer_for(identity, certificate, run))
     try:
         signed = fetch_manifest(dht, run, timeout=config.network.bootstrap_timeout, stop=stop.event)
+        check_admitted(signed, certificate, trains=True)
         config = apply_manifest(config, set(explicit), signed.manifest)
         dht.add_validators(run_validators(config.run_id, identity.private_key, record_bounds(config)))
+        admission = Admission(dht=dht, run=run, manifest=signed, certificate=certificate).start()
     except BaseException:
         shutdown_dht(dht)
         raise
-    logger.info(f"run {config.run_id} ({run}): settings from its manifest, version {signed.manifest.version}")
-    return dht, config, signed
+    logger.info(f"run {config.run_id} ({run}, {signed.manifest.admission}): settings from its manifest, "
+                f"version {signed.manifest.version}")
+    return dht, config, signed, admission
 
 
 @dataclass
@@ -127,26 +139,30 @@ def _prepare_local(config: SwarmConfig) -> _Local:
 class _TrainerPeer:
     """The joined trainer's components: collaboration, status file and metrics publisher."""
 
-    def __init__(self, config: SwarmConfig, local: _Local, dht, *, fingerprint: Optional[str] = None,
-                 manifest_version: Optional[int] = None):
-        self.config, self.local, self.dht = config, local, dht
+    def __init__(self, config: SwarmConfig, local: _Local, dht, *, signed: Optional[SignedManifest] = None,
+                 admission: Optional[Admission] = None):
+        self.config, self.local, self.dht, self.admission = config, local, dht, admission
         self.opt = self.status_file = self.publisher = None
-        self.status = TrainingStatus(peer_id=str(dht.peer_id), role=config.peer.role)
+        self.role = own_role(admission.certificate if admission is not None else None)
+        self.status = TrainingStatus(peer_id=str(dht.peer_id), role=self.role)
         # which run this peer trains in, for its status file (the join test reads it)
-        self.run = {"run_id": config.run_id, "fingerprint": fingerprint, "manifest_version": manifest_version,
+        self.run = {"run_id": config.run_id, "fingerprint": signed.fingerprint if signed else None,
+                    "manifest_version": signed.manifest.version if signed else None,
+                    "admission": signed.manifest.admission if signed else None,
                     "model": config.model.model_dump(), "averaging_mode": config.averaging.mode}
 
     def start(self, identity, status_path: Optional[Path]) -> None:
         config, local, dht = self.config, self.local, self.dht
-        set_log_peer(config.peer.role, str(dht.peer_id))
+        set_log_peer(self.role, str(dht.peer_id))
         logger.info(
-            f"joined run {config.run_id} as {config.peer.role} ({visible_maddrs(dht)[0]}); model "
+            f"joined run {config.run_id} as {self.role} ({visible_maddrs(dht)[0]}); model "
             f"{local.model.num_parameters() / 1e6:.2f}M parameters on {local.device}; data {local.dataset.source} "
             f"({local.dataset.num_train_files} files, {local.dataset.train.numel() / 1e6:.1f} MB)"
         )
-        self.opt = build_collaboration(config=config, dht=dht, model=local.model, private_key=identity.private_key)
+        self.opt = build_collaboration(config=config, dht=dht, model=local.model, private_key=identity.private_key,
+                                       role=self.role, admission=self.admission)
         if config.metrics is not None:
-            facts = PeerFacts(role=config.peer.role, peer=config.peer, device=describe_device(local.device))
+            facts = PeerFacts(role=self.role, peer=config.peer, device=describe_device(local.device))
             self.publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
                                               facts=facts).start()
         if local.resume_from is not None:
@@ -175,7 +191,7 @@ class _TrainerPeer:
 
     def _publish(self, current: TrainingStatus) -> None:
         """The training loop's status hook: also where a dead background thread stops the peer."""
-        check_alive(self.status_file, self.publisher, self.opt, self.dht.rejoin)
+        check_alive(self.status_file, self.publisher, self.opt, self.dht.rejoin, self.admission)
         self.status_file.publish()
         if self.publisher is not None:
             self.publisher.update(current)
@@ -185,7 +201,7 @@ class _TrainerPeer:
         return TrainingLoop(
             model=self.local.model, opt=self.opt, dataset=self.local.dataset, config=config.training,
             seq_len=config.model.seq_len, device=self.local.device, status=self.status,
-            grad_clip=config.optimizer.grad_clip, prefer_as_donor=config.peer.role == "institution",
+            grad_clip=config.optimizer.grad_clip, prefer_as_donor=self.role == "institution",
             save_checkpoint=self.save if checkpoint is not None else None,
             checkpoint_every=checkpoint.every_epochs if checkpoint is not None else None,
             on_status=self._publish,

@@ -98,21 +98,24 @@ def test_cli_options_are_frozen():
     seen = {name: sorted(opt for action in sub._actions for opt in action.option_strings)
             for name, sub in commands.items() if name != "config"}
     assert seen == {
-        "bootstrap": sorted(["--address-file", "--config", "--identity", "--initial-peers", "--initial-peers-file",
-                             "--manifest", "--set", "--status-file", "-h", "--help"]),
-        "join": sorted(["--config", "--initial-peers", "--initial-peers-file", "--resume", "--run", "--set",
-                        "--status-file", "-h", "--help"]),
+        "bootstrap": sorted(["--address-file", "--certificate", "--config", "--identity", "--initial-peers",
+                             "--initial-peers-file", "--manifest", "--set", "--status-file", "-h", "--help"]),
+        "join": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--resume", "--run",
+                        "--set", "--status-file", "-h", "--help"]),
         "run": sorted(["-h", "--help"]),
+        "admit": sorted(["--days", "--key", "--manifest", "--organization", "--out", "--role", "-h", "--help"]),
+        "revoke": sorted(["--key", "--manifest", "-h", "--help"]),
+        "id": sorted(["--config", "--identity", "--set", "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
-        "monitor": sorted(["--config", "--export-csv", "--initial-peers", "--initial-peers-file", "--set", "--url-file",
-                           "-h", "--help"]),
-        "status": sorted(["--config", "--initial-peers", "--initial-peers-file", "--json", "--set", "--wait", "-h",
-                          "--help"]),
+        "monitor": sorted(["--certificate", "--config", "--export-csv", "--initial-peers", "--initial-peers-file",
+                           "--set", "--url-file", "-h", "--help"]),
+        "status": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--json", "--set",
+                          "--wait", "-h", "--help"]),
         "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
     }
     run_commands = commands["run"]._subparsers._group_actions[0].choices
     assert sorted(opt for action in run_commands["create"]._actions for opt in action.option_strings) == sorted(
-        ["--config", "--key", "--out", "--set", "-h", "--help"])
+        ["--config", "--key", "--out", "--private", "--refresh", "--set", "-h", "--help"])
 
 
 def test_forced_device_that_is_missing_is_a_config_error():

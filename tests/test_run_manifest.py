@@ -63,7 +63,7 @@ def test_joiner_copying_the_printed_line_lands_in_the_run(module_swarm, run):
                       alive=[joiner])
     print(f"join with --run: status after {time.monotonic() - started:.1f}s")
     assert status["run"] == {"run_id": "swarm-debug", "fingerprint": run["fingerprint"], "manifest_version": 1,
-                             "model": DEBUG_MODEL, "averaging_mode": "sync"}
+                             "admission": "open", "model": DEBUG_MODEL, "averaging_mode": "sync"}
     # it trains: local steps on the manifest's model (the defaults would be a 384-wide model)
     wait_for(lambda: (read_json(status_path) or {}).get("steps", 0) > 0, timeout=STARTUP_TIMEOUT,
              what="a training step", alive=[joiner])

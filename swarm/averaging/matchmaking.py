@@ -60,12 +60,13 @@ class Matchmaker:
     :param request_timeout: silence after which a leader counts as gone.
     :param owner: this peer's ``[owner:<RSA key>]`` tag: its ready record is signed under it (see
       :func:`swarm.net.signed_record.owner_tag`); None: stored under the plain peer id, unsigned.
+    :param admit: peer -> None if it may take part, else why not; a peer it refuses is never a leader here.
     """
 
     def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub, request_timeout: float,
-                 owner: Optional[bytes] = None):
+                 owner: Optional[bytes] = None, admit: Optional[Callable[[PeerID], Optional[str]]] = None):
         self.dht, self.peer_id, self.run_id, self.get_stub = dht, peer_id, run_id, get_stub
-        self.owner = owner
+        self.owner, self.admit = owner, admit
         self.request_timeout = request_timeout
         self._leading: dict[int, _Lead] = {}
         self._sealed: dict[int, Group] = {}
@@ -253,8 +254,10 @@ class Matchmaker:
                 if peer is None or getattr(item, "value", None) != round_number or type(item.value) is not int:
                     continue
                 try:
-                    peers.add(PeerID.from_base58(peer))
+                    peer_id = PeerID.from_base58(peer)
                 except Exception:  # a malformed subkey from a broken or hostile peer
                     continue
+                if self.admit is None or self.admit(peer_id) is None:
+                    peers.add(peer_id)
         return peers
 

@@ -43,6 +43,7 @@ MAX_OPEN_FETCHES_PER_PEER = 16
 # State downloads served at once: one per asking peer, a few in all (each streams the whole state:
 # without a cap, a few peers asking in a loop take a donor's whole upload).
 MAX_STATE_DOWNLOADS, MAX_STATE_DOWNLOADS_PER_PEER = 4, 1
+REFUSAL_LOG_PERIOD = 60.0  # seconds between log lines about refused callers (each one is counted)
 
 
 class AveragingService(ServicerBase):
@@ -60,6 +61,9 @@ class AveragingService(ServicerBase):
       under it and signed (see :mod:`swarm.net.signed_record`); None: unsigned, for DHTs that check nothing.
     :param check_fetchers: serve a round's parts only to the members of its group, and a slice of this
       peer's update only to the member that reduces it. False only in a harness that shows the attack.
+    :param admit: peer -> None if it may call this service, else the reason it may not
+      (:meth:`swarm.net.admission.Admission.refusal`, asked about libp2p's authenticated caller id of every
+      request); None: anyone may (a run without a manifest).
     :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
       end, bytes}`` (``error`` instead of ``bytes`` if it failed), on the service's loop: keep it cheap.
       For traces in benchmarks and for fault tests that strike while parts are moving.
@@ -68,12 +72,15 @@ class AveragingService(ServicerBase):
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
                  accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
+                 admit: Optional[Callable[[PeerID], Optional[str]]] = None,
                  fetch_observer: Optional[Callable[[dict], None]] = None):
-        self.dht, self.run_id, self.owner = dht, run_id, owner
+        self.dht, self.run_id, self.owner, self.admit = dht, run_id, owner, admit
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
         self.fetches_refused = 0  # requests refused: not a member, not its slice, too many open, state busy
+        self._refusals: Counter[str] = Counter()  # callers refused by admission, by reason
+        self._last_refusal_log = -float("inf")
         self._open_fetches: Counter[PeerID] = Counter()
         self._state_downloads: Counter[PeerID] = Counter()
         self.namespace = f"{run_id}_swarm_averaging"
@@ -111,7 +118,7 @@ class AveragingService(ServicerBase):
         self._p2p = await self.dht.replicate_p2p()
         self.matchmaker = Matchmaker(
             dht=self.dht, peer_id=self.peer_id, run_id=self.run_id, get_stub=self._stub,
-            request_timeout=self.request_timeout, owner=self.owner,
+            request_timeout=self.request_timeout, owner=self.owner, admit=self.admit,
         )
         await self.add_p2p_handlers(self._p2p, namespace=self.namespace)
 
@@ -177,7 +184,25 @@ class AveragingService(ServicerBase):
         return self._call(self._download_state(peer, max_bytes), timeout)
 
     # ---- RPC handlers (other peers call these) --------------------------------------------
+    def _refused_caller(self, context: P2PContext, what: str) -> Optional[runtime_pb2.ExpertResponse]:
+        """The answer to a caller this run does not admit (counted and logged), or None to serve it."""
+        reason = self.admit(context.remote_id) if self.admit is not None else None
+        if reason is None:
+            return None
+        self.fetches_refused += 1
+        self._refusals[reason] += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_PERIOD:
+            self._last_refusal_log = now
+            logger.warning(f"refused {what} from {context.remote_id} ({reason}); "
+                           f"{sum(self._refusals.values())} refused callers so far")
+        return wire.response(error=f"refused: {reason}")
+
     async def rpc_join(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        refused = self._refused_caller(context, "a join request")
+        if refused is not None:
+            yield refused
+            return
         try:
             fields = wire.metadata_of(request)
             round_number, weight = int(fields["round"]), float(fields["weight"])
@@ -195,6 +220,10 @@ class AveragingService(ServicerBase):
             key = (bytes(fields["group"]), int(fields["phase"]), str(fields["kind"]), int(fields["index"]))
         except (wire.ProtocolError, KeyError, TypeError, ValueError):
             yield wire.response(error="malformed fetch request")
+            return
+        refused = self._refused_caller(context, "a fetch")
+        if refused is not None:
+            yield refused
             return
         asker = context.remote_id
         if self._open_fetches[asker] >= MAX_OPEN_FETCHES_PER_PEER:
@@ -234,6 +263,10 @@ class AveragingService(ServicerBase):
             yield message
 
     async def rpc_download_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        refused = self._refused_caller(context, "a state download")
+        if refused is not None:
+            yield refused
+            return
         asker = context.remote_id
         if self._state_downloads[asker] >= MAX_STATE_DOWNLOADS_PER_PEER \
                 or sum(self._state_downloads.values()) >= MAX_STATE_DOWNLOADS:

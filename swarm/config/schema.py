@@ -54,11 +54,19 @@ class NetworkConfig(Section):
 class PeerConfig(Section):
     """Who this peer is; shown in logs and metrics."""
 
-    role: Literal["volunteer", "institution"] = Field(
-        "volunteer", description="institutions are long-lived peers, preferred as state donors for late joiners"
-    )
+    certificate: Optional[Path] = Field(
+        None, description="this peer's admission certificate (from the run's owner: `swarm admit`); it names the "
+                          "run to join and this peer's role (institution, volunteer, ...); needed in a private run")
     display_name: Optional[str] = Field(None, max_length=64)
     organization: Optional[str] = Field(None, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_comes_from_the_certificate(cls, data):
+        if isinstance(data, dict) and "role" in data:
+            raise ValueError("peer.role is no longer a setting: a peer's role comes from its certificate "
+                             "(`swarm admit --role institution` by the run's owner, then --certificate FILE)")
+        return data
 
 
 class ModelConfig(Section):

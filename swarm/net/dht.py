@@ -20,6 +20,7 @@ import hivemind
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_logger
+from hivemind.utils.auth import AuthorizerBase
 
 from swarm.config.schema import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
@@ -28,7 +29,8 @@ from swarm.net.rejoin import Rejoin
 
 logger = get_logger(__name__)
 
-_BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connect to initial peers")
+_BOOTSTRAP_FAILURES = ("failed to connect to bootstrap peers", "could not connect to initial peers",
+                       "none of the initial_peers responded")
 
 # What a call into the DHT process raises when that one call failed, not the DHT: a timeout, a broken
 # pipe, or its coroutine destroyed or cancelled inside the DHT process (hivemind keeps no reference to
@@ -44,6 +46,7 @@ def start_dht(
     identity: Optional[Identity] = None,
     record_validators: Iterable[RecordValidatorBase] = (),
     client_mode: Optional[bool] = None,
+    authorizer: Optional[AuthorizerBase] = None,
     stop: Optional[threading.Event] = None,
 ) -> hivemind.DHT:
     """Start a DHT node (its own process and a p2pd daemon) joined to the swarm, with its rejoin loop
@@ -53,6 +56,8 @@ def start_dht(
       network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
     :param record_validators: :func:`swarm.net.validators.run_validators` for this identity and run.
     :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
+    :param authorizer: signs and checks every DHT request and response (a private run's
+      :class:`~swarm.net.authorizer.RunAuthorizer`); such a node talks only to nodes of the same run.
     :param stop: set it to abandon the retries early (e.g. on SIGINT); raises NetworkError then.
     :raises NetworkError: none of the initial peers answered before network.bootstrap_timeout.
     :raises ConfigError: the identity is already used by another peer of the swarm.
@@ -77,6 +82,7 @@ def start_dht(
                 # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
                 check_if_identity_free=not identity.fresh,
                 record_validators=list(record_validators),
+                authorizer=authorizer,
             )
             identity.discard_file()
             return _with_rejoin(dht, config)
@@ -87,10 +93,12 @@ def start_dht(
                 raise
         remaining = deadline - time.monotonic()
         if remaining <= 0 or stop.is_set():
+            private = (" and, for a private run, that this peer has a valid certificate of it (--certificate)"
+                       if authorizer is None else " and that they belong to the run of this peer's certificate")
             raise NetworkError(
                 f"none of the initial peers answered within {config.bootstrap_timeout:g}s "
                 f"after {attempt} attempts ({', '.join(config.initial_peers)}); "
-                f"check the addresses and that those peers are running"
+                f"check the addresses, that those peers are running{private}"
             )
         wait = min(delay * random.uniform(1.0, 1.5), remaining)
         logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")

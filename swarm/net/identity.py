@@ -97,10 +97,13 @@ def _read(path: Path, *, fresh: bool) -> Identity:
 def peer_id_of_owner(owner: bytes) -> Optional[str]:
     """The libp2p peer id of the RSA key in an ``[owner:...]`` tag, or None if the tag holds no RSA key."""
     match = _OWNER_RE.match(owner)
-    if match is None:
-        return None
+    return None if match is None else peer_id_of_public_key(match.group(1))
+
+
+def peer_id_of_public_key(ssh_key: bytes) -> Optional[str]:
+    """The libp2p peer id of an RSA public key in OpenSSH format (``ssh-rsa ...``), or None if it is not one."""
     try:
-        public = serialization.load_ssh_public_key(match.group(1))
+        public = serialization.load_ssh_public_key(ssh_key)
     except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
         return None
     if not isinstance(public, rsa.RSAPublicKey):

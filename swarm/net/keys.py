@@ -7,7 +7,8 @@
 | ``{run_id}_state_averager``, ``{run_id}_grad_averager`` | hivemind's averagers (sync mode): matchmaking and state-download priorities | the same, in other peers | seconds, refreshed |
 | ``{run_id}_diloco_peers``: one subkey per peer, ``[owner:<its RSA key>]`` -> ``[[round, samples, time], [state round, total samples, state hash, role]]``, signed, bounded | each DiLoCo trainer every ``diloco.refresh_period``; a sync-mode trainer that finished a run writes ``[[], [epoch, epoch, state hash, role]]`` (:mod:`swarm.train.agreement`) | DiLoCo trainers: swarm samples this round and who takes part (progress, a heartbeat), which state the swarm agrees on (state sync); finished sync-mode trainers: which final model they settle on | ``DILOCO_TTL`` (at most, refused beyond it + 30 s), refreshed |
 | ``{run_id}_diloco_ready``: one subkey per peer, ``[owner:<its RSA key>]`` -> the round it is ready to average, signed, bounded | each DiLoCo trainer when it is ready to average a round | matchmaking: who may lead the round | ``READY_TTL`` (at most, + 30 s) |
-| ``run_{fingerprint}_manifest``: one subkey per version -> ``[canonical manifest, signature]`` | the run's bootstrap peers (``--manifest``), every ``REFRESH_PERIOD`` | ``swarm join --run`` | ``MANIFEST_TTL``, refreshed; only the run authority's signature is accepted (:mod:`swarm.net.manifest_record`) |
+| ``run_{fingerprint}_manifest``: one subkey per version -> ``[canonical manifest, signature]`` | the run's bootstrap peers (``--manifest``), every ``REFRESH_PERIOD`` | ``swarm join --run``; every peer of the run every ``manifest.refresh`` s (revocations, new versions) | ``MANIFEST_TTL``, refreshed; only the run authority's signature is accepted (:mod:`swarm.net.manifest_record`) |
+| ``run_{fingerprint}_certificates``: one subkey per peer id -> ``[canonical certificate, authority signature]`` | every peer with a certificate (``--certificate``), its own, every ``manifest.refresh`` s | every peer of the run (:class:`swarm.net.admission.Admission`): who is admitted, and as what | ``CERTIFICATE_TTL``, refreshed, never past the certificate's expiry; only valid certificates of the run under their own peer id are accepted (:mod:`swarm.net.certificate_record`) |
 
 DiLoCo records are signed by the peer that writes them and checked on every DHT node by
 :class:`swarm.net.diloco_records.DiLoCoRecordGuard` (owner, signature, size, expiration, schema,
@@ -40,3 +41,7 @@ def metrics_key(run_id: str) -> str:
 
 def manifest_key(fingerprint: str) -> str:
     return f"run_{fingerprint}_manifest"
+
+
+def certificates_key(fingerprint: str) -> str:
+    return f"run_{fingerprint}_certificates"

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import time
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -34,8 +34,12 @@ from swarm.config.schema import SwarmConfig
 from swarm.errors import ConfigError, ManifestError
 
 FORMAT = 1
-MAX_MANIFEST_BYTES = 8192  # a debug-preset manifest is about 1.6 kB with its signature (measured)
+MAX_REVOKED = 1000
+# a debug-preset manifest is about 1.6 kB with its signature (measured); each revocation adds about 50 bytes
+MAX_MANIFEST_BYTES = 8192 + 56 * MAX_REVOKED
+DEFAULT_REFRESH = 30.0
 FINGERPRINT_RE = re.compile(r"^[a-z2-7]{32}$")
+PEER_ID_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{20,64}$")  # base58, as libp2p prints peer ids
 # section -> the fields every peer must share (None: the whole section); run_id is top-level
 MUST_MATCH: dict[str, Optional[tuple[str, ...]]] = {
     "run_id": None,
@@ -58,7 +62,12 @@ class RunManifest(BaseModel):
     version: int = Field(ge=1, le=2**31, description="a newer version, signed by the same key, replaces an older")
     created: float = Field(ge=0, le=1e11, description="unix time of signing")
     authority: str = Field(pattern=r"^ssh-rsa [A-Za-z0-9+/=]{100,1200}$", description="the authority's public key")
-    admission: Literal["open"] = Field("open", description="open: anyone may train (private: later, with certificates)")
+    admission: Literal["open", "private"] = Field(
+        "open", description="open: anyone may train; private: only peers with a certificate (swarm admit)")
+    revoked: list[str] = Field([], max_length=MAX_REVOKED, description="peer ids whose certificates are revoked")
+    refresh: float = Field(DEFAULT_REFRESH, ge=1.0, le=600.0,
+                           description="seconds between a peer's reads of the newest manifest: a revocation "
+                                       "takes effect within this long after a bootstrap peer publishes it")
     codecs: list[Literal[CODEC_NAMES]] = Field(min_length=1, max_length=len(CODEC_NAMES))
     settings: dict[str, Any]
 
@@ -76,6 +85,11 @@ class RunManifest(BaseModel):
             config = apply_settings(SwarmConfig(), self.settings)
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        if self.admission == "private" and config.averaging.mode != "diloco":
+            raise ValueError("a private run trains in DiLoCo mode (averaging.mode=diloco): sync mode's averagers "
+                             "are hivemind's, whose handlers cannot check who calls them")
+        if any(not PEER_ID_RE.match(peer) for peer in self.revoked) or len(set(self.revoked)) != len(self.revoked):
+            raise ValueError("revoked must list distinct peer ids")
         if config.averaging.compression not in self.codecs:
             raise ValueError(f"codecs must include averaging.compression ({config.averaging.compression})")
         return self
@@ -89,11 +103,18 @@ class RunManifest(BaseModel):
         return fingerprint(self.authority, self.run_id)
 
 
-def new_manifest(config: SwarmConfig, *, authority: str, version: int = 1,
-                 created: Optional[float] = None) -> RunManifest:
-    """Version ``version`` of the manifest of ``config``'s run, owned by ``authority`` (``ssh-rsa ...``)."""
-    return RunManifest(run_id=config.run_id, version=version, created=time.time() if created is None else created,
-                       authority=authority, codecs=[config.averaging.compression], settings=settings_of(config))
+def new_manifest(config: SwarmConfig, *, authority: str, version: int = 1, created: Optional[float] = None,
+                 admission: str = "open", revoked: Sequence[str] = (), refresh: float = DEFAULT_REFRESH) -> RunManifest:
+    """Version ``version`` of the manifest of ``config``'s run, owned by ``authority`` (``ssh-rsa ...``).
+
+    :raises ManifestError: the result is not a valid manifest (e.g. a private run in sync mode).
+    """
+    try:
+        return RunManifest(run_id=config.run_id, version=version, created=time.time() if created is None else created,
+                           authority=authority, admission=admission, revoked=list(revoked), refresh=refresh,
+                           codecs=[config.averaging.compression], settings=settings_of(config))
+    except ValidationError as e:
+        raise ManifestError(f"cannot make this manifest: {describe_validation_error(e)}") from None
 
 
 def canonical_json(tree: Any) -> bytes:

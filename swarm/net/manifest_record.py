@@ -37,8 +37,8 @@ from swarm.net.refusals import REFUSALS
 
 logger = get_logger(__name__)
 
-MANIFEST_TTL = 300.0  # seconds a published manifest record lives; publishers refresh it every REFRESH_PERIOD
-REFRESH_PERIOD = 60.0
+MANIFEST_TTL = 900.0  # seconds a published manifest record lives; publishers store it again every manifest.refresh
+FILE_POLL = 1.0  # seconds between a publisher's looks at its manifest file
 MAX_EXPIRATION_AHEAD = MANIFEST_TTL + 60.0  # slack for clocks that differ a little
 MAX_RECORD_BYTES = MAX_MANIFEST_BYTES + 1024  # plus the signature (344 bytes for RSA-2048) and msgpack framing
 FETCH_RETRY = 1.0  # seconds between DHT reads while the manifest has not been found
@@ -190,45 +190,63 @@ def fetch_manifest(dht: hivemind.DHT, fingerprint: str, *, timeout: float,
 class ManifestPublisher:
     """Keeps the newest manifest in a file published in the DHT (what a run's bootstrap peer runs).
 
-    Every ``period`` seconds it re-reads the file and stores the manifest again: a newer version of
-    the same run (signed by the authority) replaces the one published; a file that no longer checks
+    It looks at the file every :data:`FILE_POLL` seconds: a newer version of the same run (signed by
+    the authority, e.g. one that revokes a peer) is published at once; and it stores the manifest again
+    every ``manifest.refresh`` seconds (well below :data:`MANIFEST_TTL`). A file that no longer checks
     out, or holds another run, is logged and the last good version stays published.
 
     :param path: the file ``swarm run create`` wrote; read (and checked) at once, errors reach the caller.
-    :param period: seconds between refreshes; well below :data:`MANIFEST_TTL`.
     """
 
-    def __init__(self, *, path: Path, period: float = REFRESH_PERIOD):
-        self.path, self.period = Path(path), period
+    def __init__(self, *, path: Path):
+        self.path = Path(path)
         self.signed = read_manifest_file(self.path)
+        self._mtime = self._file_mtime()
+        self._stored_at = -float("inf")
         self._dht: Optional[hivemind.DHT] = None
         self._loop: Optional[PeriodicLoop] = None
 
     def start(self, dht: hivemind.DHT) -> "ManifestPublisher":
         """Publish now (in the caller's thread), then keep it published in the background."""
         self._dht = dht
-        self._loop = PeriodicLoop(name="manifest publisher", iteration=self._refresh, period=self.period,
+        self._loop = PeriodicLoop(name="manifest publisher", iteration=self._refresh, period=FILE_POLL,
                                   startup=self._store).start()
         return self
 
+    def _file_mtime(self) -> Optional[tuple[int, int]]:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
     def _refresh(self) -> None:
+        mtime = self._file_mtime()
+        if mtime != self._mtime:
+            self._mtime = mtime
+            self._reread()
+        elif time.monotonic() - self._stored_at < self.signed.manifest.refresh:
+            return
+        self._store()
+
+    def _reread(self) -> None:
         current = self.signed.manifest
         try:
             newest = read_manifest_file(self.path)
         except ManifestError as e:
             logger.warning(f"{e}; still publishing version {current.version}")
-            newest = self.signed
+            return
         if newest.fingerprint != self.signed.fingerprint:
             logger.warning(f"{self.path} now holds another run ({newest.fingerprint}); "
                            f"still publishing {self.signed.fingerprint}")
         elif newest.manifest.version > current.version:
             logger.info(f"publishing version {newest.manifest.version} of the manifest (was {current.version})")
             self.signed = newest
-        self._store()
 
     def _store(self) -> None:
+        self._stored_at = time.monotonic()
         if not publish_manifest(self._dht, self.signed):
-            logger.warning(f"no DHT node took the manifest; trying again in {self.period:g}s")
+            logger.warning(f"no DHT node took the manifest; trying again in {self.signed.manifest.refresh:g}s")
 
     def check(self) -> None:
         if self._loop is not None:

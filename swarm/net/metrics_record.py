@@ -38,7 +38,7 @@ ROLES = ("bootstrap", "volunteer", "institution")
 # why a DHT node refused a record, of any signed kind (swarm.net.signed_record) or a run manifest
 # (swarm.net.manifest_record): published in each peer's metrics
 REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible",
-                   "forged", "undecodable", "version")
+                   "forged", "undecodable", "version", "identity", "not-admitted", "revoked", "expired")
 STATES = ("running", "finished", "left")
 REACHABILITY = ("direct", "relayed", "client")
 

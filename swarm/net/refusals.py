@@ -1,4 +1,4 @@
-"""Records this process's DHT node refused, by reason: what attacks a peer has seen.
+"""Records (and requests) this process's DHT node refused, by reason: what attacks a peer has seen.
 
 Counted in the DHT process (where validators run) and read from it with :func:`read_refusals`.
 """
@@ -34,7 +34,11 @@ class RefusalLog:
     def add(self, reason: str, record: DHTRecord, sender: str, detail: str) -> Optional[int]:
         """Count a refusal once per distinct record. Returns the number of refusals to mention in a log
         line now (this one and those held back since the last line), or None to stay quiet."""
-        digest = hashlib.sha256(record.subkey + b"\0" + record.value).digest()
+        return self.add_item(reason, record.subkey + b"\0" + record.value, sender, detail)
+
+    def add_item(self, reason: str, item: bytes, sender: str, detail: str) -> Optional[int]:
+        """:meth:`add` for anything refused that ``item`` identifies (e.g. a request's access token)."""
+        digest = hashlib.sha256(item).digest()
         with self._lock:
             if digest in self._seen:
                 return None

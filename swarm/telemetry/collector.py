@@ -12,12 +12,16 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
 from swarm.config.schema import NetworkConfig
+from swarm.errors import ConfigError
+from swarm.net.admission import authorizer_for, own_certificate
+from swarm.net.certificate_record import CertificateValidator
 from swarm.net.dht import client_network, start_dht
 from swarm.net.identity import load_identity
 from swarm.net.keys import metrics_key
@@ -32,12 +36,27 @@ MAX_EPOCH_LEAD = 10  # epochs a trainer may be ahead of every other trainer befo
 GET_TIMEOUT = 30.0
 
 
-def start_reader_dht(network: NetworkConfig, run_id: str, *, stop: threading.Event) -> hivemind.DHT:
+def start_reader_dht(network: NetworkConfig, run_id: str, *, stop: threading.Event,
+                     certificate: Optional[Path] = None) -> hivemind.DHT:
     """A DHT client that reads run ``run_id``'s metrics records (`swarm monitor`, `swarm status`): a fresh
-    identity, any free port, and the validators that drop forged records before they reach it."""
-    identity = load_identity(None)
+    identity, any free port, and the validators that drop forged records before they reach it.
+
+    :param certificate: a certificate of the run (a private run admits no one without): the client then
+      runs as the identity it was issued for (``network.identity_path``).
+    :raises ConfigError: a certificate but no identity file.
+    """
+    if certificate is None:
+        identity = load_identity(None)
+        return start_dht(client_network(network), identity=identity, client_mode=True, stop=stop,
+                         record_validators=run_validators(run_id, identity.private_key))
+    if network.identity_path is None:
+        raise ConfigError("a certificate admits one peer id: set network.identity_path to the key file it was "
+                          "issued for (`swarm id` prints that key's id)")
+    identity = load_identity(network.identity_path)
+    run, signed = own_certificate(certificate, run=None, peer_id=identity.peer_id)
     return start_dht(client_network(network), identity=identity, client_mode=True, stop=stop,
-                     record_validators=run_validators(run_id, identity.private_key))
+                     record_validators=run_validators(run_id, identity.private_key) + [CertificateValidator(run)],
+                     authorizer=authorizer_for(identity, signed, run))
 
 
 @dataclass

@@ -26,6 +26,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm.averaging.averager import Averager
 from swarm.averaging.counters import Counters
 from swarm.config.schema import AveragingConfig, DiLoCoConfig
+from swarm.net.admission import Admission
 from swarm.net.diloco_records import DEFAULT_BOUNDS, RecordBounds
 from swarm.net.signed_record import owner_tag
 from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
@@ -39,12 +40,15 @@ class DiLoCo(Collaboration, SharedState):
     """:param inner_optimizer: callable(params) -> the local optimizer (AdamW, or 8-bit AdamW).
     :param batch_size: samples per local step, for the default round budget.
     :param private_key: the peer's identity key: its DiLoCo records are signed with it.
-    :param bounds: what other peers' records may claim (:func:`swarm.train.rounds.record_bounds`)."""
+    :param bounds: what other peers' records may claim (:func:`swarm.train.rounds.record_bounds`).
+    :param admission: who may take part and as what (:class:`~swarm.net.admission.Admission`): others'
+      requests, records and claimed roles go through it; None: anyone may, and no one is an institution."""
 
     def __init__(self, *, model: torch.nn.Module, dht: hivemind.DHT, run_id: str, role: str,
                  inner_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  config: DiLoCoConfig, averaging: AveragingConfig, batch_size: int,
-                 private_key: Optional[RSAPrivateKey] = None, bounds: RecordBounds = DEFAULT_BOUNDS):
+                 private_key: Optional[RSAPrivateKey] = None, bounds: RecordBounds = DEFAULT_BOUNDS,
+                 admission: Optional[Admission] = None):
         self.config, self.batch_size = config, batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inner = inner_optimizer(self.params)
@@ -59,9 +63,10 @@ class DiLoCo(Collaboration, SharedState):
         if owner is None:
             logger.warning("DiLoCo records go unsigned: no identity key for this peer id; nodes that check "
                            "signatures refuse them")
-        self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging, owner=owner)
+        self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging, owner=owner,
+                                 admit=admission.refusal if admission is not None else None)
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
-                                    bounds=bounds)
+                                    bounds=bounds, admission=admission)
         self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,
                                         load_state_timeout=averaging.load_state_timeout, partners=self._partners)
         self.agreement.publish()

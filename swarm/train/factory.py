@@ -10,6 +10,7 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.config.schema import SwarmConfig
+from swarm.net.admission import Admission
 from swarm.train.collaboration import Collaboration
 from swarm.train.diloco import DiLoCo
 from swarm.train.rounds import record_bounds
@@ -17,17 +18,21 @@ from swarm.train.sync import build_collaborative_optimizer, inner_optimizer_fact
 
 
 def build_collaboration(*, config: SwarmConfig, dht: hivemind.DHT, model: torch.nn.Module,
-                        private_key: Optional[RSAPrivateKey] = None) -> Collaboration:
+                        private_key: Optional[RSAPrivateKey] = None, role: str = "volunteer",
+                        admission: Optional[Admission] = None) -> Collaboration:
     """The collaboration for ``config.averaging.mode`` around ``model``'s parameters; each mode gets
     only the sections it reads.
 
     :param private_key: the peer's identity key (:mod:`swarm.net.identity`), for records it signs.
+    :param role: this peer's certified role (:func:`swarm.net.admission.own_role`).
+    :param admission: who may take part and as what (a run joined by its fingerprint); None: anyone, all volunteers.
     """
     if config.averaging.mode == "diloco":
-        return DiLoCo(model=model, dht=dht, run_id=config.run_id, role=config.peer.role,
+        return DiLoCo(model=model, dht=dht, run_id=config.run_id, role=role,
                       inner_optimizer=inner_optimizer_factory(config.optimizer), config=config.diloco,
                       averaging=config.averaging, batch_size=config.training.batch_size, private_key=private_key,
-                      bounds=record_bounds(config))
-    return build_collaborative_optimizer(dht=dht, run_id=config.run_id, role=config.peer.role, params=model.parameters(),
+                      bounds=record_bounds(config), admission=admission)
+    return build_collaborative_optimizer(dht=dht, run_id=config.run_id, role=role, params=model.parameters(),
                                          optimizer=config.optimizer, training=config.training,
-                                         averaging=config.averaging, sync=config.sync, private_key=private_key)
+                                         averaging=config.averaging, sync=config.sync, private_key=private_key,
+                                         admission=admission)

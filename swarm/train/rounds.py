@@ -14,6 +14,7 @@ not evidence, and a peer that is merely hard to reach must not be dropped from t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Optional
 
@@ -24,6 +25,7 @@ from hivemind.utils import get_dht_time
 from swarm.config.schema import DiLoCoConfig, SwarmConfig
 from swarm.loops import PeriodicLoop
 from swarm.net import keys
+from swarm.net.admission import Admission
 from swarm.net.dht import DHT_CALL_FAILURES
 from swarm.net.diloco_records import DEFAULT_BOUNDS, Progress, RecordBounds, StateRecord, encode_record, parse_record
 from swarm.net.signed_record import peer_of_subkey
@@ -47,12 +49,15 @@ class RoundTracker:
       its record is stored under it and signed by the DHT; None: under the plain peer id, unsigned
       (accepted only by DHT nodes that check nothing).
     :param bounds: records claiming more are ignored (the DHT nodes refuse them too).
+    :param admission: records of peers it refuses are ignored (a revoked peer's linger until they expire),
+      and a state record's role is the one the peer's certificate gives (``institution`` needs one);
+      None: every record counts and every peer is a volunteer.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, refresh_period: float, owner: Optional[bytes] = None,
-                 bounds: RecordBounds = DEFAULT_BOUNDS):
+                 bounds: RecordBounds = DEFAULT_BOUNDS, admission: Optional[Admission] = None):
         self.dht, self.run_id, self.refresh_period = dht, run_id, refresh_period
-        self.owner, self.bounds = owner, bounds
+        self.owner, self.bounds, self.admission = owner, bounds, admission
         self.peer_id: PeerID = dht.peer_id
         self.me = self.peer_id.to_base58()
         self._lock = threading.Lock()
@@ -177,14 +182,23 @@ class RoundTracker:
                 if (peer is None or parsed_record is None or not isinstance(expires, (int, float))
                         or expires < self._expires.get(peer, 0.0)):
                     continue
+                if peer != self.me and self.admission is not None and self.admission.refusal(peer) is not None:
+                    self._forget(peer)
+                    continue
                 self._expires[peer] = float(expires)
-                for table, parsed in zip((self._progress, self._states), parsed_record):
+                progress, state = parsed_record
+                if state is not None and peer != self.me:  # a claimed role counts only with a certificate
+                    state = dataclasses.replace(state, role=self.admission.role(peer) if self.admission else "volunteer")
+                for table, parsed in zip((self._progress, self._states), (progress, state)):
                     if parsed is None:
                         table.pop(peer, None)
                     else:
                         table[peer] = parsed
         now = get_dht_time()
         for peer in [peer for peer, expires in self._expires.items() if expires < now]:
-            del self._expires[peer]
-            self._progress.pop(peer, None)
-            self._states.pop(peer, None)
+            self._forget(peer)
+
+    def _forget(self, peer: str) -> None:
+        self._expires.pop(peer, None)
+        self._progress.pop(peer, None)
+        self._states.pop(peer, None)

@@ -25,6 +25,7 @@ from swarm.averaging.service import AveragingService
 from swarm.compression.registry import make_codec
 from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
 from swarm.hivemind_private import publish_progress, push_loaded_state
+from swarm.net.admission import Admission
 from swarm.net.signed_record import owner_tag
 from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
 from swarm.train.collaboration import Collaboration, SwarmView
@@ -105,6 +106,7 @@ def build_collaborative_optimizer(
     averaging: AveragingConfig,
     sync: SyncConfig,
     private_key: Optional[RSAPrivateKey] = None,
+    admission: Optional[Admission] = None,
 ) -> HivemindSync:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
 
@@ -115,6 +117,8 @@ def build_collaborative_optimizer(
 
     :param private_key: the peer's identity key (:mod:`swarm.net.identity`). The DHT signs ``[owner:...]``
       records with one key only, so the progress tracker must sign with the same one.
+    :param admission: used by the end-of-run settlement (hivemind's averagers take no caller checks,
+      which is why a private run cannot be in sync mode).
     """
     counters = Counters()
     averager = partial(CountingGradientAverager, counters=counters, request_timeout=averaging.request_timeout)
@@ -143,7 +147,8 @@ def build_collaborative_optimizer(
         grad_compression=compression,
         tracker_opts=dict(private_key=private_key) if private_key is not None else None,
         verbose=True,  # hivemind logs each averaging outcome at INFO; shown when SWARM_HIVEMIND_LOGLEVEL=INFO
-    ), counters, run_id=run_id, role=role, averaging=averaging, last_epoch=training.max_epochs, private_key=private_key)
+    ), counters, run_id=run_id, role=role, averaging=averaging, last_epoch=training.max_epochs, private_key=private_key,
+        admission=admission)
 
 
 class HivemindSync(Collaboration):
@@ -151,8 +156,9 @@ class HivemindSync(Collaboration):
     ``training.target_batch_size`` samples, and every peer applies the same averaged step."""
 
     def __init__(self, opt: hivemind.Optimizer, counters: Counters, *, run_id: str, role: str,
-                 averaging: AveragingConfig, last_epoch: Optional[int], private_key: Optional[RSAPrivateKey] = None):
-        self.opt = opt
+                 averaging: AveragingConfig, last_epoch: Optional[int], private_key: Optional[RSAPrivateKey] = None,
+                 admission: Optional[Admission] = None):
+        self.opt, self.admission = opt, admission
         self.private_key = private_key  # signs this peer's state record when settling (swarm.net.diloco_records)
         self._counters = counters  # rounds by outcome; bytes are not measured in this mode
         self.run_id, self.role, self.averaging = run_id, role, averaging
@@ -228,10 +234,11 @@ class HivemindSync(Collaboration):
         averaging may have left this peer one local step, or one lost part, away from the others."""
         self.opt.state_averager.step(wait_for_delayed_updates=True)
         averaging, epoch = self.averaging, self.local_epoch
+        admit = self.admission.refusal if self.admission is not None else None
         service = AveragingService(dht=self.opt.dht, run_id=self.run_id, chunk_timeout=averaging.chunk_timeout,
-                                   request_timeout=averaging.request_timeout).start()
+                                   request_timeout=averaging.request_timeout, admit=admit).start()
         tracker = RoundTracker(dht=self.opt.dht, run_id=self.run_id, refresh_period=SETTLE_REFRESH_PERIOD,
-                               owner=owner_tag(self.opt.dht, self.private_key))
+                               owner=owner_tag(self.opt.dht, self.private_key), admission=self.admission)
         # partners: the peers of hivemind's progress records (sync mode does not know its groups; and
         # any fresh key may write those records, see the README)
         agreement = StateAgreement(state=TrainingState(self.opt.state_averager), service=service, tracker=tracker,
