@@ -9,7 +9,7 @@ UNREACHABLE = 3  # none of the initial peers answered before network.bootstrap_t
 DATA = 4  # data folder missing, unreadable or without usable text
 CHECKPOINT = 5  # checkpoint corrupt, incompatible, missing for --resume, or in the way of a fresh start
 MONITOR = 6  # monitor: history database unreadable or of another run, or the dashboard's port is taken
-MANIFEST = 7  # the run manifest (--run, --manifest): not in the DHT in time, forged, or contradicted by the config
+MANIFEST = 7  # run manifest or certificate: missing, forged, expired, revoked, contradicted by the config, or changed
 INTERRUPTED = 130  # a second SIGINT/SIGTERM cut the clean leave short
 
 _BY_ERROR = {ConfigError: USAGE, NetworkError: UNREACHABLE, DataError: DATA, CheckpointError: CHECKPOINT,
