@@ -99,6 +99,7 @@ def test_dht_node_accepts_a_genuine_record_and_refuses_forgeries(keys):
     dict(samples_per_second=40),  # an int where the schema wants a float: hivemind refuses conversions
     dict(loss=math.nan),  # NaN never equals itself; the publisher sends None instead
     dict(role="admin"),
+    dict(role="volunteer\n"),  # pydantic v1 matches with re.match: a pattern ending in $ lets this through
     dict(refused={"made_up_reason": 1}),
     dict(extra_field=1),
 ])

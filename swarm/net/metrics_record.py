@@ -44,11 +44,12 @@ REACHABILITY = ("direct", "relayed", "client")
 
 
 def _one_of(values: tuple[str, ...]):
-    return constr(strict=True, regex="^(" + "|".join(values) + ")$")
+    return constr(strict=True, regex="^(" + "|".join(values) + r")\Z")
 
 
-# pydantic v1 constrained types, named once: strict, so hivemind's SchemaValidator never converts
-_PeerId = constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # a base58 libp2p peer id
+# pydantic v1 constrained types, named once: strict, so hivemind's SchemaValidator never converts.
+# Patterns end in \Z: pydantic v1 matches with re.match, and $ would accept a trailing newline.
+_PeerId = constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}\Z")  # a base58 libp2p peer id
 _Role, _State, _Reachability, _Reason = (_one_of(ROLES), _one_of(STATES), _one_of(REACHABILITY),
                                          _one_of(REFUSAL_REASONS))
 _Name = Optional[constr(strict=True, max_length=64)]
