@@ -61,7 +61,7 @@ def owner_of(key: RSAPrivateKey) -> bytes:
 def genuine_looking(peer_id: str, name: str, **changes) -> dict:
     record = dict(peer_id=peer_id, role="volunteer", state="running", display_name=name, organization="rogue",
                   device="cpu", epoch=0, samples_total=64, samples_per_second=20.0, loss=5.0, heldout_loss=5.0,
-                  bytes_sent=None, bytes_received=None, rounds_ok=0, rounds_failed=0, refused={},
+                  bytes_sent=None, bytes_received=None, rounds_ok=0, rounds_failed=0, refused={}, refused_requests={},
                   reachability="direct", uptime=10.0, version="0.1.0", time=float(get_dht_time()))
     record.update(changes)
     return record

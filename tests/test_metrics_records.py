@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import inspect
 import math
+import re
 import sqlite3
 
 import pytest
@@ -16,12 +18,13 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.averaging import service as service_module
 from swarm.averaging.counters import Counters
 from swarm.errors import ConfigError, MonitorError
 from swarm.net.identity import load_identity, peer_id_of_owner
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import MAX_RECORD_BYTES, PeerMetrics, metrics_validators
-from swarm.net.refusals import REFUSALS
+from swarm.net.refusals import MAX_REASONS, OTHER, REFUSALS, REQUEST_REASONS, bounded
 from swarm.telemetry.collector import Collector, plausibility_problems
 from swarm.telemetry.history import History
 from swarm.telemetry.traffic import parse_ss
@@ -33,7 +36,7 @@ RUN = "unit-run"
 def record_of(peer_id: str, **changes) -> dict:
     record = dict(peer_id=peer_id, role="volunteer", state="running", display_name="lab", organization=None,
                   device="cpu", epoch=3, samples_total=480, samples_per_second=40.0, loss=3.2, heldout_loss=3.1,
-                  bytes_sent=1000, bytes_received=2000, rounds_ok=3, rounds_failed=0, refused={},
+                  bytes_sent=1000, bytes_received=2000, rounds_ok=3, rounds_failed=0, refused={}, refused_requests={},
                   reachability="direct", uptime=12.0, version="0.1.0", time=1000.0)
     record.update(changes)
     return record
@@ -100,13 +103,44 @@ def test_dht_node_accepts_a_genuine_record_and_refuses_forgeries(keys):
     dict(loss=math.nan),  # NaN never equals itself; the publisher sends None instead
     dict(role="admin"),
     dict(role="volunteer\n"),  # pydantic v1 matches with re.match: a pattern ending in $ lets this through
-    dict(refused={"made_up_reason": 1}),
+    dict(refused={"Bad Reason": 1}),  # reasons are peer-chosen text: short, [a-z0-9_-] only
+    dict(refused_requests={"fetch-limit\n": 1}),
+    dict(refused_requests={"x" * (1 + 32): 1}),
+    dict(refused={f"reason-{index}": 1 for index in range(MAX_REASONS + 1)}),
+    dict(refused_requests={"fetch-limit": -1}),
     dict(extra_field=1),
 ])
 def test_schema_is_strict(keys, change):
     rogue = keys[1]
     record = dht_record(record_of(rogue.peer_id, **change), owner_key=rogue.private_key)
     assert _verdicts(record, rogue.private_key) == (False, "schema")
+
+
+def test_refusal_reasons_are_open_strings_bounded_by_the_schema(keys):
+    victim, rogue = keys
+    # a reason this version does not know (a newer peer's) is accepted as it is
+    news = record_of(rogue.peer_id, refused={"schema": 2}, refused_requests={"not-admitted": 3, "brand-new": 1})
+    assert _verdicts(dht_record(news, owner_key=rogue.private_key), victim.private_key) == (True, None)
+    # the publisher keeps its own counts within the schema: the largest reasons by name, the rest in "other"
+    many = {f"reason-{index:02d}": 100 - index for index in range(20)} | {"Not A Reason": 7}
+    kept = bounded(many)
+    assert len(kept) == MAX_REASONS and sum(kept.values()) == sum(many.values())
+    assert kept[OTHER] == sum(100 - index for index in range(MAX_REASONS - 1, 20)) + 7 and "reason-00" in kept
+    assert bounded({"fetch-limit": 2}) == {"fetch-limit": 2}
+    # the largest record a genuine peer can publish still fits the size bound, signature included
+    longest = {f"r{index:02d}" + "x" * 29: 2**62 for index in range(MAX_REASONS)}
+    largest = record_of(victim.peer_id, display_name="n" * 64, organization="o" * 64, device="d" * 64,
+                        refused=longest, refused_requests=dict(longest), version="v" * 32)
+    record = dht_record(largest, owner_key=victim.private_key)
+    assert len(record.value) <= MAX_RECORD_BYTES, len(record.value)
+    assert _verdicts(record, rogue.private_key) == (True, None)
+
+
+def test_every_reason_the_averaging_service_counts_is_one_prometheus_exports():
+    source = inspect.getsource(service_module)
+    counted = set(re.findall(r'self\.refused\["([^"]+)"\]', source)) | set(re.findall(r'"(fetch-[a-z-]+)"', source))
+    assert {"fetch-limit", "fetch-not-member", "state-limit"} <= counted
+    assert counted <= set(REQUEST_REASONS), counted - set(REQUEST_REASONS)
 
 
 def test_missing_field_is_refused(keys):

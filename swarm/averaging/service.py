@@ -73,7 +73,8 @@ class AveragingService(ServicerBase):
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
-        self.fetches_refused = 0  # requests refused: not a member, not its slice, too many open, state busy
+        # requests of others refused, by reason (swarm.net.refusals.REQUEST_REASONS), for the metrics record
+        self.refused: Counter[str] = Counter()
         self._open_fetches: Counter[PeerID] = Counter()
         self._state_downloads: Counter[PeerID] = Counter()
         self.namespace = f"{run_id}_swarm_averaging"
@@ -198,7 +199,7 @@ class AveragingService(ServicerBase):
             return
         asker = context.remote_id
         if self._open_fetches[asker] >= MAX_OPEN_FETCHES_PER_PEER:
-            self.fetches_refused += 1
+            self.refused["fetch-limit"] += 1
             yield wire.response(error="too many open requests")
             return
         self._open_fetches[asker] += 1
@@ -215,9 +216,10 @@ class AveragingService(ServicerBase):
         if self.check_fetchers:
             members = await self.outbox.members(key[0], self.chunk_timeout)
             if members is None or not self.outbox.may_fetch(key, members, asker):
-                self.fetches_refused += 1
+                member = members is not None and asker in members
+                self.refused["fetch-not-slice" if member else "fetch-not-member"] += 1
                 logger.warning(f"refused a request from {asker} for {key[2]} {key[3]} of a group "
-                               f"{'it is not in' if members is None or asker not in members else 'part not its own'}")
+                               f"{'part not its own' if member else 'it is not in'}")
                 yield wire.response(error="not yours to fetch")
                 return
         waited, limit = 0.0, 60 * self.chunk_timeout  # a member asks only for what its group will produce
@@ -237,7 +239,7 @@ class AveragingService(ServicerBase):
         asker = context.remote_id
         if self._state_downloads[asker] >= MAX_STATE_DOWNLOADS_PER_PEER \
                 or sum(self._state_downloads.values()) >= MAX_STATE_DOWNLOADS:
-            self.fetches_refused += 1
+            self.refused["state-limit"] += 1
             yield wire.response(error="busy serving state; try another donor")
             return
         state = self.state_provider()
