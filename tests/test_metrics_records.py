@@ -17,7 +17,9 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 
+from peers.status import format_table
 from swarm.averaging import service as service_module
 from swarm.averaging.counters import Counters
 from swarm.errors import ConfigError, MonitorError
@@ -27,6 +29,7 @@ from swarm.net.metrics_record import MAX_RECORD_BYTES, PeerMetrics, metrics_vali
 from swarm.net.refusals import MAX_REASONS, OTHER, REFUSALS, REQUEST_REASONS, bounded
 from swarm.telemetry.collector import Collector, plausibility_problems
 from swarm.telemetry.history import History
+from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
 from swarm.telemetry.traffic import parse_ss
 from swarm.train.sync import count_round
 
@@ -209,6 +212,39 @@ def test_history_counts_contribution_across_peer_and_monitor_restarts(tmp_path):
     for index in range(50):
         many.record(_view([], 1000.0 + index))
     assert 5 <= len(many.swarm_series(max_points=10)) <= 11
+
+
+def test_refusals_reach_the_status_table_prometheus_and_the_history(tmp_path):
+    alice, bob = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmZwAwoVV6EjCQ41XLtXt4MnvehfLvRWApMUC8XqYq37Zm"
+    records = [record_of(alice, display_name="alice", refused={"bad_signature": 2},
+                         refused_requests={"fetch-not-member": 5, "fetch-limit": 4}),
+               record_of(bob, display_name="bob", refused_requests={"brand-new": 1})]
+    parsed = [PeerMetrics.parse_obj(record) for record in records]
+    view = Collector(dht=None, run_id=RUN, max_samples_per_second=1e5).assemble(
+        [(metrics.peer_id, metrics) for metrics in parsed], {"schema": 1}, now=1000.0, collected_at=1000.0)
+
+    table = format_table(view).splitlines()
+    assert "refused by the peers: 12 (records: bad_signature 2; requests: brand-new 1, fetch-limit 4, " \
+           "fetch-not-member 5)" in table, table
+    assert "refused by this node: 1 (records: schema 1)" in table
+    column = table[1].index("REFUSED")
+    assert {row.split()[2]: row[column:].split()[0] for row in table[2:4]} == {"alice": "11", "bob": "1"}
+
+    text = exposition(make_registry(SwarmCollector(lambda: (view, {}), lambda: []))).decode()
+    samples = {(sample.name, sample.labels.get("peer_id"), sample.labels["reason"]): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples
+               if "reason" in sample.labels}
+    assert samples == {
+        ("swarm_monitor_refused_records_total", None, "schema"): 1,
+        ("swarm_peer_refused_records_total", alice, "bad_signature"): 2,
+        ("swarm_peer_refused_requests_total", alice, "fetch-limit"): 4,
+        ("swarm_peer_refused_requests_total", alice, "fetch-not-member"): 5,
+        ("swarm_peer_refused_requests_total", bob, OTHER): 1,  # a reason this version does not know
+    }, samples
+
+    history = History(tmp_path / "h.sqlite", RUN)
+    history.record(view)
+    assert history.swarm_series()[0]["refused"] == 13
 
 
 def test_history_of_another_run_or_a_broken_file_is_refused(tmp_path):
