@@ -41,7 +41,7 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
 
 
 COLUMNS = ["PEER", "ROLE", "NAME", "STATE", "EPOCH", "SAMPLES", "SAMPLES/S", "LOSS", "ROUNDS OK/FAILED",
-           "SENT", "RECEIVED", "REACH", "UPTIME"]
+           "REFUSED", "SENT", "RECEIVED", "REACH", "UPTIME"]
 
 
 def format_table(view: SwarmView) -> str:
@@ -60,11 +60,19 @@ def format_table(view: SwarmView) -> str:
         lines.append("no peer of this run has published metrics (is run_id the same as the swarm's?)")
     for peer in view.flagged:
         lines.append(f"flagged {peer['peer_id']} ({peer['display_name'] or '-'}): {'; '.join(peer['reasons'])}")
-    for label, counts in (("by the peers", totals["refused"]), ("by this node", view.refused)):
-        if counts:
-            shown = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
-            lines.append(f"metrics records refused {label}: {shown}")
+    lines.append("refused by the peers: " + refusal_summary(totals["refused"], totals["refused_requests"]))
+    if view.refused:
+        lines.append("refused by this node: " + refusal_summary(view.refused, {}))
     return "\n".join(lines)
+
+
+def refusal_summary(records: dict[str, int], requests: dict[str, int]) -> str:
+    """``N (records: reason n, ...; requests: reason n, ...)``, or ``0``. Reasons come from other peers'
+    records, bounded there to short strings of ``[a-z0-9_-]`` (:mod:`swarm.net.refusals`)."""
+    total = sum(records.values()) + sum(requests.values())
+    kinds = [f"{kind}: " + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+             for kind, counts in (("records", records), ("requests", requests)) if counts]
+    return f"{total} ({'; '.join(kinds)})" if kinds else "0"
 
 
 def _row(peer: dict) -> list[str]:
@@ -78,6 +86,7 @@ def _row(peer: dict) -> list[str]:
         f"{peer['samples_per_second']:,.1f}",
         _loss(peer["loss"]),
         f"{peer['rounds_ok']}/{peer['rounds_failed']}",
+        f"{sum(peer['refused'].values()) + sum(peer['refused_requests'].values()):,}",
         _bytes(peer["bytes_sent"]),
         _bytes(peer["bytes_received"]),
         peer["reachability"],

@@ -11,28 +11,40 @@ writing (every 2 s) these records under ``{run_id}_metrics``:
 - ``control``: a consistent identity of its own with plausible numbers (a signature proves who wrote
   a record, not that the work happened: this one is expected to show up as a peer).
 
+Meanwhile it floods the victim's averaging service (a DiLoCo trainer's) with ``FLOOD`` fetches at once
+for a part of a group it is not in, again whenever the previous flood is answered: what a modified
+client can ask. The victim refuses them all: the first ``MAX_OPEN_FETCHES_PER_PEER`` as not a member
+(after waiting for the group to appear), the rest at once as too many open requests. The answers
+are counted in the report under ``requests``.
+
 Usage: rogue_peer.py INITIAL_PEER RUN_ID VICTIM_PEER_ID REPORT_JSON
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import signal
 import sys
 import threading
 import time
+from collections import Counter
+from concurrent.futures import Future
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from harness.processes import write_json
+from swarm.averaging.service import MAX_OPEN_FETCHES_PER_PEER, AveragingService
 from swarm.net.identity import peer_id_of_owner
 from swarm.net.keys import metrics_key
 
 FORGED_NAME = "FORGED"
+FLOOD = MAX_OPEN_FETCHES_PER_PEER + 4
 
 
 class Forger(RecordValidatorBase):
@@ -61,10 +73,18 @@ def owner_of(key: RSAPrivateKey) -> bytes:
 def genuine_looking(peer_id: str, name: str, **changes) -> dict:
     record = dict(peer_id=peer_id, role="volunteer", state="running", display_name=name, organization="rogue",
                   device="cpu", epoch=0, samples_total=64, samples_per_second=20.0, loss=5.0, heldout_loss=5.0,
-                  bytes_sent=None, bytes_received=None, rounds_ok=0, rounds_failed=0, refused={},
+                  bytes_sent=None, bytes_received=None, rounds_ok=0, rounds_failed=0, refused={}, refused_requests={},
                   reachability="direct", uptime=10.0, version="0.1.0", time=float(get_dht_time()))
     record.update(changes)
     return record
+
+
+async def flood(service: AveragingService, victim: PeerID) -> list[str]:
+    """``FLOOD`` fetches at once of a part of a group the rogue is not in; each answer's error text."""
+    key = (b"not-the-rogues-group", 0, "in", 0)
+    fetches = [service._fetch(victim, key, 1 << 20) for _ in range(FLOOD)]  # what a modified client can call
+    answers = await asyncio.gather(*fetches, return_exceptions=True)
+    return [str(answer) if isinstance(answer, Exception) else "served" for answer in answers]
 
 
 def main(initial_peer: str, run_id: str, victim: str, report_path: str) -> int:
@@ -76,8 +96,12 @@ def main(initial_peer: str, run_id: str, victim: str, report_path: str) -> int:
     owners = {name: owner_of(key) for name, key in keys.items()}
     dht = hivemind.DHT(initial_peers=[initial_peer], start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                        record_validators=[Forger({owners[name]: keys[name] for name in names}, own)])
+    # the victim waits up to its chunk_timeout (10 s) for the group before it refuses a non-member
+    service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=30.0, request_timeout=1.0).start()
     key = metrics_key(run_id)
-    report: dict = {"stores": {}, "victim_owner_found": False}
+    report: dict = {"stores": {}, "victim_owner_found": False, "requests": {}}
+    answers: Counter = Counter()
+    flooding: Future | None = None
     try:
         deadline = time.monotonic() + 60
         victim_owner = None
@@ -91,6 +115,11 @@ def main(initial_peer: str, run_id: str, victim: str, report_path: str) -> int:
             raise SystemExit("the victim's record never showed up")
         report["victim_owner_found"] = True
         while not stop.is_set():
+            if flooding is None or flooding.done():
+                if flooding is not None:
+                    answers.update(flooding.result())
+                flooding = asyncio.run_coroutine_threadsafe(flood(service, PeerID.from_base58(victim)), service._loop)
+            report["requests"] = dict(answers)
             records = {
                 "overwrite": (victim_owner, genuine_looking(victim, FORGED_NAME, samples_per_second=999.0, loss=0.01)),
                 "impersonation": (owners["impersonation"], genuine_looking(victim, FORGED_NAME)),
@@ -108,6 +137,7 @@ def main(initial_peer: str, run_id: str, victim: str, report_path: str) -> int:
             write_json(report_path, report)
             stop.wait(2.0)
     finally:
+        service.shutdown()
         dht.shutdown()
     return 0
 

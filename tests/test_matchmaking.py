@@ -93,6 +93,6 @@ def test_a_donor_serves_one_state_download_per_peer_at_a_time(two_services):
         thread.join(90)
     errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
     assert len(outcomes) == 2 and len(errors) == 1 and "busy" in str(errors[0]), outcomes
-    assert donor.fetches_refused == 1
+    assert donor.refused == {"state-limit": 1}
     _, tensors = asker.download_state(donor.peer_id, timeout=60, max_bytes=64 << 20)
     assert torch.equal(tensors[0], state)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import inspect
 import math
+import re
 import sqlite3
 
 import pytest
@@ -15,15 +17,20 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 
+from peers.status import format_table
+from swarm.averaging import service as service_module
 from swarm.averaging.counters import Counters
 from swarm.errors import ConfigError, MonitorError
+from swarm.net import admission as admission_module
 from swarm.net.identity import load_identity, peer_id_of_owner
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import MAX_RECORD_BYTES, PeerMetrics, metrics_validators
-from swarm.net.refusals import REFUSALS
+from swarm.net.refusals import MAX_REASONS, OTHER, REFUSALS, REQUEST_REASONS, bounded
 from swarm.telemetry.collector import Collector, plausibility_problems
 from swarm.telemetry.history import History
+from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
 from swarm.telemetry.traffic import parse_ss
 from swarm.train.sync import count_round
 
@@ -33,7 +40,7 @@ RUN = "unit-run"
 def record_of(peer_id: str, **changes) -> dict:
     record = dict(peer_id=peer_id, role="volunteer", state="running", display_name="lab", organization=None,
                   device="cpu", epoch=3, samples_total=480, samples_per_second=40.0, loss=3.2, heldout_loss=3.1,
-                  bytes_sent=1000, bytes_received=2000, rounds_ok=3, rounds_failed=0, refused={},
+                  bytes_sent=1000, bytes_received=2000, rounds_ok=3, rounds_failed=0, refused={}, refused_requests={},
                   reachability="direct", uptime=12.0, version="0.1.0", time=1000.0)
     record.update(changes)
     return record
@@ -99,13 +106,49 @@ def test_dht_node_accepts_a_genuine_record_and_refuses_forgeries(keys):
     dict(samples_per_second=40),  # an int where the schema wants a float: hivemind refuses conversions
     dict(loss=math.nan),  # NaN never equals itself; the publisher sends None instead
     dict(role="admin"),
-    dict(refused={"made_up_reason": 1}),
+    dict(role="volunteer\n"),  # pydantic v1 matches with re.match: a pattern ending in $ lets this through
+    dict(refused={"Bad Reason": 1}),  # reasons are peer-chosen text: short, [a-z0-9_-] only
+    dict(refused_requests={"fetch-limit\n": 1}),
+    dict(refused_requests={"x" * (1 + 32): 1}),
+    dict(refused={f"reason-{index}": 1 for index in range(MAX_REASONS + 1)}),
+    dict(refused_requests={"fetch-limit": -1}),
     dict(extra_field=1),
 ])
 def test_schema_is_strict(keys, change):
     rogue = keys[1]
     record = dht_record(record_of(rogue.peer_id, **change), owner_key=rogue.private_key)
     assert _verdicts(record, rogue.private_key) == (False, "schema")
+
+
+def test_refusal_reasons_are_open_strings_bounded_by_the_schema(keys):
+    victim, rogue = keys
+    # a reason this version does not know (a newer peer's) is accepted as it is
+    news = record_of(rogue.peer_id, refused={"schema": 2}, refused_requests={"not-admitted": 3, "brand-new": 1})
+    assert _verdicts(dht_record(news, owner_key=rogue.private_key), victim.private_key) == (True, None)
+    # the publisher keeps its own counts within the schema: the largest reasons by name, the rest in "other"
+    many = {f"reason-{index:02d}": 100 - index for index in range(20)} | {"Not A Reason": 7}
+    kept = bounded(many)
+    assert len(kept) == MAX_REASONS and sum(kept.values()) == sum(many.values())
+    assert kept[OTHER] == sum(100 - index for index in range(MAX_REASONS - 1, 20)) + 7 and "reason-00" in kept
+    assert bounded({"fetch-limit": 2}) == {"fetch-limit": 2}
+    # the largest record a genuine peer can publish still fits the size bound, signature included
+    longest = {f"r{index:02d}" + "x" * 29: 2**62 for index in range(MAX_REASONS)}
+    largest = record_of(victim.peer_id, display_name="n" * 64, organization="o" * 64, device="d" * 64,
+                        refused=longest, refused_requests=dict(longest), version="v" * 32)
+    record = dht_record(largest, owner_key=victim.private_key)
+    assert len(record.value) <= MAX_RECORD_BYTES, len(record.value)
+    assert _verdicts(record, rogue.private_key) == (True, None)
+
+
+def test_every_reason_the_averaging_service_counts_is_one_prometheus_exports():
+    source = inspect.getsource(service_module)
+    counted = set(re.findall(r'_refuse\(\s*"([a-z-]+)"', source)) | set(re.findall(r'"((?:fetch|state)-[a-z-]+)"', source))
+    assert {"fetch-limit", "fetch-not-member", "fetch-not-slice", "state-limit"} <= counted
+    assert counted <= set(REQUEST_REASONS), counted - set(REQUEST_REASONS)
+    # and every reason admission gives (swarm.net.admission.Admission.refusal)
+    admission_source = inspect.getsource(admission_module.Admission.refusal)
+    given = set(re.findall(r'"([a-z-]+)"', admission_source)) - {"private"}
+    assert given <= set(REQUEST_REASONS), given - set(REQUEST_REASONS)
 
 
 def test_missing_field_is_refused(keys):
@@ -174,6 +217,39 @@ def test_history_counts_contribution_across_peer_and_monitor_restarts(tmp_path):
     for index in range(50):
         many.record(_view([], 1000.0 + index))
     assert 5 <= len(many.swarm_series(max_points=10)) <= 11
+
+
+def test_refusals_reach_the_status_table_prometheus_and_the_history(tmp_path):
+    alice, bob = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmZwAwoVV6EjCQ41XLtXt4MnvehfLvRWApMUC8XqYq37Zm"
+    records = [record_of(alice, display_name="alice", refused={"bad_signature": 2},
+                         refused_requests={"fetch-not-member": 5, "fetch-limit": 4}),
+               record_of(bob, display_name="bob", refused_requests={"brand-new": 1})]
+    parsed = [PeerMetrics.parse_obj(record) for record in records]
+    view = Collector(dht=None, run_id=RUN, max_samples_per_second=1e5).assemble(
+        [(metrics.peer_id, metrics) for metrics in parsed], {"schema": 1}, now=1000.0, collected_at=1000.0)
+
+    table = format_table(view).splitlines()
+    assert "refused by the peers: 12 (records: bad_signature 2; requests: brand-new 1, fetch-limit 4, " \
+           "fetch-not-member 5)" in table, table
+    assert "refused by this node: 1 (records: schema 1)" in table
+    column = table[1].index("REFUSED")
+    assert {row.split()[2]: row[column:].split()[0] for row in table[2:4]} == {"alice": "11", "bob": "1"}
+
+    text = exposition(make_registry(SwarmCollector(lambda: (view, {}), lambda: []))).decode()
+    samples = {(sample.name, sample.labels.get("peer_id"), sample.labels["reason"]): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples
+               if "reason" in sample.labels}
+    assert samples == {
+        ("swarm_monitor_refused_records_total", None, "schema"): 1,
+        ("swarm_peer_refused_records_total", alice, "bad_signature"): 2,
+        ("swarm_peer_refused_requests_total", alice, "fetch-limit"): 4,
+        ("swarm_peer_refused_requests_total", alice, "fetch-not-member"): 5,
+        ("swarm_peer_refused_requests_total", bob, OTHER): 1,  # a reason this version does not know
+    }, samples
+
+    history = History(tmp_path / "h.sqlite", RUN)
+    history.record(view)
+    assert history.swarm_series()[0]["refused"] == 13
 
 
 def test_history_of_another_run_or_a_broken_file_is_refused(tmp_path):

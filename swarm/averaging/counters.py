@@ -13,7 +13,7 @@ class Counters:
     rounds_failed: int = 0  # this peer averaged alone or with local gradients instead of with its group
     nonfinite_updates: int = 0  # rounds in which this peer's own update held NaN/Inf
     refused_inputs: int = 0  # parts from others refused (NaN/Inf, malformed)
-    refused_requests: int = 0  # requests of others this peer refused (not a member, not its slice, too many, busy)
+    refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
     dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
     state_downloads: int = 0
     bytes_sent: int = 0

@@ -78,9 +78,9 @@ class AveragingService(ServicerBase):
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
-        self.fetches_refused = 0  # requests refused: not a member, not its slice, too many open, state busy
-        self._refusals: Counter[str] = Counter()  # callers refused by admission, by reason
-        self._last_refusal_log = -float("inf")
+        # requests of others refused, by reason (swarm.net.refusals.REQUEST_REASONS), for the metrics record
+        self.refused: Counter[str] = Counter()
+        self._refusal_log: dict[str, tuple[float, int]] = {}  # reason -> (last logged, refused since)
         self._open_fetches: Counter[PeerID] = Counter()
         self._state_downloads: Counter[PeerID] = Counter()
         self.namespace = f"{run_id}_swarm_averaging"
@@ -184,19 +184,26 @@ class AveragingService(ServicerBase):
         return self._call(self._download_state(peer, max_bytes), timeout)
 
     # ---- RPC handlers (other peers call these) --------------------------------------------
+    def _refuse(self, reason: str, what: str, asker: PeerID, answer: str) -> runtime_pb2.ExpertResponse:
+        """Count a refused request by reason and answer it; logged at most once a minute per reason (one
+        rogue peer can send thousands), with how many came since the last line."""
+        self.refused[reason] += 1
+        now = time.monotonic()
+        last, held = self._refusal_log.get(reason, (-float("inf"), 0))
+        if now - last < REFUSAL_LOG_PERIOD:
+            self._refusal_log[reason] = (last, held + 1)
+        else:
+            self._refusal_log[reason] = (now, 0)
+            since = f" ({held + 1} such refusals since the last line)" if held else ""
+            logger.warning(f"refused {what} from {asker} ({reason}){since}")
+        return wire.response(error=answer)
+
     def _refused_caller(self, context: P2PContext, what: str) -> Optional[runtime_pb2.ExpertResponse]:
         """The answer to a caller this run does not admit (counted and logged), or None to serve it."""
         reason = self.admit(context.remote_id) if self.admit is not None else None
         if reason is None:
             return None
-        self.fetches_refused += 1
-        self._refusals[reason] += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log >= REFUSAL_LOG_PERIOD:
-            self._last_refusal_log = now
-            logger.warning(f"refused {what} from {context.remote_id} ({reason}); "
-                           f"{sum(self._refusals.values())} refused callers so far")
-        return wire.response(error=f"refused: {reason}")
+        return self._refuse(reason, what, context.remote_id, f"refused: {reason}")
 
     async def rpc_join(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         refused = self._refused_caller(context, "a join request")
@@ -227,8 +234,7 @@ class AveragingService(ServicerBase):
             return
         asker = context.remote_id
         if self._open_fetches[asker] >= MAX_OPEN_FETCHES_PER_PEER:
-            self.fetches_refused += 1
-            yield wire.response(error="too many open requests")
+            yield self._refuse("fetch-limit", "a fetch", asker, "too many open requests")
             return
         self._open_fetches[asker] += 1
         try:
@@ -244,10 +250,9 @@ class AveragingService(ServicerBase):
         if self.check_fetchers:
             members = await self.outbox.members(key[0], self.chunk_timeout)
             if members is None or not self.outbox.may_fetch(key, members, asker):
-                self.fetches_refused += 1
-                logger.warning(f"refused a request from {asker} for {key[2]} {key[3]} of a group "
-                               f"{'it is not in' if members is None or asker not in members else 'part not its own'}")
-                yield wire.response(error="not yours to fetch")
+                member = members is not None and asker in members
+                yield self._refuse("fetch-not-slice" if member else "fetch-not-member",
+                                   f"a fetch of {key[2]} {key[3]} of a group", asker, "not yours to fetch")
                 return
         waited, limit = 0.0, 60 * self.chunk_timeout  # a member asks only for what its group will produce
         entry = await self.outbox.get(key, heartbeat)
@@ -270,8 +275,7 @@ class AveragingService(ServicerBase):
         asker = context.remote_id
         if self._state_downloads[asker] >= MAX_STATE_DOWNLOADS_PER_PEER \
                 or sum(self._state_downloads.values()) >= MAX_STATE_DOWNLOADS:
-            self.fetches_refused += 1
-            yield wire.response(error="busy serving state; try another donor")
+            yield self._refuse("state-limit", "a state download", asker, "busy serving state; try another donor")
             return
         state = self.state_provider()
         if state is None:

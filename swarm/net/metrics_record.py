@@ -23,34 +23,33 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_logger
 from hivemind.utils.crypto import RSAPrivateKey
-from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat, conint, constr
+from pydantic.v1 import BaseModel, Extra, StrictFloat, ValidationError, confloat, conint, constr, validator
 
 from swarm.config.schema import MAX_METRICS_TTL
 from swarm.net.identity import peer_id_of_owner
 from swarm.net.keys import metrics_key
+from swarm.net.refusals import MAX_REASONS, REASON_PATTERN
 from swarm.net.signed_record import SignedRecordGuard, Verdict
 
 logger = get_logger(__name__)
 
-# A genuine record is about 700 bytes with its signature (measured); anything far larger is an attack.
+# A genuine record is about 700 bytes with its signature, 2.3 kB at most (every name and refusal reason
+# at its bound; measured in tests/test_metrics_records.py); anything larger is an attack.
 MAX_RECORD_BYTES = 4096
 ROLES = ("bootstrap", "volunteer", "institution")
-# why a DHT node refused a record, of any signed kind (swarm.net.signed_record) or a run manifest
-# (swarm.net.manifest_record): published in each peer's metrics
-REFUSAL_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible",
-                   "forged", "undecodable", "version", "identity", "not-admitted", "revoked", "expired")
 STATES = ("running", "finished", "left")
 REACHABILITY = ("direct", "relayed", "client")
 
 
 def _one_of(values: tuple[str, ...]):
-    return constr(strict=True, regex="^(" + "|".join(values) + ")$")
+    return constr(strict=True, regex="^(" + "|".join(values) + r")\Z")
 
 
-# pydantic v1 constrained types, named once: strict, so hivemind's SchemaValidator never converts
-_PeerId = constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")  # a base58 libp2p peer id
-_Role, _State, _Reachability, _Reason = (_one_of(ROLES), _one_of(STATES), _one_of(REACHABILITY),
-                                         _one_of(REFUSAL_REASONS))
+# pydantic v1 constrained types, named once: strict, so hivemind's SchemaValidator never converts.
+# Patterns end in \Z: pydantic v1 matches with re.match, and $ would accept a trailing newline.
+_PeerId = constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{32,128}\Z")  # a base58 libp2p peer id
+_Role, _State, _Reachability = _one_of(ROLES), _one_of(STATES), _one_of(REACHABILITY)
+_Reason = constr(strict=True, regex=REASON_PATTERN)  # open: see swarm.net.refusals
 _Name = Optional[constr(strict=True, max_length=64)]
 _Count = conint(strict=True, ge=0, le=2**62)
 _Rate = confloat(strict=True, ge=0.0, le=1e12)
@@ -77,8 +76,9 @@ class PeerMetrics(BaseModel):
     bytes_received: Optional[_Count]
     rounds_ok: _Count  # gradient all-reduce rounds that completed
     rounds_failed: _Count  # rounds that failed or timed out (the peer then used its local gradients)
-    # distinct {run_id}_metrics records this peer's DHT node refused, by reason (attacks it has seen)
-    refused: Dict[_Reason, _Count]
+    # what this peer refused, by reason (attacks it has seen; at most MAX_REASONS each, see swarm.net.refusals):
+    refused: Dict[_Reason, _Count]  # distinct DHT records its DHT node refused (of any signed kind)
+    refused_requests: Dict[_Reason, _Count]  # other peers' requests its averaging service refused
     reachability: _Reachability
     uptime: _Seconds  # seconds since the peer process started
     version: _Version
@@ -86,6 +86,12 @@ class PeerMetrics(BaseModel):
 
     class Config:
         extra = Extra.forbid
+
+    @validator("refused", "refused_requests")
+    def _few_reasons(cls, counts: dict) -> dict:
+        if len(counts) > MAX_REASONS:
+            raise ValueError(f"{len(counts)} reasons, at most {MAX_REASONS}")
+        return counts
 
 
 class MetricsSchema(BaseModel):

@@ -1,17 +1,66 @@
-"""Records (and requests) this process's DHT node refused, by reason: what attacks a peer has seen.
+"""What a peer refused, by reason: what attacks it has seen, published in its metrics record.
 
-Counted in the DHT process (where validators run) and read from it with :func:`read_refusals`.
+Two kinds, each counted where the refusal happens:
+
+- *records*: DHT records this process's DHT node refused (a forged or oversized metrics record, a
+  DiLoCo record beyond the run's bounds...), counted in the DHT process (where validators run) by
+  :data:`REFUSALS` and read from it with :func:`read_refusals`;
+- *requests*: other peers' requests the averaging service refused (a fetch from outside the group,
+  too many open fetches, a second state download...), counted by
+  :class:`~swarm.averaging.service.AveragingService`.
+
+Reasons are open strings: the metrics record bounds them (:data:`REASON_PATTERN`, at most
+:data:`MAX_REASONS` per kind), so a new reason needs no change to the record or to the monitor. Only
+Prometheus, whose series must stay few, names the reasons this version knows (:func:`exported`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from collections import Counter, deque
-from typing import Optional
+from typing import Mapping, Optional
 
 from hivemind.dht.validation import DHTRecord
+
+# what a reason may look like in a metrics record (peer-chosen text: short, no markup, no control
+# characters; \Z, not $, which would let a trailing newline through)
+REASON_PATTERN = r"^[a-z][a-z0-9_-]{0,31}\Z"
+MAX_REASONS = 16  # distinct reasons of one kind in one record
+OTHER = "other"  # where reasons beyond MAX_REASONS (in a record) or unknown ones (in Prometheus) go
+# the reasons this version counts, by kind: Prometheus exports these by name and any other as OTHER
+RECORD_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible",
+                  "forged", "undecodable", "version", "identity",  # records
+                  "not-admitted", "revoked", "expired")  # DHT requests in a private run (swarm.net.authorizer)
+# not-admitted, revoked, expired, role: a caller a run's admission refuses (swarm.net.admission)
+REQUEST_REASONS = ("fetch-limit", "fetch-not-member", "fetch-not-slice", "state-limit",
+                   "not-admitted", "revoked", "expired", "role")
+_REASON_RE = re.compile(REASON_PATTERN)
+
+
+def bounded(counts: Mapping[str, int]) -> dict[str, int]:
+    """``counts`` as a metrics record may carry them: a reason the pattern refuses, and every reason
+    beyond the ``MAX_REASONS - 1`` largest, is added to :data:`OTHER`."""
+    valid = sorted(((reason, count) for reason, count in counts.items() if _REASON_RE.match(reason)),
+                   key=lambda item: (-item[1], item[0]))
+    if len(valid) <= MAX_REASONS and len(valid) == len(counts):
+        return dict(valid)
+    kept = dict(valid[:MAX_REASONS - 1])
+    rest = sum(counts.values()) - sum(kept.values())
+    kept[OTHER] = kept.get(OTHER, 0) + rest
+    return kept
+
+
+def exported(counts: Mapping[str, int], known: tuple[str, ...]) -> dict[str, int]:
+    """``counts`` with every reason not in ``known`` summed into :data:`OTHER`: what Prometheus gets, so
+    that another peer's made-up reasons cannot create series (each reason is a label value)."""
+    result: dict[str, int] = {}
+    for reason, count in counts.items():
+        label = reason if reason in known else OTHER
+        result[label] = result.get(label, 0) + count
+    return result
 
 
 class RefusalLog:

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import hivemind
 from hivemind.utils import get_dht_time, get_logger
@@ -105,10 +105,6 @@ def totals_of(peers: list[dict]) -> dict:
     heldout = [peer["heldout_loss"] for peer in trainers if peer["heldout_loss"] is not None]
     sent = [peer["bytes_sent"] for peer in peers if peer["bytes_sent"] is not None]
     received = [peer["bytes_received"] for peer in peers if peer["bytes_received"] is not None]
-    refused: dict[str, int] = {}
-    for peer in peers:
-        for reason, count in peer["refused"].items():
-            refused[reason] = refused.get(reason, 0) + count
     return dict(
         peers_online=len(peers),
         by_role=by_role,
@@ -122,8 +118,18 @@ def totals_of(peers: list[dict]) -> dict:
         rounds_failed=sum(peer["rounds_failed"] for peer in trainers),
         bytes_sent=sum(sent) if sent else None,
         bytes_received=sum(received) if received else None,
-        refused=refused,  # refusals the peers report (one bad record refused by 3 peers counts 3)
+        # what the peers report refusing, by reason (one bad record refused by 3 peers counts 3)
+        refused=_summed(peer["refused"] for peer in peers),
+        refused_requests=_summed(peer["refused_requests"] for peer in peers),
     )
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for each in counts:
+        for reason, count in each.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
 
 
 class Collector:

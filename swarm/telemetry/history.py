@@ -1,6 +1,6 @@
 """The monitor's history: every collection, in an SQLite file that outlives the monitor.
 
-Three tables: ``swarm`` (one row per collection: peers online, throughput, epoch, loss), ``peer_samples``
+Three tables: ``swarm`` (one row per collection: peers online, throughput, epoch, loss, refusals), ``peer_samples``
 (one row per genuine peer per collection) and ``peers`` (one row per peer ever seen: first and last
 seen, and its contribution). A peer's ``samples_total`` restarts at zero when its process restarts;
 ``peers.contributed`` adds up the increases, so it survives peer restarts and monitor restarts.
@@ -90,7 +90,7 @@ class History:
                 (now, totals["peers_online"], totals["trainers"], totals["samples_per_second"], totals["epoch"],
                  totals["loss"], totals["heldout_loss"], totals["samples_total"], totals["rounds_ok"],
                  totals["rounds_failed"], len(view.flagged),
-                 sum(view.refused.values()) + sum(totals["refused"].values())),
+                 _refused_total(view)),
             )
             for peer in view.peers + view.left:
                 self._db.execute(
@@ -178,6 +178,12 @@ class History:
                     file.write(chunk)
             written.append(path)
         return written
+
+
+def _refused_total(view: SwarmView) -> int:
+    """The ``refused`` column: DHT records and requests the peers refused, and records this monitor refused."""
+    totals = view.totals
+    return sum(view.refused.values()) + sum(totals["refused"].values()) + sum(totals["refused_requests"].values())
 
 
 def _csv_chunks(columns: list[str], rows: list) -> Iterator[str]:

@@ -26,7 +26,7 @@ from swarm.net.dht import DHT_CALL_FAILURES, reachability
 from swarm.net.identity import Identity
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import PeerMetrics
-from swarm.net.refusals import read_refusals
+from swarm.net.refusals import bounded, read_refusals
 from swarm.telemetry.traffic import TrafficMeter
 from swarm.train.loop import TrainingStatus
 
@@ -130,7 +130,8 @@ class MetricsPublisher:
             bytes_received=traffic[1] if traffic else None,
             rounds_ok=int(averaging.get("rounds_ok", 0)),
             rounds_failed=int(averaging.get("rounds_failed", 0)),
-            refused=self.dht.run_coroutine(read_refusals)["counts"],
+            refused=bounded(self.dht.run_coroutine(read_refusals)["counts"]),
+            refused_requests=bounded(averaging.get("refused_requests", {})),
             reachability=reachability(self.dht),
             uptime=float(time.monotonic() - self.started_at),
             version=__version__,

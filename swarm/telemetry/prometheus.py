@@ -2,6 +2,9 @@
 
 A custom collector builds the families at scrape time from the monitor's latest :class:`SwarmView`
 and its history's per-peer totals, so peers that come and go never leave stale series behind.
+Refusals are exported by reason under the reasons this version knows
+(:data:`~swarm.net.refusals.RECORD_REASONS`, :data:`~swarm.net.refusals.REQUEST_REASONS`), any other as
+``other``: reasons are peer-chosen strings, and each one a peer invents must not become a series.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from swarm.net.refusals import RECORD_REASONS, REQUEST_REASONS, exported
 from swarm.telemetry.collector import SwarmView
 
 PEER_LABELS = ["peer_id", "role", "name", "organization"]
@@ -70,7 +74,7 @@ def _swarm_families(view: SwarmView) -> Iterator[Metric]:
             yield family
     refused = CounterMetricFamily("swarm_monitor_refused_records", "Distinct metrics records the monitor's own DHT "
                                   "node refused (signature, schema, size, identity)", labels=["reason"])
-    for reason, count in sorted(view.refused.items()):
+    for reason, count in sorted(exported(view.refused, RECORD_REASONS).items()):
         refused.add_metric([reason], count)
     yield refused
 
@@ -92,8 +96,10 @@ def _peer_families(view: SwarmView) -> Iterator[Metric]:
     }
     rounds = CounterMetricFamily("swarm_peer_averaging_rounds", "Gradient averaging rounds by outcome",
                                  labels=PEER_LABELS + ["outcome"])
-    refused = CounterMetricFamily("swarm_peer_refused_records", "Distinct metrics records the peer's DHT node refused",
+    refused = CounterMetricFamily("swarm_peer_refused_records", "Distinct DHT records the peer's DHT node refused",
                                   labels=PEER_LABELS + ["reason"])
+    refused_requests = CounterMetricFamily("swarm_peer_refused_requests", "Other peers' requests the peer's "
+                                           "averaging service refused", labels=PEER_LABELS + ["reason"])
     for peer in view.peers:
         labels = _labels(peer)
         trainer = peer["role"] != "bootstrap"
@@ -103,11 +109,14 @@ def _peer_families(view: SwarmView) -> Iterator[Metric]:
         if trainer:
             rounds.add_metric(labels + ["ok"], peer["rounds_ok"])
             rounds.add_metric(labels + ["failed"], peer["rounds_failed"])
-        for reason, count in sorted(peer["refused"].items()):
-            refused.add_metric(labels + [reason], count)
+        for family, counts, known in ((refused, peer["refused"], RECORD_REASONS),
+                                      (refused_requests, peer["refused_requests"], REQUEST_REASONS)):
+            for reason, count in sorted(exported(counts, known).items()):
+                family.add_metric(labels + [reason], count)
     yield from families.values()
     yield rounds
     yield refused
+    yield refused_requests
 
 
 def _labels(peer: dict) -> list[str]:

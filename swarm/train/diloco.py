@@ -117,7 +117,7 @@ class DiLoCo(Collaboration, SharedState):
     def counters(self) -> Counters:
         counters = self.averager.counters
         counters.state_downloads = self.agreement.downloads
-        counters.refused_requests = self.averager.service.fetches_refused
+        counters.refused_requests = dict(self.averager.service.refused)  # one C call: safe while the loop counts
         counters.extra = {"state_hash": self.agreement.shared_hash[:16], "total_samples": self.total_samples,
                           "residual_norm": round(self.averager.plan.residual_norm(), 6)}
         return counters

@@ -251,6 +251,9 @@ class HivemindSync(Collaboration):
                                     round_number=epoch)
         finally:
             self._counters.state_downloads += agreement.downloads
+            refused = self._counters.refused_requests  # in sync mode, swarm's own service runs only here
+            for reason, count in service.refused.items():
+                refused[reason] = refused.get(reason, 0) + count
             tracker.shutdown()
             service.shutdown()
 

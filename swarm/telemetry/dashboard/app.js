@@ -80,6 +80,65 @@ function drawPeers(peers, contributions) {
   body.replaceChildren(...rows);
 }
 
+// Reason -> count objects from the API as Maps: a reason is a peer-chosen key, and one named like an
+// Object property ("constructor") must read as a count, not as the property.
+function counts(object) { return new Map(Object.entries(object)); }
+function total(map) { let sum = 0; for (const count of map.values()) sum += count; return sum; }
+
+function emptyRow(columns, message) {
+  const tr = document.createElement("tr");
+  const td = document.createElement("td");
+  td.colSpan = columns;
+  td.className = "empty";
+  td.textContent = message;
+  tr.appendChild(td);
+  return tr;
+}
+
+function drawRefusals(view) {
+  const byPeers = { record: counts(view.totals.refused), request: counts(view.totals.refused_requests) };
+  const byMonitor = { record: counts(view.refused), request: new Map() };
+  const reasons = [];
+  for (const kind of ["record", "request"]) {
+    const names = [...new Set([...byPeers[kind].keys(), ...byMonitor[kind].keys()])].sort();
+    for (const reason of names) {
+      const tr = document.createElement("tr");
+      tr.dataset.kind = kind;
+      tr.dataset.reason = reason;
+      cell(tr, kind);
+      cell(tr, reason);
+      cell(tr, fmt(byPeers[kind].get(reason) || 0), true);
+      cell(tr, fmt(byMonitor[kind].get(reason) || 0), true);
+      reasons.push(tr);
+    }
+  }
+  document.querySelector("#refused-reasons tbody").replaceChildren(...(reasons.length ? reasons :
+    [emptyRow(4, "nothing refused")]));
+
+  const peers = [];
+  for (const peer of view.peers) {
+    const records = counts(peer.refused), requests = counts(peer.refused_requests);
+    if (total(records) + total(requests) === 0) continue;
+    const tr = document.createElement("tr");
+    tr.dataset.peerId = peer.peer_id;
+    cell(tr, "…" + peer.peer_id.slice(-8));
+    cell(tr, peer.display_name || "–");
+    cell(tr, fmt(total(records)), true);
+    cell(tr, fmt(total(requests)), true);
+    cell(tr, [...records, ...requests].sort((a, b) => b[1] - a[1]).map(([reason, count]) => `${reason} ${count}`)
+      .join(", "));
+    peers.push(tr);
+  }
+  document.querySelector("#refused-peers tbody").replaceChildren(...(peers.length ? peers :
+    [emptyRow(5, "no peer refused anything")]));
+
+  const peersTotal = total(byPeers.record) + total(byPeers.request), monitorTotal = total(byMonitor.record);
+  text("refused", peersTotal + monitorTotal === 0 ? "nothing refused" :
+    `refused by the peers: ${fmt(peersTotal)} (records ${fmt(total(byPeers.record))}, requests ` +
+    `${fmt(total(byPeers.request))}) · by this monitor: ${fmt(monitorTotal)}`);
+  return peersTotal + monitorTotal;
+}
+
 function drawList(id, items, empty = "none") {
   const list = document.getElementById(id);
   const entries = items.length ? items : [empty];
@@ -101,15 +160,12 @@ function drawView(info, peersInfo) {
   text("loss", fmt(totals.loss, 3));
   text("heldout", totals.heldout_loss === null ? "" : `held-out ${fmt(totals.heldout_loss, 3)}`);
   text("rounds", `${fmt(totals.rounds_ok)} / ${fmt(totals.rounds_failed)}`);
-  const sum = (counts) => Object.values(counts).reduce((total, count) => total + count, 0);
-  text("suspicious", `${view.flagged.length} / ${sum(totals.refused) + sum(view.refused)}`);
+  const refused = drawRefusals(view);
+  text("suspicious", `${view.flagged.length} / ${fmt(refused)}`);
   const contributions = new Map(peersInfo.peers.map((row) => [row.peer_id, row.contributed]));
   drawPeers(view.peers, contributions);
   drawList("flagged", view.flagged.map((peer) =>
     `${peer.peer_id} (${peer.display_name || "no name"}): ${peer.reasons.join("; ")}`), "no record flagged");
-  const reasons = (counts) => Object.entries(counts).map(([reason, count]) => `${reason} ${count}`).join(", ");
-  text("refused", sum(totals.refused) + sum(view.refused) === 0 ? "no record refused" :
-    `refused by the peers: ${reasons(totals.refused) || "none"} · by this monitor: ${reasons(view.refused) || "none"}`);
   drawList("left", info.left.map((peer) =>
     `${peer.display_name || peer.peer_id} (${peer.role}), last seen ${new Date(peer.last_seen * 1000).toLocaleString()}, ` +
     `contributed ${fmt(peer.contributed)} samples`));
