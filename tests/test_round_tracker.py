@@ -52,8 +52,24 @@ def test_silence_counts_only_against_this_peers_own_reads(dht):
     assert PEERS[0] in tracker.rounds_of_peers(), "silence while this peer's own reads fail is no evidence"
     tracker._read_at = get_dht_time()
     assert PEERS[0] not in tracker.rounds_of_peers(), "8 s without a heartbeat, seen by a fresh read: gone"
-    tracker._cycle = 3.0  # each DHT call waits out an unreachable node's timeout: tolerate three such cycles
+    tracker._count_cycle(get_dht_time(), 3.0)  # each DHT call waits out an unreachable node's timeout:
+    assert PEERS[0] in tracker.rounds_of_peers()  # tolerate three such cycles
+
+
+def test_a_slow_refresh_still_counts_after_a_fast_one(dht):
+    """A DHT node just became unreachable: this peer's refresh and the partner's both waited it out
+    (6 s). The next refresh is fast again, but the partner's latest record is still the one it stamped
+    before its slow refresh; it must not look gone (it did, for half a second, and the next round's
+    leader sealed a group of one in that window)."""
+    tracker = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5)
+    now = get_dht_time()
+    tracker._merge(read_of((PEERS[0], 1, now - 6.6)))  # stamped just before the partner's slow refresh
+    tracker._count_cycle(now - 0.5, 6.0)  # this peer's own slow refresh, ended half a second ago
+    tracker._count_cycle(now, 0.01)  # ... and a fast one since
+    tracker._read_at = now
     assert PEERS[0] in tracker.rounds_of_peers()
+    tracker._count_cycle(now + 30, 0.01)  # long after, fast refreshes only: silence is evidence again
+    assert tracker._tolerance() == 5.0
 
 
 def test_expired_records_are_forgotten(dht):

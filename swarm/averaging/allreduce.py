@@ -39,6 +39,8 @@ class AllreduceResult:
     group_size: int
     contributors: int  # peers whose input reached the reducer of this peer's part
     missing_parts: list[int]  # parts zeroed by every member (their reducer failed for someone)
+    # members that failed to answer this peer (timed out, broke off, refused): the next round does not wait for them
+    gone: list[int] = field(default_factory=list)
     refused_inputs: int = 0  # inputs refused because they held NaN/Inf or did not match
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -122,6 +124,7 @@ async def run_allreduce(
         group_size=group.size,
         contributors=run.contributors,
         missing_parts=sorted(run.missing),
+        gone=sorted(run.gone),
         refused_inputs=run.refused,
         bytes_sent=run.bytes_sent,
         bytes_received=run.bytes_received,
@@ -256,15 +259,16 @@ class _Run:
         n = self.group.size
         self.outbox.put(self.key("commit", 0), Entry([], {"missing": sorted(self.missing)}))
 
-        async def fetch_commit(peer: PeerID) -> list[int]:
+        async def fetch_commit(index: int, peer: PeerID) -> list[int]:
             try:
                 header, _ = await self.fetch(peer, self.key("commit", 0), 4096)
-                return [int(index) for index in header.get("missing", []) if 0 <= int(index) < n]
+                return [int(part) for part in header.get("missing", []) if 0 <= int(part) < n]
             except Exception:  # a member gone by now has no say in what the survivors keep
+                self.gone.add(index)
                 return []
 
-        members = [peer for index, peer in self.group.others() if index not in self.gone]
-        for reported in await asyncio.gather(*(fetch_commit(peer) for peer in members)):
+        members = [(index, peer) for index, peer in self.group.others() if index not in self.gone]
+        for reported in await asyncio.gather(*(fetch_commit(index, peer) for index, peer in members)):
             self.missing.update(reported)
         if self.missing:
             logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by every member")

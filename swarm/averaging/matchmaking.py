@@ -12,6 +12,15 @@ progress record goes stale, so a death costs a few seconds, not the deadline. A 
 of a smaller ready peer hands its followers over to it; a leader that does not answer within
 ``request_timeout`` is skipped. Join replies stream heartbeats, so a leader cut off from the network
 is noticed within ``request_timeout``.
+
+The round just averaged is better evidence than a progress record, so it amends ``expected`` for the
+next round (:meth:`Matchmaker.remember`): a member that failed to answer in round ``r`` is neither
+waited for nor followed in round ``r + 1`` (a dead or cut-off peer whose record still looks fresh cannot
+hold the survivors up), and a member that answered is waited for during ``partner_grace`` seconds even
+if its record looks stale. The latter is what a vanished member does to the others' records: every DHT
+call that reaches for the unreachable node waits out hivemind's request timeout (a store twice), so the
+survivors' heartbeats come seconds late just when they start the next round, and a leader that took
+its partner for gone sealed a group of one.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import hivemind
 from hivemind.p2p import PeerID
@@ -36,12 +45,26 @@ from swarm.net.signed_record import peer_of_subkey
 logger = get_logger(__name__)
 
 READY_RECHECK = 1.0  # seconds between a leader's looks for a lower-ranked ready peer
+# How long after a round a member that answered in it is waited for in the next one. A partner's
+# announcement and look-up are a DHT store and a get, each of which may wait out hivemind's 3 s request
+# timeout once or twice while a vanished member is still in the routing tables: about 12 s, plus a margin.
+PARTNER_GRACE = 15.0
 
 
 def leader_rank(run_id: str, round_number: int, peer: PeerID) -> bytes:
     """Who leads a round: the ready peer with the smallest rank. The same on every peer, different in
     every round, and not chosen by picking one's id."""
     return hashlib.sha256(f"{run_id}:{round_number}:".encode() + peer.to_bytes()).digest()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What this peer's all-reduce of a round showed about the other members of its group."""
+
+    round: int
+    answered: frozenset[PeerID]
+    gone: frozenset[PeerID]
+    ended: float  # time.monotonic()
 
 
 @dataclass
@@ -61,13 +84,18 @@ class Matchmaker:
     :param owner: this peer's ``[owner:<RSA key>]`` tag: its ready record is signed under it (see
       :func:`swarm.net.signed_record.owner_tag`); None: stored under the plain peer id, unsigned.
     :param admit: peer -> None if it may take part, else why not; a peer it refuses is never a leader here.
+    :param partner_grace: seconds after a round during which its members that answered are waited for
+      in the next round whatever their records say. Longer protects pairs of survivors on a slow DHT;
+      it is also what a partner that leaves right after a round costs the next one.
     """
 
     def __init__(self, *, dht: hivemind.DHT, peer_id: PeerID, run_id: str, get_stub, request_timeout: float,
-                 owner: Optional[bytes] = None, admit: Optional[Callable[[PeerID], Optional[str]]] = None):
+                 owner: Optional[bytes] = None, admit: Optional[Callable[[PeerID], Optional[str]]] = None,
+                 partner_grace: float = PARTNER_GRACE):
         self.dht, self.peer_id, self.run_id, self.get_stub = dht, peer_id, run_id, get_stub
         self.owner, self.admit = owner, admit
-        self.request_timeout = request_timeout
+        self.request_timeout, self.partner_grace = request_timeout, partner_grace
+        self._outcome: Optional[_Outcome] = None  # of the latest round this peer averaged in a group
         self._leading: dict[int, _Lead] = {}
         self._sealed: dict[int, Group] = {}
         self._following: dict[int, PeerID] = {}
@@ -83,7 +111,7 @@ class Matchmaker:
         :raises RoundMissed: the round was sealed without this peer, or nobody answered in time.
         """
         await self._announce(round_number)
-        excluded: set[PeerID] = set()
+        excluded = set(self._previous(round_number).gone)  # never followed, nor handed over to
         suggested: Optional[PeerID] = None
         while time.monotonic() < deadline:
             if suggested is not None and suggested not in excluded:
@@ -112,6 +140,31 @@ class Matchmaker:
 
     def rank(self, round_number: int, peer: PeerID) -> bytes:
         return leader_rank(self.run_id, round_number, peer)
+
+    def remember(self, group: Group, gone: Collection[int]) -> None:
+        """Note which members of ``group`` failed to answer this peer's all-reduce (indices, as in
+        :attr:`AllreduceResult.gone`) and which answered; round ``group.round + 1`` goes by it. Several
+        all-reduces of one group (PowerSGD's phases) add up: gone in one means gone."""
+        lost = {group.members[index] for index in gone}
+        if self._outcome is not None and self._outcome.round == group.round:
+            lost |= self._outcome.gone
+        others = {peer for _, peer in group.others()}
+        self._outcome = _Outcome(group.round, frozenset(others - lost), frozenset(lost), time.monotonic())
+
+    def _previous(self, round_number: int) -> _Outcome:
+        """The outcome of round ``round_number - 1`` here (empty if this peer did not average in it)."""
+        if self._outcome is not None and self._outcome.round == round_number - 1:
+            return self._outcome
+        return _Outcome(round_number - 1, frozenset(), frozenset(), 0.0)
+
+    def _awaited(self, round_number: int, expected: Callable[[], set[PeerID]]) -> set[PeerID]:
+        """Whom a leader of ``round_number`` waits for: ``expected()``, less the members that failed to
+        answer in the previous round, plus those that answered in it (during ``partner_grace``)."""
+        previous = self._previous(round_number)
+        awaited = set(expected()) - previous.gone
+        if time.monotonic() - previous.ended < self.partner_grace:
+            awaited |= previous.answered
+        return awaited
 
     def forget(self, round_number: int) -> None:
         """Drop the bookkeeping of rounds up to ``round_number``."""
@@ -186,7 +239,7 @@ class Matchmaker:
                     del self._leading[round_number]
                     lead.done.set()
                     return lead.redirect
-            if time.monotonic() >= deadline or expected() <= lead.members.keys():
+            if time.monotonic() >= deadline or self._awaited(round_number, expected) <= lead.members.keys():
                 break
             lead.changed.clear()
             try:  # wake on a join, or now and then to re-read who is expected

@@ -172,7 +172,9 @@ class AveragingService(ServicerBase):
                                   fetch=self._observed_fetch if self.fetch_observer else self._fetch,
                                   choose_codec=choose_codec, accepted=self.accepted_codecs,
                                   check_own_input=self.check_own_input)
-        return self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
+        result = self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
+        self._loop.call_soon_threadsafe(self.matchmaker.remember, group, result.gone)  # before the next round
+        return result
 
     def finish_group(self, group: Group) -> None:
         self._loop.call_soon_threadsafe(self.outbox.finish_group, group.group_id)

@@ -68,7 +68,7 @@ class RoundTracker:
         self._expires: dict[str, float] = {}  # peer -> when its record, as last seen, expires in the DHT
         self._read_at = get_dht_time()  # when the last read that completed began
         self._cycle_started: Optional[float] = None  # when the refresh in flight began
-        self._cycle = 0.0  # how long the last refresh took (seconds)
+        self._cycles: list[tuple[float, float]] = []  # (when it ended, seconds) of the refreshes that still count
         # The DHT fails in many ways (timeouts, a node gone, a daemon error, a call's coroutine destroyed in
         # the DHT process); each is retried at the next period, and the heartbeat tolerance above decides
         # when silence means a peer is gone.
@@ -136,11 +136,23 @@ class RoundTracker:
     # ---- background ------------------------------------------------------------------------------
     def _tolerance(self) -> float:
         """How old a heartbeat may be, as of this peer's last read: three missed refreshes of a peer
-        whose DHT calls take as long as this peer's (the slower of the last refresh and the one in
-        flight), and never under 5 s."""
+        whose DHT calls take as long as this peer's, and never under 5 s. "As long" is the slowest of the
+        refresh in flight and of the recent ones that still count (:meth:`_count_cycle`)."""
         now = get_dht_time()
-        cycle = max(self._cycle, now - self._cycle_started if self._cycle_started is not None else 0.0)
+        cycle = now - self._cycle_started if self._cycle_started is not None else 0.0
+        cycle = max([cycle] + [seconds for ended, seconds in self._cycles if self._counts(ended, seconds, now)])
         return max(5.0, 3 * (self.refresh_period + cycle))
+
+    def _counts(self, ended: float, seconds: float, now: float) -> bool:
+        return now - ended < 3 * (self.refresh_period + seconds)
+
+    def _count_cycle(self, ended: float, seconds: float) -> None:
+        """A refresh counts for as long as the heartbeats it held back may still be the latest seen. When
+        a DHT node becomes unreachable, every peer's calls wait out its timeout for a while (a store twice),
+        so the others' records come as late as this peer's own; counting only the last refresh, the first
+        fast read after a slow one found every partner's record a whole slow refresh old and dropped it
+        (the survivors of a member whose link died took each other for gone and split the next round)."""
+        self._cycles = [(e, s) for e, s in self._cycles if self._counts(e, s, ended)] + [(ended, seconds)]
 
     def _fresh_progress(self) -> dict[str, Progress]:
         horizon = min(get_dht_time(), self._read_at) - self._tolerance()
@@ -165,7 +177,9 @@ class RoundTracker:
                 stored.result()
         finally:
             with self._lock:
-                self._cycle, self._cycle_started = get_dht_time() - now, None
+                ended = get_dht_time()
+                self._count_cycle(ended, ended - now)
+                self._cycle_started = None
         if found is None:  # nothing reachable answered: no news, and no evidence that anyone left
             return
         with self._lock:
