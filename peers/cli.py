@@ -27,13 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one shared model together over the internet, peer to peer.",
         epilog="Exit codes: 0 ok or left cleanly, 1 internal error, 2 usage/config/multiaddr, "
         "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, "
-        "7 run manifest or certificate missing, forged, expired, revoked or contradicted, 130 interrupted.",
+        "7 run manifest or certificate missing, forged, expired, revoked or contradicted, "
+        "8 export (folder, --out or the export extra), 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_peer_commands(commands)
     _add_watch_commands(commands)
     _add_run_commands(commands, _with_config)
+    _add_model_commands(commands)
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     _with_peers(_with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
@@ -157,6 +159,43 @@ def _add_run_commands(commands, with_config) -> None:
     ident.add_argument("--identity", type=Path, help="private key file (default: network.identity_path)")
 
 
+def _add_model_commands(commands) -> None:
+    """What uses the trained model outside the swarm: export, generate (no network, no hivemind)."""
+    checkpoint_help = "a checkpoint file, or a folder holding latest.pt (default: checkpoint.dir of the config)"
+    export = _with_config(commands.add_parser(
+        "export", help="write a checkpoint's model as a Hugging Face GPT-2 (model.safetensors, config.json)"))
+    export.add_argument("--checkpoint", type=Path, metavar="PATH", help=checkpoint_help)
+    export.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="the export folder to create; it must not exist or be empty")
+
+    generate = _with_config(commands.add_parser("generate", help="sample text from a checkpoint or an export"))
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, metavar="PATH", help=checkpoint_help)
+    source.add_argument("--export", type=Path, metavar="DIR", help="an export folder written by `swarm export`")
+    generate.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    generate.add_argument("--max-new-bytes", type=_at_least(0, int), default=200, metavar="N",
+                          help="bytes to sample after the prompt (default 200)")
+    # None: the library's defaults (swarm.train.sampling), which export also writes to generation_config.json
+    generate.add_argument("--temperature", type=_at_least(0, float), default=None, metavar="T",
+                          help="below 1 sharper, above 1 more random, 0 always the most likely byte (default 0.8)")
+    generate.add_argument("--top-k", type=_at_least(0, int), default=None, metavar="K",
+                          help="sample among the K most likely bytes; 0 among all 256 (default 40)")
+    generate.add_argument("--seed", type=int, default=None,
+                          help="the same seed gives the same text from the same model (default: a fresh seed)")
+
+
+def _at_least(minimum: float, kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    return parse
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":  # the container's health check: cheap, no logging set-up, no hivemind import
@@ -175,6 +214,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_fingerprint(args.run)
         except SwarmError as e:
             return _report(args, e)
+    if args.command in ("export", "generate"):  # not a peer: plain logging, and no hivemind to import
+        level = os.environ.get("SWARM_LOGLEVEL", "INFO").upper()
+        logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
+                            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return _run(args, config)
     from peers.lifecycle import setup_logging  # imports hivemind
 
     setup_logging({"join": "trainer"}.get(args.command, args.command))
@@ -279,6 +323,15 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
         from peers.status import run_status
 
         run_status(config, as_json=args.json, wait=args.wait)
+    elif args.command == "export":
+        from peers.use_model import run_export
+
+        run_export(config, checkpoint=args.checkpoint, out=args.out)
+    elif args.command == "generate":
+        from peers.use_model import run_generate
+
+        run_generate(config, checkpoint=args.checkpoint, export=args.export, prompt=args.prompt,
+                     max_new_bytes=args.max_new_bytes, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     return exit_codes.OK
 
 

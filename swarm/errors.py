@@ -32,6 +32,11 @@ class ManifestError(SwarmError):
     """A run's manifest is not in the DHT, is forged or malformed, or this peer's config contradicts it."""
 
 
+class ExportError(SwarmError):
+    """An export folder is missing, unreadable or not a GPT-2 that swarm can run, ``--out`` is in the way,
+    or the optional ``export`` extra (safetensors, transformers) is not installed."""
+
+
 class BackgroundError(SwarmError):
     """A background thread of this peer died; its owner raises this (from the thread's own error) so
     that the peer stops instead of running on without it."""

@@ -112,6 +112,9 @@ def test_cli_options_are_frozen():
         "status": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--json", "--set",
                           "--wait", "-h", "--help"]),
         "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
+        "export": sorted(["--checkpoint", "--config", "--out", "--set", "-h", "--help"]),
+        "generate": sorted(["--checkpoint", "--config", "--export", "--max-new-bytes", "--prompt", "--seed", "--set",
+                            "--temperature", "--top-k", "-h", "--help"]),
     }
     run_commands = commands["run"]._subparsers._group_actions[0].choices
     assert sorted(opt for action in run_commands["create"]._actions for opt in action.option_strings) == sorted(

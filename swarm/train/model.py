@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from swarm.config.schema import ModelConfig
 
@@ -60,6 +61,36 @@ class ByteGPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def validate_model_config(model_config: dict) -> ModelConfig:
+    """:raises ValueError: one line naming every problem (a file's model config, not the user's config tree)."""
+    try:
+        return ModelConfig.model_validate(model_config)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'model'}: {item['msg']}" for item in e.errors())
+        raise ValueError(f"invalid model config {model_config!r} ({problems})") from None
+
+
+def restore_model(model_config: dict, state: dict[str, torch.Tensor]) -> ByteGPT:
+    """A ByteGPT in eval mode holding ``state``, for inference (export, generation).
+
+    :raises ValueError: ``model_config`` is not a valid model section, or ``state`` does not fit it
+        (missing, extra or misshapen tensors) or holds NaN or Inf; the message is one line.
+    """
+    config = validate_model_config(model_config)
+    if not isinstance(state, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in state.values()):
+        raise ValueError("its model state is not a dict of tensors")
+    model = ByteGPT(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(f"its tensors do not fit a ByteGPT of {model_config} ({reason})") from None
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"its tensor {name} holds NaN or Inf")
+    return model.eval()
 
 
 def _init_weights(module: nn.Module) -> None:
