@@ -204,7 +204,7 @@ def test_a_member_cannot_fetch_slices_of_another_members_update(averagers, check
     refused = sum(record["snoop_refused"] for record in records)
     if checked:
         assert snooped == 0 and refused == 2 * len(records), records
-        assert "refused a request from" in peers[0].log_tail(200) + peers[1].log_tail(200)
+        assert "refused a fetch of" in peers[0].log_tail(200) + peers[1].log_tail(200)
         assert all(record.get("ok") for index in (0, 1) for record in averagers.records(index).values())
     else:
         assert snooped >= 1, records
