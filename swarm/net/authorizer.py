@@ -28,7 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm.errors import ManifestError
 from swarm.net.certificate import MAX_CERTIFICATE_BYTES, Certificate, SignedCertificate, verify_certificate
 from swarm.net.identity import peer_id_of_public_key
-from swarm.net.refusals import REFUSALS
+from swarm.net.refusals import refuse
 
 logger = get_logger(__name__)
 
@@ -63,10 +63,7 @@ class RunAuthorizer(TokenAuthorizerBase):
         if reason is None:
             return True
         identity = access_token.username.encode()[:MAX_CERTIFICATE_BYTES] + access_token.public_key[:1024]
-        to_log = REFUSALS.add_item(reason, identity, f"run {self.run}", detail)
-        if to_log is not None:
-            repeats = f" ({to_log} such requests since the last line)" if to_log > 1 else ""
-            logger.warning(f"refused a DHT request or response ({reason}: {detail}){repeats}")
+        refuse(logger, reason, identity, f"run {self.run}", detail, "a DHT request or response")
         return False
 
     def check(self, token: AccessToken) -> tuple[Optional[str], str]:

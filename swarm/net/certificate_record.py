@@ -14,15 +14,13 @@ from __future__ import annotations
 from typing import Optional
 
 import hivemind
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
 
 from swarm.errors import ManifestError
 from swarm.net.certificate import MAX_CERTIFICATE_BYTES, Certificate, SignedCertificate, verify_certificate
 from swarm.net.keys import certificates_key
-from swarm.net.refusals import REFUSALS
-from swarm.net.signed_record import CLOCK_SLACK
+from swarm.net.signed_record import CLOCK_SLACK, KeyGuard
 
 logger = get_logger(__name__)
 
@@ -30,24 +28,12 @@ CERTIFICATE_TTL = 600.0
 MAX_RECORD_BYTES = MAX_CERTIFICATE_BYTES + 512  # the signature (344 bytes for RSA-2048) and msgpack framing
 
 
-class CertificateValidator(RecordValidatorBase):
+class CertificateValidator(KeyGuard):
     """Refuses, under the certificates key of run ``run`` (a fingerprint), every record but a valid certificate."""
 
     def __init__(self, run: str):
+        super().__init__(certificates_key(run), f"a certificate record of run {run}")
         self.run = run
-        self._key_id = DHTID.generate(source=certificates_key(run)).to_bytes()
-
-    def validate(self, record: DHTRecord) -> bool:
-        if record.key != self._key_id:
-            return True
-        reason, detail = self.check(record)
-        if reason is None:
-            return True
-        to_log = REFUSALS.add(reason, record, f"certificates of {self.run}", detail)
-        if to_log is not None:
-            repeats = f" ({to_log} such records since the last line)" if to_log > 1 else ""
-            logger.warning(f"refused a certificate record of run {self.run} ({reason}: {detail}){repeats}")
-        return False
 
     def check(self, record: DHTRecord) -> tuple[Optional[str], str]:
         """(None, "") for a genuine record, else (reason, detail); reasons: ``oversized``, ``undecodable``,
@@ -70,9 +56,6 @@ class CertificateValidator(RecordValidatorBase):
         if record.expiration_time > limit:
             return "expiration", f"expires {record.expiration_time - get_dht_time():.0f}s ahead, past its limit"
         return None, ""
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return isinstance(other, CertificateValidator) and other.run == self.run
 
 
 def publish_certificate(dht: hivemind.DHT, signed: SignedCertificate, run: str) -> bool:

@@ -24,8 +24,7 @@ from typing import Optional
 
 import hivemind
 from cryptography.exceptions import UnsupportedAlgorithm
-from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
@@ -33,7 +32,7 @@ from swarm.errors import ManifestError
 from swarm.loops import PeriodicLoop
 from swarm.net.keys import manifest_key
 from swarm.net.manifest import MAX_MANIFEST_BYTES, RunManifest, canonical_json, parse_manifest
-from swarm.net.refusals import REFUSALS
+from swarm.net.signed_record import KeyGuard
 
 logger = get_logger(__name__)
 
@@ -101,25 +100,12 @@ def read_manifest_file(path: Path) -> SignedManifest:
         raise ManifestError(f"{path}: {e}") from None
 
 
-class ManifestValidator(RecordValidatorBase):
+class ManifestValidator(KeyGuard):
     """Refuses, under the manifest key of ``fingerprint``, every record but the authority's (see module doc)."""
 
     def __init__(self, fingerprint: str):
+        super().__init__(manifest_key(fingerprint), f"a manifest record of run {fingerprint}")
         self.fingerprint = fingerprint
-        self._key_id = DHTID.generate(source=manifest_key(fingerprint)).to_bytes()
-
-    def validate(self, record: DHTRecord) -> bool:
-        if record.key != self._key_id:
-            return True
-        reason, detail = self.check(record)
-        if reason is None:
-            return True
-        # counted with every other refusal of this node (published in its metrics); logged once a minute per reason
-        to_log = REFUSALS.add(reason, record, f"manifest {self.fingerprint}", detail)
-        if to_log is not None:
-            repeats = f" ({to_log} such records since the last line)" if to_log > 1 else ""
-            logger.warning(f"refused a manifest record of run {self.fingerprint} ({reason}: {detail}){repeats}")
-        return False
 
     def check(self, record: DHTRecord) -> tuple[Optional[str], str]:
         """(None, "") for a genuine record, else (reason, detail); reasons: ``expiration``, ``oversized``,
@@ -143,9 +129,6 @@ class ManifestValidator(RecordValidatorBase):
         if signed.manifest.version != version:
             return "version", f"stored under version {version!r} but is version {signed.manifest.version}"
         return None, ""
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return isinstance(other, ManifestValidator) and other.fingerprint == self.fingerprint
 
 
 def publish_manifest(dht: hivemind.DHT, signed: SignedManifest) -> bool:

@@ -23,8 +23,6 @@ import time
 from collections import Counter, deque
 from typing import Mapping, Optional
 
-from hivemind.dht.validation import DHTRecord
-
 # what a reason may look like in a metrics record (peer-chosen text: short, no markup, no control
 # characters; \Z, not $, which would let a trailing newline through)
 REASON_PATTERN = r"^[a-z][a-z0-9_-]{0,31}\Z"
@@ -80,13 +78,10 @@ class RefusalLog:
         self.counts: Counter = Counter()
         self.recent: deque = deque(maxlen=20)
 
-    def add(self, reason: str, record: DHTRecord, sender: str, detail: str) -> Optional[int]:
-        """Count a refusal once per distinct record. Returns the number of refusals to mention in a log
-        line now (this one and those held back since the last line), or None to stay quiet."""
-        return self.add_item(reason, record.subkey + b"\0" + record.value, sender, detail)
-
-    def add_item(self, reason: str, item: bytes, sender: str, detail: str) -> Optional[int]:
-        """:meth:`add` for anything refused that ``item`` identifies (e.g. a request's access token)."""
+    def add(self, reason: str, item: bytes, sender: str, detail: str) -> Optional[int]:
+        """Count a refusal once per distinct ``item`` (a record's subkey and value, a request's access
+        token). Returns the number of refusals to mention in a log line now (this one and those held
+        back since the last line), or None to stay quiet."""
         digest = hashlib.sha256(item).digest()
         with self._lock:
             if digest in self._seen:
@@ -115,3 +110,12 @@ REFUSALS = RefusalLog()
 async def read_refusals(dht, node) -> dict:
     """For ``dht.run_coroutine``: the refusals counted by that DHT's own process."""
     return REFUSALS.snapshot()
+
+
+def refuse(logger, reason: str, item: bytes, sender: str, detail: str, what: str) -> None:
+    """Count one refusal in :data:`REFUSALS` (``item`` identifies what was refused) and log it, at most
+    once a minute per (reason, sender), with how many were held back since: one rogue peer can send thousands."""
+    to_log = REFUSALS.add(reason, item, sender, detail)
+    if to_log is not None:
+        repeats = f" ({to_log} such refusals since the last line)" if to_log > 1 else ""
+        logger.warning(f"refused {what} ({reason}: {detail}){repeats}")

@@ -26,7 +26,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.net.identity import peer_id_of_owner
-from swarm.net.refusals import REFUSALS
+from swarm.net.refusals import refuse
 
 logger = get_logger(__name__)
 
@@ -95,10 +95,8 @@ class SignedRecordGuard(RecordValidatorBase):
         reason, detail = self.check(record)
         if reason is None:
             return True
-        to_log = REFUSALS.add(reason, record, owner_peer_id(record.subkey) or "unsigned", detail)
-        if to_log is not None:
-            repeats = f" ({to_log} such records from this sender since the last line)" if to_log > 1 else ""
-            logger.warning(f"refused a {self._kinds[record.key][0]} record ({reason}): {detail}{repeats}")
+        refuse(logger, reason, record.subkey + b"\0" + record.value, owner_peer_id(record.subkey) or "unsigned",
+               detail, f"a {self._kinds[record.key][0]} record")
         return False
 
     def check(self, record: DHTRecord) -> Verdict:
@@ -122,3 +120,31 @@ class SignedRecordGuard(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return type(other) is type(self) and other._kinds == self._kinds
+
+
+class KeyGuard(RecordValidatorBase):
+    """Refuses, under one DHT key, every record :meth:`check` finds fault with; other keys are not its
+    business. For kinds whose values carry their own signature (the run authority's manifests and
+    certificates), where :class:`SignedRecordGuard`'s owner subkeys do not apply.
+
+    :param key: the DHT key; :param what: how a log line names a refused record of it.
+    """
+
+    def __init__(self, key: str, what: str):
+        self.key, self.what = key, what
+        self._key_id = DHTID.generate(source=key).to_bytes()
+
+    def check(self, record: DHTRecord) -> Verdict:
+        raise NotImplementedError
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        reason, detail = self.check(record)
+        if reason is None:
+            return True
+        refuse(logger, reason, record.subkey + b"\0" + record.value, self.what, detail, self.what)
+        return False
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return type(other) is type(self) and other.key == self.key
