@@ -8,7 +8,9 @@ survivors stay identical instead of each keeping its own values as plain hivemin
 
 Everything is pulled: a member fetches what it needs from the member that has it (``Outbox``);
 silence longer than ``chunk_timeout`` marks that member as gone, so a dead peer costs at most one
-chunk timeout per phase. Parts with non-finite values are refused when sent and when received.
+chunk timeout per phase, and so do heartbeats without data for longer than ``chunk_timeout`` plus the
+time this peer has spent in the all-reduce so far (a member may be that much slower; one that only
+heartbeats is cut). Parts with non-finite values are refused when sent and when received.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from swarm.compression.payloads import PayloadError, decode_payload
 
 logger = get_logger(__name__)
 
-Fetch = Callable[[PeerID, tuple, int], Awaitable[tuple[dict, list[runtime_pb2.Tensor]]]]
+# (peer, outbox key, max_bytes, allowance) -> (header, payloads); see AveragingService._fetch
+Fetch = Callable[[PeerID, tuple, int, float], Awaitable[tuple[dict, list[runtime_pb2.Tensor]]]]
 
 
 @dataclass
@@ -108,13 +111,15 @@ async def run_allreduce(
     """Average ``tensors`` with the group, weighting this peer by ``weight`` (e.g. its samples).
 
     :param phase: distinguishes several all-reduces within one group (PowerSGD uses two).
-    :param fetch: coroutine(peer, outbox key, max_bytes) -> (header, payloads) from that peer's outbox.
+    :param fetch: coroutine(peer, outbox key, max_bytes, allowance) -> (header, payloads) from that peer's
+      outbox; ``allowance`` is the seconds this peer has spent in the all-reduce so far, which the entry may
+      take again to be ready (:meth:`swarm.averaging.service.AveragingService._fetch`).
     :param accepted: the payload formats accepted from others (:func:`swarm.compression.registry.wire_codecs`).
     :param check_own_input: abstain rather than send NaN/Inf; False only to play a broken peer in tests.
     """
     started = time.perf_counter()
     buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
-    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted))
+    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted), started=started)
     sent = await run.offer_inputs(weight, check=check_own_input)
     await run.reduce_my_part()
     await run.gather_outputs()
@@ -138,15 +143,21 @@ class _Run:
     ``vectors[k][bounds[k][i][0]:bounds[k][i][1]]``; member ``i`` reduces it."""
 
     def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch,
-                 accepted: frozenset[str]):
-        self.group, self.buckets, self.phase, self.outbox, self.fetch = group, buckets, phase, outbox, fetch
-        self.accepted = accepted
+                 accepted: frozenset[str], *, started: float):
+        self.group, self.buckets, self.phase, self.outbox, self._fetch = group, buckets, phase, outbox, fetch
+        self.accepted, self.started = accepted, started
         self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
         self.results: dict[int, list[torch.Tensor]] = {}
         self.missing: set[int] = set()
         self.gone: set[int] = set()  # members that failed to answer: not asked again this round
         self.contributors = self.refused = self.bytes_sent = self.bytes_received = 0
         self.weight, self.finite = 0.0, True
+
+    async def fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
+        """``peer``'s entry ``key``. The entry may take as long again to be ready as this peer has spent in
+        this all-reduce so far (a member that much slower still gets through): heartbeats alone for
+        longer than that plus ``chunk_timeout`` fail the fetch."""
+        return await self._fetch(peer, key, max_bytes, time.perf_counter() - self.started)
 
     def numels(self, index: int) -> list[int]:
         return [bucket[index][1] - bucket[index][0] for bucket in self.bounds]
