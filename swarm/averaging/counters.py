@@ -14,7 +14,7 @@ class Counters:
     nonfinite_updates: int = 0  # rounds in which this peer's own update held NaN/Inf
     refused_inputs: int = 0  # parts from others refused (NaN/Inf, malformed)
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
-    dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
+    dropped_parts: int = 0  # parts set to zero here: their reducer failed and no member reached held them
     state_downloads: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0

@@ -67,6 +67,9 @@ class AveragingService(ServicerBase):
     :param admit: peer -> None if it may call this service, else the reason it may not
       (:meth:`swarm.net.admission.Admission.refusal`, asked about libp2p's authenticated caller id of every
       request); None: anyone may (a run without a manifest).
+    :param drop_reported: drop every part that any member of a round reports lacking, as swarm did
+      before issue 11 (one member's report vetoed a part for all); True only in a harness that shows
+      that attack (:func:`swarm.averaging.allreduce.run_allreduce`).
     :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
       end, bytes}`` (``error`` instead of ``bytes`` if it failed), on the service's loop: keep it cheap.
       For traces in benchmarks and for fault tests that strike while parts are moving.
@@ -76,8 +79,9 @@ class AveragingService(ServicerBase):
                  accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
-                 fetch_observer: Optional[Callable[[dict], None]] = None):
+                 fetch_observer: Optional[Callable[[dict], None]] = None, drop_reported: bool = False):
         self.dht, self.run_id, self.owner, self.admit = dht, run_id, owner, admit
+        self.drop_reported = drop_reported
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
@@ -174,7 +178,7 @@ class AveragingService(ServicerBase):
         coroutine = run_allreduce(group, tensors, weight=weight, phase=phase, outbox=self.outbox,
                                   fetch=self._observed_fetch if self.fetch_observer else self._fetch,
                                   choose_codec=choose_codec, accepted=self.accepted_codecs,
-                                  check_own_input=self.check_own_input)
+                                  check_own_input=self.check_own_input, drop_reported=self.drop_reported)
         result = self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
         self._loop.call_soon_threadsafe(self.matchmaker.remember, group, result.gone)  # before the next round
         return result
