@@ -34,6 +34,7 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.logging import use_hivemind_log_handler
 
+from harness.hostile import make_hostile
 from harness.netlab import Lab, interface_bytes, process_tree_cpu, wait_for_file
 from swarm.averaging.averager import Averager
 from swarm.averaging.group import RoundMissed
@@ -76,6 +77,12 @@ def _parse_args() -> argparse.Namespace:
                         help="serve parts to anyone who asks (the defence against --snoop turned off)")
     parser.add_argument("--rogue", action="store_true",
                         help="skip this peer's own NaN check, as a hostile or buggy peer would, so NaN goes out")
+    # issue 11, "no veto, no stall": hostile members (harness/hostile.py) and the veto's defence turned off
+    parser.add_argument("--veto", action="store_true", help="report every part missing in this peer's commit")
+    parser.add_argument("--stall", action="store_true",
+                        help="answer fetches of this peer's inputs and reduced part with heartbeats only, never data")
+    parser.add_argument("--drop-reported", action="store_true",
+                        help="drop every part any member reports missing (the defence against --veto turned off)")
     return parser.parse_args()
 
 
@@ -120,7 +127,9 @@ def main() -> None:
     averager = Averager(dht=dht, run_id="bench", averaging=averaging, check_own_input=not args.rogue,
                         check_fetchers=not args.no_fetch_check,
                         accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
-                        fetch_observer=fetches.observe)
+                        fetch_observer=fetches.observe,
+                        drop_reported=args.drop_reported)
+    make_hostile(averager.service, veto=args.veto, stall=args.stall)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -186,6 +195,8 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         cpu={name: round(cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0), 3) for name in cpu_after},
         missing_parts=result.missing_parts if result else [], members=[_index_of(peer) for peer in group.members],
         numel=numel,
+        repaired_parts=result.repaired_parts if result else [],
+        gone=[_index_of(group.members[index]) for index in result.gone] if result else [],
     )
     if args.snoop:
         record.update(_snoop(averager, group, numel))
