@@ -26,6 +26,7 @@ from hivemind.utils import get_logger
 
 from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
 from swarm.averaging.outbox import Entry, Outbox
+from swarm.averaging.robust import Aggregate, CenteredClip, WeightedMean
 from swarm.compression.payloads import PayloadError, decode_payload
 
 logger = get_logger(__name__)
@@ -42,6 +43,9 @@ class AllreduceResult:
     # members that failed to answer this peer (timed out, broke off, refused): the next round does not wait for them
     gone: list[int] = field(default_factory=list)
     refused_inputs: int = 0  # inputs refused because they held NaN/Inf or did not match
+    # robust aggregation of this peer's part: member -> share of its input's deviation kept (clipped ones only)
+    clipped: dict[int, float] = field(default_factory=dict)
+    capped_weights: dict[int, float] = field(default_factory=dict)  # member -> weight it counted with, if capped
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -104,6 +108,7 @@ async def run_allreduce(
     choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
     accepted: Collection[str] = ("NONE",),
     check_own_input: bool = True,
+    aggregator: WeightedMean | CenteredClip = WeightedMean(),
 ) -> AllreduceResult:
     """Average ``tensors`` with the group, weighting this peer by ``weight`` (e.g. its samples).
 
@@ -111,10 +116,12 @@ async def run_allreduce(
     :param fetch: coroutine(peer, outbox key, max_bytes) -> (header, payloads) from that peer's outbox.
     :param accepted: the payload formats accepted from others (:func:`swarm.compression.registry.wire_codecs`).
     :param check_own_input: abstain rather than send NaN/Inf; False only to play a broken peer in tests.
+    :param aggregator: how this peer, as a reducer, combines the members' inputs for its part
+      (:mod:`swarm.averaging.robust`: the plain weighted mean, or CenteredClip).
     """
     started = time.perf_counter()
     buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
-    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted))
+    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted), aggregator)
     sent = await run.offer_inputs(weight, check=check_own_input)
     await run.reduce_my_part()
     await run.gather_outputs()
@@ -126,6 +133,8 @@ async def run_allreduce(
         missing_parts=sorted(run.missing),
         gone=sorted(run.gone),
         refused_inputs=run.refused,
+        clipped=run.clipped,
+        capped_weights=run.capped,
         bytes_sent=run.bytes_sent,
         bytes_received=run.bytes_received,
         seconds=time.perf_counter() - started,
@@ -138,9 +147,11 @@ class _Run:
     ``vectors[k][bounds[k][i][0]:bounds[k][i][1]]``; member ``i`` reduces it."""
 
     def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch,
-                 accepted: frozenset[str]):
+                 accepted: frozenset[str], aggregator: WeightedMean | CenteredClip):
         self.group, self.buckets, self.phase, self.outbox, self.fetch = group, buckets, phase, outbox, fetch
-        self.accepted = accepted
+        self.accepted, self.aggregator = accepted, aggregator
+        self.clipped: dict[int, float] = {}
+        self.capped: dict[int, float] = {}
         self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
         self.results: dict[int, list[torch.Tensor]] = {}
         self.missing: set[int] = set()
@@ -192,11 +203,10 @@ class _Run:
         return sent
 
     async def reduce_my_part(self) -> None:
-        """Average my part over my own input and every input that arrives, and offer the result."""
+        """Combine my part of my own input and of every input that arrives (``aggregator``), and offer the result."""
         me = self.group.my_index
         mine = [vector[a:b] for vector, (a, b) in zip(self.buckets.vectors, (bounds[me] for bounds in self.bounds))]
-        totals = [part * self.weight if self.finite else torch.zeros_like(part) for part in mine]  # NaN * 0 = NaN
-        total_weight, self.contributors = self.weight, int(self.finite)
+        inputs = [(me, mine, self.weight)] if self.finite else []  # NaN * 0 = NaN: a non-finite input stays out
         max_bytes = 8 * sum(self.numels(me)) + 4096
 
         async def fetch_input(index: int, peer: PeerID):
@@ -207,7 +217,8 @@ class _Run:
                 self.gone.add(index)
                 return None
 
-        for reply in await asyncio.gather(*(fetch_input(index, peer) for index, peer in self.group.others())):
+        others = self.group.others()
+        for (index, _), reply in zip(others, await asyncio.gather(*(fetch_input(i, peer) for i, peer in others))):
             if reply is None:
                 continue
             header, payloads = reply
@@ -219,10 +230,9 @@ class _Run:
                 self.refused += 1
                 logger.warning(f"round {self.group.round}: refused an input (NaN/Inf, wrong size or bad weight)")
                 continue
-            totals = [total + part * float(peer_weight) for total, part in zip(totals, decoded)]
-            total_weight += float(peer_weight)
-            self.contributors += 1
-        averaged = [total / total_weight if total_weight > 0 else torch.zeros_like(total) for total in totals]
+            inputs.append((index, decoded, float(peer_weight)))
+        self.contributors = len(inputs)
+        averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
         reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
         self.outbox.put(self.key("out", me), Entry(reduced, {"contributors": self.contributors}))
         self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
@@ -231,6 +241,34 @@ class _Run:
             self.missing.add(me)
         else:
             self.results[me] = own
+
+    def combine(self, inputs: list[tuple[int, list[torch.Tensor], float]]) -> list[torch.Tensor]:
+        """My part (one tensor per bucket) from the members' inputs (member, its pieces, its weight):
+        each member's pieces are one vector to the aggregator, which sees the whole part at once."""
+        numels = self.numels(self.group.my_index)
+        if not inputs:
+            return [torch.zeros(numel) for numel in numels]
+        vectors = [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for _, pieces, _ in inputs]
+        result = self.aggregator.aggregate(vectors, [weight for _, _, weight in inputs])
+        members = [index for index, _, _ in inputs]
+        self.clipped = {members[i]: kept for i, kept in result.clipped.items()}
+        self.capped = {members[i]: weight for i, weight in result.capped.items()}
+        self.report(result, members, [weight for _, _, weight in inputs])
+        return list(result.vector.split(numels))
+
+    def report(self, result: Aggregate, members: list[int], declared: list[float]) -> None:
+        """Log what robust aggregation held back of whom: a WARNING for an input that kept less than half
+        of its deviation from the others (or a weight cut to less than half), else INFO."""
+        name = lambda index: self.group.members[index].to_base58()  # noqa: E731
+        where = f"round {self.group.round}, part {self.group.my_index}"
+        for position, kept in result.clipped.items():
+            log = logger.warning if kept < 0.5 else logger.info
+            log(f"{where}: clipped the input of member {name(members[position])} to {kept:.3g} of its distance "
+                f"from the centre (radius {result.radius:.3g}, robust scale {result.scale:.3g})")
+        for position, weight in result.capped.items():
+            log = logger.warning if weight < 0.5 * declared[position] else logger.info
+            log(f"{where}: member {name(members[position])} declared weight {declared[position]:g}, "
+                f"counted with {weight:g}")
 
     async def gather_outputs(self) -> None:
         """Fetch every other member's reduced part; a part that does not come is missing. A member that

@@ -16,7 +16,8 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_logger
 
 from swarm.averaging.counters import Counters
-from swarm.averaging.group import Group, RoundMissed
+from swarm.averaging.group import MAX_WEIGHT, Group, RoundMissed
+from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.averaging.service import AveragingService
 from swarm.compression.finite import check_finite
 from swarm.compression.plan import CompressionPlan
@@ -34,7 +35,9 @@ class Averaged:
 
 class Averager:
     """:param averaging: the shared averaging section (:class:`swarm.config.schema.AveragingConfig`):
-      codec, error feedback, chunk, request and round timeouts.
+      codec, error feedback, chunk, request and round timeouts, robust aggregation (``robust``; null: off).
+    :param max_weight: the most one member may weigh at this peer's reducer under robust aggregation:
+      the run's plausible samples per peer and round (:class:`swarm.net.diloco_records.RecordBounds`).
     :param check_own_input: refuse to send this peer's own NaN/Inf (it abstains instead). False only
       in a fault-injection harness that plays a broken peer.
     :param accepted_codecs: payload formats accepted from others; by default those of
@@ -46,9 +49,10 @@ class Averager:
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  accepted_codecs: Optional[Collection[str]] = None,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
-                 fetch_observer: Optional[Callable[[dict], None]] = None):
+                 fetch_observer: Optional[Callable[[dict], None]] = None, max_weight: float = MAX_WEIGHT):
         self.averaging = averaging
         self.counters = Counters()
+        self.aggregator = make_aggregator(averaging.robust, max_weight=max_weight)
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
                                     powersgd_rank=averaging.powersgd_rank,
                                     adaptive_threshold=averaging.adaptive_threshold)
@@ -111,9 +115,11 @@ class Averager:
 
     def _allreduce(self, group: Group, tensors, weight: float, phase: int, choose_codec):
         result = self.service.allreduce(group, tensors, weight=weight, phase=phase, choose_codec=choose_codec,
-                                        timeout=self.averaging.averaging_timeout)
+                                        timeout=self.averaging.averaging_timeout, aggregator=self.aggregator)
         counters = self.counters
         counters.refused_inputs += result.refused_inputs
+        counters.clipped_inputs += len(result.clipped)
+        counters.capped_weights += len(result.capped_weights)
         counters.dropped_parts += len(result.missing_parts)
         counters.bytes_received += result.bytes_received
         counters.bytes_sent += result.bytes_sent
@@ -126,3 +132,12 @@ class Averager:
 
     def shutdown(self) -> None:
         self.service.shutdown()
+
+
+def make_aggregator(robust, *, max_weight: float = MAX_WEIGHT) -> WeightedMean | CenteredClip:
+    """The reducer's aggregator for the ``averaging.robust`` section (:class:`swarm.config.schema.RobustConfig`);
+    None: the plain weighted mean."""
+    if robust is None:
+        return WeightedMean()
+    return CenteredClip(radius=robust.radius, iterations=robust.iterations,
+                        max_weight_ratio=robust.max_weight_ratio, max_weight=max_weight)

@@ -13,6 +13,8 @@ class Counters:
     rounds_failed: int = 0  # this peer averaged alone or with local gradients instead of with its group
     nonfinite_updates: int = 0  # rounds in which this peer's own update held NaN/Inf
     refused_inputs: int = 0  # parts from others refused (NaN/Inf, malformed)
+    clipped_inputs: int = 0  # inputs to this peer's part that robust aggregation clipped (one per member and round)
+    capped_weights: int = 0  # ... and whose declared weight it capped
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
     dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
     state_downloads: int = 0

@@ -29,6 +29,7 @@ from swarm.averaging.allreduce import AllreduceResult, run_allreduce
 from swarm.averaging.group import MAX_WEIGHT, Group
 from swarm.averaging.matchmaking import Matchmaker
 from swarm.averaging.outbox import Outbox
+from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.compression.payloads import decode_payload
 from swarm.errors import BackgroundError
 
@@ -167,11 +168,11 @@ class AveragingService(ServicerBase):
 
     def allreduce(self, group: Group, tensors: Sequence[torch.Tensor], *, weight: float, phase: int = 0,
                   choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
-                  timeout: float) -> AllreduceResult:
+                  timeout: float, aggregator: WeightedMean | CenteredClip = WeightedMean()) -> AllreduceResult:
         coroutine = run_allreduce(group, tensors, weight=weight, phase=phase, outbox=self.outbox,
                                   fetch=self._observed_fetch if self.fetch_observer else self._fetch,
                                   choose_codec=choose_codec, accepted=self.accepted_codecs,
-                                  check_own_input=self.check_own_input)
+                                  check_own_input=self.check_own_input, aggregator=aggregator)
         result = self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
         self._loop.call_soon_threadsafe(self.matchmaker.remember, group, result.gone)  # before the next round
         return result
