@@ -233,6 +233,7 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         # robust aggregation of this peer's part: member (as in "members") -> share kept, or weight counted
         clipped={_index_of(group.members[i]): kept for i, kept in (result.clipped if result else {}).items()},
         capped_weights={_index_of(group.members[i]): w for i, w in (result.capped_weights if result else {}).items()},
+        farthest=result.farthest if result else 0.0,
     )
     if args.snoop:
         record.update(_snoop(averager, group, numel))

@@ -64,6 +64,7 @@ def test_fewer_than_half_outliers_at_any_scale_move_the_result_by_at_most_the_ra
     assert error <= 1.05 * k / (n - k) * result.radius, (error, result.radius)
     assert result.radius <= 2.0 * 1.5 * spread(honest), "an outlier must not widen the radius"
     assert set(result.clipped) == set(range(n - k, n)), result.clipped
+    assert result.farthest > 2.0
 
 
 @pytest.mark.parametrize("name", ["scale1000", "signflip", "noise100"])
@@ -113,6 +114,7 @@ def test_without_outliers_the_result_is_the_weighted_mean(n):
     robust = CenteredClip().aggregate(inputs, weights)
     plain = WeightedMean().aggregate(inputs, weights)
     assert robust.clipped == {} and robust.capped == {} and robust.iterations == 2
+    assert robust.farthest < 1.2, "i.i.d. inputs lie at about the same distance from their median"
     assert torch.allclose(robust.vector, plain.vector, rtol=0, atol=1e-5 * float(plain.vector.abs().max()))
 
 

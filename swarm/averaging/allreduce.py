@@ -46,6 +46,7 @@ class AllreduceResult:
     # robust aggregation of this peer's part: member -> share of its input's deviation kept (clipped ones only)
     clipped: dict[int, float] = field(default_factory=dict)
     capped_weights: dict[int, float] = field(default_factory=dict)  # member -> weight it counted with, if capped
+    farthest: float = 0.0  # the farthest input from the others, in robust scales (see robust.Aggregate)
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -135,6 +136,7 @@ async def run_allreduce(
         refused_inputs=run.refused,
         clipped=run.clipped,
         capped_weights=run.capped,
+        farthest=run.farthest,
         bytes_sent=run.bytes_sent,
         bytes_received=run.bytes_received,
         seconds=time.perf_counter() - started,
@@ -152,6 +154,7 @@ class _Run:
         self.accepted, self.aggregator = accepted, aggregator
         self.clipped: dict[int, float] = {}
         self.capped: dict[int, float] = {}
+        self.farthest = 0.0
         self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
         self.results: dict[int, list[torch.Tensor]] = {}
         self.missing: set[int] = set()
@@ -248,11 +251,14 @@ class _Run:
         numels = self.numels(self.group.my_index)
         if not inputs:
             return [torch.zeros(numel) for numel in numels]
-        vectors = [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for _, pieces, _ in inputs]
-        result = self.aggregator.aggregate(vectors, [weight for _, _, weight in inputs])
+        rows = torch.empty(len(inputs), sum(numels))  # one copy of each input, where the aggregator reads it
+        for row, (_, pieces, _) in zip(rows, inputs):
+            torch.cat(pieces, out=row)
+        result = self.aggregator.aggregate(rows, [weight for _, _, weight in inputs])
         members = [index for index, _, _ in inputs]
         self.clipped = {members[i]: kept for i, kept in result.clipped.items()}
         self.capped = {members[i]: weight for i, weight in result.capped.items()}
+        self.farthest = result.farthest
         self.report(result, members, [weight for _, _, weight in inputs])
         return list(result.vector.split(numels))
 
@@ -261,6 +267,8 @@ class _Run:
         of its deviation from the others (or a weight cut to less than half), else INFO."""
         name = lambda index: self.group.members[index].to_base58()  # noqa: E731
         where = f"round {self.group.round}, part {self.group.my_index}"
+        logger.debug(f"{where}: {len(members)} inputs, robust scale {result.scale:.3g}, farthest input "
+                     f"{result.farthest:.3g} x scale, radius {result.radius:.3g}, {result.iterations} steps")
         for position, kept in result.clipped.items():
             log = logger.warning if kept < 0.5 else logger.info
             log(f"{where}: clipped the input of member {name(members[position])} to {kept:.3g} of its distance "

@@ -120,6 +120,7 @@ class Averager:
         counters.refused_inputs += result.refused_inputs
         counters.clipped_inputs += len(result.clipped)
         counters.capped_weights += len(result.capped_weights)
+        counters.peak_distance_ratio = max(counters.peak_distance_ratio, round(result.farthest, 3))
         counters.dropped_parts += len(result.missing_parts)
         counters.bytes_received += result.bytes_received
         counters.bytes_sent += result.bytes_sent

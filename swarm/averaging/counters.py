@@ -15,6 +15,9 @@ class Counters:
     refused_inputs: int = 0  # parts from others refused (NaN/Inf, malformed)
     clipped_inputs: int = 0  # inputs to this peer's part that robust aggregation clipped (one per member and round)
     capped_weights: int = 0  # ... and whose declared weight it capped
+    # the farthest any input to this peer's part came from the others, in robust scales (averaging.robust.radius
+    # and beyond is clipped): how much room honest peers leave, for tuning the radius
+    peak_distance_ratio: float = 0.0
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
     dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
     state_downloads: int = 0

@@ -66,15 +66,17 @@ class Aggregate:
     capped: dict[int, float] = field(default_factory=dict)  # input -> the weight it counted with, below its declared one
     radius: float = float("inf")  # tau, in the units of the inputs
     scale: float = 0.0  # s: median distance of the inputs from their coordinate-wise median
+    farthest: float = 0.0  # the largest of those distances, in units of s (above ``radius``: clipped)
     iterations: int = 0
 
 
 class WeightedMean:
     """``averaging.robust: null``: the plain weighted mean, every input and weight taken as given."""
 
-    def aggregate(self, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> Aggregate:
+    def aggregate(self, inputs: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[float]) -> Aggregate:
+        """:param inputs: one row per input (n x P), or a list of n tensors of one shape."""
         total = float(sum(weights))
-        if not inputs or total <= 0:
+        if len(inputs) == 0 or total <= 0:
             return Aggregate(_zeros_like(inputs), 0.0)
         result = torch.zeros_like(inputs[0])
         for vector, weight in zip(inputs, weights):
@@ -104,23 +106,33 @@ class CenteredClip:
         self.radius, self.iterations, self.tolerance = radius, iterations, tolerance
         self.max_weight_ratio, self.max_weight = max_weight_ratio, max_weight
 
-    def aggregate(self, inputs: Sequence[torch.Tensor], weights: Sequence[float]) -> Aggregate:
+    def aggregate(self, inputs: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[float]) -> Aggregate:
+        """:param inputs: one row per input (n x P, float32: what the reducer builds, no copy), or a list
+        of n tensors of one shape."""
         capped_weights, capped = self.cap_weights(weights)
         kept = [i for i, weight in enumerate(capped_weights) if weight > 0]  # weight 0 counts for nothing
         if not kept:
             return Aggregate(_zeros_like(inputs), 0.0, capped=capped)
-        stacked = torch.stack([inputs[i].reshape(-1).float() for i in kept])
+        if isinstance(inputs, torch.Tensor) and inputs.dtype == torch.float32 and len(kept) == len(inputs):
+            stacked = inputs.reshape(len(inputs), -1)
+        else:
+            stacked = torch.stack([inputs[i].reshape(-1).float() for i in kept])
         w = torch.tensor([capped_weights[i] for i in kept], dtype=torch.float64)
         w = w / w.sum()
 
         centre = coordinate_median(stacked)
-        scale = _median(_distances(stacked - centre))
+        deviations = stacked - centre
+        distances = _distances(deviations)
+        scale = _median(distances)
         tau = self.radius * scale
+        farthest = float(distances.max()) / scale if scale > 0 else 0.0
 
         steps, factors = 0, torch.ones(len(kept), dtype=torch.float64)
         for steps in range(1, self.iterations + 1):
-            deviations = stacked - centre
-            factors = _clip_factors(_distances(deviations), tau)
+            if steps > 1:  # the first step starts from the median, whose deviations and distances are known
+                deviations = stacked - centre
+                distances = _distances(deviations)
+            factors = _clip_factors(distances, tau)
             step = (w * factors).to(stacked.dtype) @ deviations
             centre = centre + step
             if float(step.norm(dtype=torch.float64)) <= self.tolerance * tau:
@@ -128,7 +140,7 @@ class CenteredClip:
         # measured before the last step, which moved the centre by at most tolerance x tau (unless iterations ran out)
         clipped = {kept[j]: float(f) for j, f in enumerate(factors) if f < 1}
         return Aggregate(centre.reshape(inputs[0].shape), float(sum(capped_weights)), clipped=clipped, capped=capped,
-                         radius=tau, scale=scale, iterations=steps)
+                         radius=tau, scale=scale, farthest=farthest, iterations=steps)
 
     def cap_weights(self, weights: Sequence[float]) -> tuple[list[float], dict[int, float]]:
         """Weights capped at ``max_weight`` and at ``max_weight_ratio`` x the median positive weight;
@@ -141,8 +153,8 @@ class CenteredClip:
         return result, {i: result[i] for i, weight in enumerate(weights) if weight > limit}
 
 
-def _zeros_like(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.zeros_like(inputs[0]) if inputs else torch.zeros(0)
+def _zeros_like(inputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.zeros_like(inputs[0]) if len(inputs) else torch.zeros(0)
 
 
 def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
