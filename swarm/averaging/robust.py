@@ -29,6 +29,13 @@ weight) are hostile:
    less than ``tolerance x tau`` or after ``iterations`` steps (a contraction by about the clipped
    weight share per step: a few steps with one attacker of four).
 
+Compression and error feedback: the reducer decodes every input, aggregates, and encodes the result
+with the part's codec, as it does for the plain mean, so CenteredClip sees what the codecs delivered. A
+peer's error-feedback residual stays what compression dropped of its own contribution, never what
+clipping held back: re-sending the clipped remainder would bring a far input back round after round,
+and the residual of a peer that stays far from the others (its data differ) would grow every round.
+PowerSGD's two all-reduces (of P and of Q) go through the same reducers, so its factors are clipped too.
+
 What it does not absorb: that bias (an input inside the radius, or a far one held at it, moves every
 round's result by up to ``d / (1 - d) x tau``: ``tests/test_robust_aggregation.py`` measures 0.8 x
 the honest inputs' spread for one attacker of four), a hostile majority, and a hostile *reducer* (the member that reduces a part can return
