@@ -41,6 +41,7 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.logging import use_hivemind_log_handler
 
+from harness.hostile import make_hostile
 from harness.netlab import Lab, interface_bytes, process_tree_cpu, wait_for_file
 from swarm.averaging.averager import Averager
 from swarm.averaging.group import RoundMissed
@@ -110,6 +111,12 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--shared", type=float, default=0.0,
                         help="weight of a direction all peers' updates share (0: independent updates)")
     parser.add_argument("--no-robust", action="store_true", help="averaging.robust: null (the plain weighted mean)")
+    # issue 11, "no veto, no stall": hostile members (harness/hostile.py) and the veto's defence turned off
+    parser.add_argument("--veto", action="store_true", help="report every part missing in this peer's commit")
+    parser.add_argument("--stall", action="store_true",
+                        help="answer fetches of this peer's inputs and reduced part with heartbeats only, never data")
+    parser.add_argument("--drop-reported", action="store_true",
+                        help="drop every part any member reports missing (the defence against --veto turned off)")
     return parser.parse_args()
 
 
@@ -163,7 +170,9 @@ def main() -> None:
     averager = Averager(dht=dht, run_id="bench", averaging=averaging, check_own_input=not args.rogue,
                         check_fetchers=not args.no_fetch_check,
                         accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
-                        fetch_observer=fetches.observe)
+                        fetch_observer=fetches.observe,
+                        drop_reported=args.drop_reported)
+    make_hostile(averager.service, veto=args.veto, stall=args.stall)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -234,6 +243,8 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         clipped={_index_of(group.members[i]): kept for i, kept in (result.clipped if result else {}).items()},
         capped_weights={_index_of(group.members[i]): w for i, w in (result.capped_weights if result else {}).items()},
         farthest=result.farthest if result else 0.0,
+        repaired_parts=result.repaired_parts if result else [],
+        gone=[_index_of(group.members[index]) for index in result.gone] if result else [],
     )
     if args.snoop:
         record.update(_snoop(averager, group, numel))

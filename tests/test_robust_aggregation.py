@@ -175,7 +175,7 @@ class LocalGroup:
     def group(self, index: int) -> Group:
         return Group(self.round, self.group_id, self.members, index, (1.0,) * len(self.members))
 
-    async def _fetch(self, peer, key, max_bytes):
+    async def _fetch(self, peer, key, max_bytes, allowance=0.0):
         entry = await self.outboxes[peer].get(key, timeout=10)
         if entry is None:
             raise TimeoutError(f"nothing under {key}")

@@ -42,14 +42,15 @@ class Averager:
       in a fault-injection harness that plays a broken peer.
     :param accepted_codecs: payload formats accepted from others; by default those of
       ``averaging.compression`` (a benchmark that cycles codecs passes them all).
-    :param owner, check_fetchers, admit, fetch_observer: see :class:`AveragingService`.
+    :param owner, check_fetchers, admit, fetch_observer, drop_reported: see :class:`AveragingService`.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  accepted_codecs: Optional[Collection[str]] = None,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
-                 fetch_observer: Optional[Callable[[dict], None]] = None, max_weight: float = MAX_WEIGHT):
+                 fetch_observer: Optional[Callable[[dict], None]] = None, max_weight: float = MAX_WEIGHT,
+                 drop_reported: bool = False):
         self.averaging = averaging
         self.counters = Counters()
         self.aggregator = make_aggregator(averaging.robust, max_weight=max_weight)
@@ -60,7 +61,8 @@ class Averager:
                                         request_timeout=averaging.request_timeout,
                                         accepted_codecs=accepted_codecs or wire_codecs(averaging.compression),
                                         check_own_input=check_own_input, owner=owner, check_fetchers=check_fetchers,
-                                        admit=admit, fetch_observer=fetch_observer).start()
+                                        admit=admit, fetch_observer=fetch_observer,
+                                        drop_reported=drop_reported).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
 

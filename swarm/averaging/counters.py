@@ -19,7 +19,7 @@ class Counters:
     # and beyond is clipped): how much room honest peers leave, for tuning the radius
     peak_distance_ratio: float = 0.0
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
-    dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
+    dropped_parts: int = 0  # parts set to zero here: their reducer failed and no member reached held them
     state_downloads: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
