@@ -355,7 +355,7 @@ class _Run:
             try:
                 header, _ = await self.fetch(peer, self.key("commit", 0), 4096)
                 lacking = {int(part) for part in header.get("missing", []) if 0 <= int(part) < n}
-            except Exception:  # a member gone by now is not asked for parts, nor offered any
+            except Exception:  # a member gone by now is not asked for parts
                 self.gone.add(index)
                 return
             self.lacking[index] = lacking
@@ -380,8 +380,8 @@ class _Run:
                     self.results[part] = decoded
                     self.repaired.append(part)
         if self.missing:
-            logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by this member "
-                           f"({sorted(self.missing)}; no member it reached held them)")
+            logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by this member: "
+                           f"{sorted(self.missing)}")
 
     async def _repair_part(self, part: int) -> tuple[int, Optional[list[torch.Tensor]]]:
         holders = [index for index, lacking in sorted(self.lacking.items()) if part not in lacking and index != part]
