@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -11,11 +11,13 @@
 4. ``kill_scenario.py``: one of three peers killed (or cut off) mid all-reduce, repeated, next to
    hivemind's figures from BASELINES.md;
 5. ``admission_cost.py``: what a private run's admission costs (DHT authorizer per request; join time,
-   round time, bytes and CPU per round of a private run next to the same run open).
-Benchmarks 2-5 need root (network namespaces) and are skipped with a message without it. Each writes
+   round time, bytes and CPU per round of a private run next to the same run open);
+6. ``robust_overhead.py``: robust aggregation's price without attackers (the reducer's CPU time, the
+   all-reduce's round time on vs off; ``python -m benchmarks.robust_overhead --loss`` adds held-out loss).
+Benchmarks 2-6 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
-for the admission benchmark.
+for the admission benchmark and about 4 (``--quick``: 2) for the robust one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ BENCHMARKS = {  # name -> (script, arguments for --quick)
     "training": ("training", ["--quick"]),
     "kill": ("kill_scenario", ["--quick"]),
     "admission": ("admission_cost", ["--quick", "--repeats", "1"]),
+    "robust": ("robust_overhead", ["--quick"]),
 }
 
 

@@ -98,6 +98,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         sets = ["averaging.mode=diloco", f"averaging.compression={options['compression']}",
                 f"diloco.inner_steps={options['inner_steps']}"]
     sets += [f"training.max_epochs={epochs}", "checkpoint=null"] + ([] if KEEP_METRICS else ["metrics=null"])
+    sets += [] if options.get("robust", True) else ["averaging.robust=null"]  # benchmarks/robust_overhead.py
     hosts = TRAINERS + 1  # host 0: the bootstrap peer
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
     with Lab(hosts, rate=None) as lab:

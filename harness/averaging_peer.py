@@ -15,6 +15,13 @@ of parts it has fetched in that round (``parts_fetched``), so a fault injector k
 after ``--warmup`` rounds (connections are set up in the first one) that are marked as such.
 ``--trace`` also records, per round, when each fetch of the all-reduce started and ended (reduce-
 scatter inputs ``in``, all-gather outputs ``out``, ``commit``), to see where the time goes.
+
+``--attack`` plays a hostile member (it still runs the honest reducer for its own part): ``scale1000``
+sends its update x1000, ``signflip`` x-4, ``noise100`` Gaussian noise of 100 times its norm, ``weight``
+its ordinary update with weight 1000 (the others declare 1); several, separated by commas, take turns
+round by round (round r plays the (r mod count)-th). ``--shared S`` makes the peers' updates
+similar, as gradients of one model are: S times a direction all share, plus each one's own noise.
+``--no-robust`` turns robust aggregation off (``averaging.robust: null``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.logging import use_hivemind_log_handler
 
+from harness.hostile import make_hostile
 from harness.netlab import Lab, interface_bytes, process_tree_cpu, wait_for_file
 from swarm.averaging.averager import Averager
 from swarm.averaging.group import RoundMissed
@@ -43,10 +51,31 @@ from swarm.config.schema import AveragingConfig, NetworkConfig
 from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.train.rounds import RoundTracker
 
+ATTACKS = ("scale1000", "signflip", "noise100", "weight")
+ATTACK_WEIGHT = 1000.0  # what ``--attack weight`` declares; honest peers declare 1
 
-def contribution(index: int, round_number: int, numel: int) -> torch.Tensor:
+
+def contribution(index: int, round_number: int, numel: int, shared: float = 0.0) -> torch.Tensor:
+    """Peer ``index``'s update in a round: its own N(0, 1) noise, plus ``shared`` x a direction shared by all."""
     generator = torch.Generator().manual_seed(1000 * round_number + index)
-    return torch.randn(numel, generator=generator)
+    own = torch.randn(numel, generator=generator)
+    if shared:
+        own += shared * torch.randn(numel, generator=torch.Generator().manual_seed(10**9 + round_number))
+    return own
+
+
+def attacked(attack: str | None, update: torch.Tensor, round_number: int) -> tuple[torch.Tensor, float]:
+    """What a member playing ``attack`` sends instead of ``update``, and the weight it declares."""
+    if attack == "scale1000":
+        return update * 1000, 1.0
+    if attack == "signflip":
+        return update * -4, 1.0
+    if attack == "noise100":
+        noise = torch.randn(update.shape, generator=torch.Generator().manual_seed(2 * 10**9 + round_number))
+        return noise * (100 * update.norm() / update.numel() ** 0.5), 1.0
+    if attack == "weight":
+        return update, ATTACK_WEIGHT
+    return update, 1.0
 
 
 def _parse_args() -> argparse.Namespace:
@@ -76,7 +105,27 @@ def _parse_args() -> argparse.Namespace:
                         help="serve parts to anyone who asks (the defence against --snoop turned off)")
     parser.add_argument("--rogue", action="store_true",
                         help="skip this peer's own NaN check, as a hostile or buggy peer would, so NaN goes out")
+    parser.add_argument("--attack", type=_attacks, default=[],
+                        help=f"send a hostile update or weight, one of {', '.join(ATTACKS)}, or several in turn "
+                             f"(comma-separated)")
+    parser.add_argument("--shared", type=float, default=0.0,
+                        help="weight of a direction all peers' updates share (0: independent updates)")
+    parser.add_argument("--no-robust", action="store_true", help="averaging.robust: null (the plain weighted mean)")
+    # issue 11, "no veto, no stall": hostile members (harness/hostile.py) and the veto's defence turned off
+    parser.add_argument("--veto", action="store_true", help="report every part missing in this peer's commit")
+    parser.add_argument("--stall", action="store_true",
+                        help="answer fetches of this peer's inputs and reduced part with heartbeats only, never data")
+    parser.add_argument("--drop-reported", action="store_true",
+                        help="drop every part any member reports missing (the defence against --veto turned off)")
     return parser.parse_args()
+
+
+def _attacks(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown attack {', '.join(unknown) or text!r}; known: {', '.join(ATTACKS)}")
+    return names
 
 
 def start_in_lab(lab: Lab, work: Path, hosts: list[int], args: list[str], *, python: str = sys.executable) -> dict:
@@ -114,13 +163,16 @@ def main() -> None:
     if args.address_file:
         args.address_file.write_text(json.dumps({"maddrs": visible_maddrs(dht)}))
     averaging = AveragingConfig(compression=codecs[0], chunk_timeout=args.chunk_timeout,
-                                request_timeout=args.request_timeout, averaging_timeout=args.round_timeout)
+                                request_timeout=args.request_timeout, averaging_timeout=args.round_timeout,
+                                **({"robust": None} if args.no_robust else {}))
     fetches = Fetches(args.status)
     # a rogue plays a peer running other code: it sends whatever it has, NaN included
     averager = Averager(dht=dht, run_id="bench", averaging=averaging, check_own_input=not args.rogue,
                         check_fetchers=not args.no_fetch_check,
                         accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
-                        fetch_observer=fetches.observe)
+                        fetch_observer=fetches.observe,
+                        drop_reported=args.drop_reported)
+    make_hostile(averager.service, veto=args.veto, stall=args.stall)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -149,16 +201,17 @@ def main() -> None:
 def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracker, round_number: int,
            numel: int, fetches: "Fetches") -> dict:
     """One round: matchmaking, then the all-reduce through ``plan``; returns its JSON record."""
-    mine = contribution(args.index, round_number, numel)
+    attack = args.attack[round_number % len(args.attack)] if args.attack else None
+    mine, weight = attacked(attack, contribution(args.index, round_number, numel, args.shared), round_number)
     if round_number == args.nan_at_round:
         mine[::7] = float("nan")
     fetches.set_status({"state": "matchmaking", "round": round_number, "time": time.time()})
-    record = {"round": round_number, "index": args.index, "me": _index_of(averager.service.peer_id)}
+    record = {"round": round_number, "index": args.index, "me": _index_of(averager.service.peer_id), "attack": attack}
     if round_number < args.warmup:
         record["warmup"] = True
     matchmaking_started = time.perf_counter()
     try:
-        group = averager.form_group(round_number, weight=1.0, expected=lambda: tracker.expected(round_number))
+        group = averager.form_group(round_number, weight=weight, expected=lambda: tracker.expected(round_number))
     except (RoundMissed, TimeoutError) as e:
         return {**record, "ok": False, "error": str(e), "ended_at": time.time()}
     record["matchmaking_seconds"] = time.perf_counter() - matchmaking_started
@@ -167,7 +220,7 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
     wire_before, cpu_before = interface_bytes(), process_tree_cpu()
     started_at, started = time.time(), time.perf_counter()
     try:
-        averaged = averager.reduce(group, [mine], weight=1.0, plan=plan)[0]
+        averaged = averager.reduce(group, [mine], weight=weight, plan=plan)[0]
     except Exception as e:  # recorded: the benchmark counts failed rounds
         return {**record, "ok": False, "group_size": group.size, "error": repr(e),
                 "seconds": time.perf_counter() - started, "started_at": started_at, "ended_at": time.time()}
@@ -186,6 +239,12 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         cpu={name: round(cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0), 3) for name in cpu_after},
         missing_parts=result.missing_parts if result else [], members=[_index_of(peer) for peer in group.members],
         numel=numel,
+        # robust aggregation of this peer's part: member (as in "members") -> share kept, or weight counted
+        clipped={_index_of(group.members[i]): kept for i, kept in (result.clipped if result else {}).items()},
+        capped_weights={_index_of(group.members[i]): w for i, w in (result.capped_weights if result else {}).items()},
+        farthest=result.farthest if result else 0.0,
+        repaired_parts=result.repaired_parts if result else [],
+        gone=[_index_of(group.members[index]) for index in result.gone] if result else [],
     )
     if args.snoop:
         record.update(_snoop(averager, group, numel))

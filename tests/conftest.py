@@ -8,6 +8,7 @@ runs both. A test that asks for a fixture starting peers must be marked, or coll
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -123,7 +124,61 @@ def module_swarm(tmp_path_factory, request):
         yield swarm
 
 
-# fixtures that start peers as processes (the module's own ``averagers`` fixture in test_averaging_faults)
+AVERAGING_PEER = (sys.executable, "-m", "harness.averaging_peer")
+
+
+class Averagers:
+    """``python -m harness.averaging_peer`` processes for one test (rounds of the all-reduce with explicit
+    fault and attack options): their records, status files and logs are in ``workdir``."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.peers = workdir, []
+
+    def start(self, index: int, *extra: str, initial: str | None = None) -> PeerProcess:
+        args = ["--index", str(index), "--out", str(self.out(index)), "--status", str(self.workdir / f"s{index}.json")]
+        if initial is None:
+            args += ["--address-file", str(self.workdir / "address.json")]
+        else:
+            args += ["--initial-peers", initial]
+        peer = PeerProcess(f"averager{index}", [*args, *extra], log_path=self.workdir / f"averager{index}.log",
+                           program=AVERAGING_PEER, cwd=REPO)
+        self.peers.append(peer)
+        return peer
+
+    def swarm(self, count: int, *extra: str, extra_for=lambda index: ()) -> list[PeerProcess]:
+        """``count`` averagers; ``extra_for(index)`` adds arguments for one of them."""
+        first = self.start(0, *extra, *extra_for(0))
+        address = wait_for(lambda: read_json(self.workdir / "address.json"), timeout=90, what="the first averager",
+                           alive=[first])["maddrs"][0]
+        return [first] + [self.start(index, *extra, *extra_for(index), initial=address) for index in range(1, count)]
+
+    def out(self, index: int) -> Path:
+        return self.workdir / f"p{index}.jsonl"
+
+    def records(self, index: int) -> dict[int, dict]:
+        try:
+            lines = self.out(index).read_text().splitlines()
+        except OSError:
+            return {}
+        return {record["round"]: record for record in map(json.loads, lines)}
+
+    def status(self, index: int) -> dict:
+        return read_json(self.workdir / f"s{index}.json") or {}
+
+
+@pytest.fixture
+def averagers(tmp_path, request):
+    """Averaging peers (:class:`Averagers`), every one killed at teardown; their logs printed if the test failed."""
+    group = Averagers(tmp_path)
+    yield group
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        for peer in group.peers:
+            print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
+    for peer in group.peers:
+        peer.kill_group()
+
+
+# fixtures that start peers as processes
 SWARM_FIXTURES = {"swarm", "module_swarm", "averagers"}
 
 

@@ -8,70 +8,17 @@ update holds NaN, and a rogue peer that sends NaN past its own check.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
 from harness import averaging_peer
 from harness.netlab import Lab, available, kill_group, read_records, wait_all
-from harness.processes import PeerProcess, read_json, wait_for
+from harness.processes import read_json, wait_for
 from swarm.averaging.group import slice_bounds
 
 pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
-
-AVERAGING_PEER = (sys.executable, "-m", "harness.averaging_peer")
-
-
-class Averagers:
-    def __init__(self, workdir: Path):
-        self.workdir, self.peers = workdir, []
-
-    def start(self, index: int, *extra: str, initial: str | None = None) -> PeerProcess:
-        args = ["--index", str(index), "--out", str(self.out(index)), "--status", str(self.workdir / f"s{index}.json")]
-        if initial is None:
-            args += ["--address-file", str(self.workdir / "address.json")]
-        else:
-            args += ["--initial-peers", initial]
-        peer = PeerProcess(f"averager{index}", [*args, *extra], log_path=self.workdir / f"averager{index}.log",
-                           program=AVERAGING_PEER, cwd=REPO)
-        self.peers.append(peer)
-        return peer
-
-    def swarm(self, count: int, *extra: str, extra_for=lambda index: ()) -> list[PeerProcess]:
-        """``count`` averagers; ``extra_for(index)`` adds arguments for one of them."""
-        first = self.start(0, *extra, *extra_for(0))
-        address = wait_for(lambda: read_json(self.workdir / "address.json"), timeout=90, what="the first averager",
-                           alive=[first])["maddrs"][0]
-        return [first] + [self.start(index, *extra, *extra_for(index), initial=address) for index in range(1, count)]
-
-    def out(self, index: int) -> Path:
-        return self.workdir / f"p{index}.jsonl"
-
-    def records(self, index: int) -> dict[int, dict]:
-        try:
-            lines = self.out(index).read_text().splitlines()
-        except OSError:
-            return {}
-        return {record["round"]: record for record in map(json.loads, lines)}
-
-    def status(self, index: int) -> dict:
-        return read_json(self.workdir / f"s{index}.json") or {}
-
-
-@pytest.fixture
-def averagers(tmp_path, request):
-    group = Averagers(tmp_path)
-    yield group
-    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-        for peer in group.peers:
-            print(f"\n===== {peer.name} (exit {peer.poll()}) =====\n{peer.log_tail(40)}")
-    for peer in group.peers:
-        peer.kill_group()
 
 
 @pytest.mark.timeout(300)
@@ -208,3 +155,87 @@ def test_a_member_cannot_fetch_slices_of_another_members_update(averagers, check
         assert all(record.get("ok") for index in (0, 1) for record in averagers.records(index).values())
     else:
         assert snooped >= 1, records
+
+
+def _indices_of(averagers, count: int) -> dict[str, int]:
+    """Short peer id (as in the records' ``members``) -> harness index."""
+    return {next(iter(averagers.records(index).values()))["me"]: index for index in range(count)}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("defended", [True, False], ids=["defended", "defence-off"])
+def test_a_member_reporting_every_part_missing_does_not_zero_the_others_update(averagers, tmp_path, defended):
+    """A member (a real process, ``--veto``) reports every part missing in its commit, round after round.
+    Its report counts only for itself: the honest members keep the exact average of every member's
+    contribution (the vetoer's included: it sent its inputs and reduced its part) and stay identical.
+    With the defence off (``--drop-reported`` on the honest members: every member drops the union of
+    the reports, the rule before issue 11) the same report zeroes the whole update for all of them."""
+    vetoer, honest = 3, [0, 1, 2]
+
+    def extra_for(index: int) -> list[str]:
+        if index == vetoer:
+            return ["--veto"]
+        return ["--dump", str(tmp_path / f"dump{index}")] + ([] if defended else ["--drop-reported"])
+
+    peers = averagers.swarm(4, "--expect", "4", "--rounds", "2", "--megabytes", "1", extra_for=extra_for)
+    for peer in peers:
+        assert peer.proc.wait(200) == 0, peer.log_tail()
+    index_of = _indices_of(averagers, 4)
+    vetoer_id, vetoed = averagers.records(vetoer)[0]["me"], 0
+    for round_number in range(2):
+        records = [averagers.records(index).get(round_number, {}) for index in honest]
+        # A member whose commit was not read has no say (under either rule): in the last round a peer that
+        # finished exits, and a slower one may no longer read its commit.
+        records = [record for record in records if record.get("ok") and vetoer_id in record["members"]
+                   and (defended or vetoer_id not in record["gone"])]
+        for record in records:
+            result = torch.load(tmp_path / f"dump{index_of[record['me']]}" / f"round{round_number}.pt")
+            if defended:
+                members = [index_of[member] for member in record["members"]]
+                assert record["missing_parts"] == [], record
+                assert torch.allclose(result, _exact_average(members, round_number, record["numel"]), atol=1e-5)
+            else:
+                assert record["missing_parts"] == list(range(record["group_size"])), record
+                assert not result.any(), "the veto zeroed the whole update"
+        assert len({record["hash"] for record in records}) <= 1, f"honest members disagree in round {round_number}"
+        vetoed += len(records)
+    assert vetoed >= 2, "no round with the vetoer and two honest members in one group"
+
+
+@pytest.mark.timeout(300)
+def test_a_member_that_only_heartbeats_is_cut_and_left_out_of_the_next_round(averagers, tmp_path):
+    """A member (a real process, ``--stall``) answers every fetch of its inputs and reduced part with
+    heartbeats alone. It used to hold the round until the round's timeout (30 s here: the round failed);
+    now each honest member cuts it after the chunk timeout (3 s, plus the little time it had spent in
+    the all-reduce), finishes the round without its input and with its part set to zero (identically),
+    and the next round forms without it."""
+    staller, honest, chunk = 2, [0, 1], 3.0
+    extra_for = lambda index: ["--stall"] if index == staller else ["--dump", str(tmp_path / f"dump{index}")]  # noqa: E731
+    peers = averagers.swarm(3, "--expect", "3", "--rounds", "2", "--megabytes", "1", "--chunk-timeout", str(chunk),
+                            "--round-timeout", "30", "--trace", extra_for=extra_for)
+    for peer in peers:
+        assert peer.proc.wait(200) == 0, peer.log_tail()
+    index_of = _indices_of(averagers, 3)
+    stalled_id = averagers.records(staller)[0]["me"]
+    first = [averagers.records(index)[0] for index in honest]
+    cut_after = []
+    for record in first:
+        assert record["ok"] and record["group_size"] == 3, record
+        assert record["gone"] == [stalled_id], record
+        part = record["members"].index(stalled_id)
+        assert record["missing_parts"] == [part], record
+        stalled = [fetch for fetch in record["fetches"] if fetch["peer"] == stalled_id and "error" in fetch]
+        assert stalled and all(fetch["error"] == "Stalled" for fetch in stalled), record["fetches"]
+        cut_after += [round(fetch["end"] - fetch["start"], 2) for fetch in stalled]
+        assert record["seconds"] < 4 * chunk + 10, f"the round took {record['seconds']:.1f}s"
+        result = torch.load(tmp_path / f"dump{index_of[record['me']]}" / "round0.pt")
+        expected = _exact_average(honest, 0, record["numel"])  # the staller's input never came
+        expected[slice(*slice_bounds(record["numel"], 3)[part])] = 0
+        assert torch.allclose(result, expected, atol=1e-5)
+    print(f"stalled fetches cut after {cut_after} s; rounds took {[round(r['seconds'], 2) for r in first]} s")
+    assert first[0]["hash"] == first[1]["hash"]
+    second = [averagers.records(index)[1] for index in honest]
+    assert all(record["ok"] for record in second), second
+    assert [sorted(record["members"]) for record in second] == [sorted(r["me"] for r in first)] * 2, second
+    left_out = averagers.records(staller).get(1, {})
+    assert not left_out.get("ok") or left_out["group_size"] == 1, left_out

@@ -23,9 +23,10 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
+from harness.hostile import make_hostile
 from harness.processes import wait_for
 from swarm.averaging import wire
-from swarm.averaging.group import MAX_WEIGHT
+from swarm.averaging.group import MAX_WEIGHT, RoundMissed
 from swarm.averaging.matchmaking import leader_rank
 from swarm.averaging.service import AveragingService
 
@@ -126,6 +127,43 @@ def test_a_member_that_failed_to_answer_is_not_waited_for_in_the_next_round(make
     took = time.monotonic() - started
     assert [set(group.members) for group in groups] == [everyone - {silent.peer_id}] * 2
     assert took < 10, f"the leader waited {took:.0f}s for a member that had failed to answer"
+
+
+def test_a_member_that_only_heartbeats_is_cut_and_not_taken_in_the_next_round(make_services):
+    """A member answers every fetch of its inputs and reduced part with heartbeats alone (a slow member).
+    Each heartbeat used to reset the reader's timer, so it held the round until the round's timeout;
+    now it is cut at the chunk timeout (2 s here, plus the little time the others had spent in the
+    all-reduce), the others finish without its part, and the next round's leader does not take it in."""
+    services = make_services(3)
+    staller = services[2]
+    make_hostile(staller, stall=True)
+    everyone = {service.peer_id for service in services}
+    with ThreadPoolExecutor(3) as pool:
+        groups = list(pool.map(lambda s: s.form_group(0, weight=1.0, expected=lambda: everyone, timeout=30), services))
+        assert [group.size for group in groups] == [3, 3, 3]
+        started = time.monotonic()
+        futures = [pool.submit(service.allreduce, group, [torch.ones(64)], weight=1.0, timeout=30)
+                   for service, group in zip(services, groups)]
+        results = [future.result(40) for future in futures[:2]]
+        took = time.monotonic() - started
+        futures[2].result(40)
+    cut = groups[0].members.index(staller.peer_id)
+    for result in results:
+        assert result.gone == [cut] and result.missing_parts == [cut], result
+        assert result.contributors == 2  # the staller's input never came
+    assert took < 4 * 2.0 + 4, f"the others needed {took:.1f}s to cut a member that only heartbeats"
+    for service, group in zip(services, groups):
+        service.finish_group(group)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(s.form_group, 1, weight=1.0, expected=lambda: everyone, timeout=10) for s in services]
+        groups = [future.result(30) for future in futures[:2]]
+        try:
+            left_out = futures[2].result(30).size == 1
+        except RoundMissed:
+            left_out = True
+    assert [set(group.members) for group in groups] == [everyone - {staller.peer_id}] * 2
+    assert left_out, "the staller was taken into a group"
 
 
 @pytest.mark.parametrize("weight", [1e30, float(2**53) * 2, -1.0, float("inf")])

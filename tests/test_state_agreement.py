@@ -78,3 +78,16 @@ def test_agreement_needs_every_peer_in_the_run_to_hold_the_same_state():
     assert not in_agreement("a", states, ["a", "b", "c"])
     assert not in_agreement("a", states, ["a", "d"])  # a peer still in the run that has not published yet
     assert not in_agreement("d", states, ["a"])
+
+
+def test_a_lone_state_yields_to_a_quorum_of_its_round_whatever_its_samples():
+    """A trainer that missed the others' round 0 averaged alone and counted more samples than the pair:
+    it must take the pair's state (the pair can never take its own), or the swarm stays split."""
+    states = {"a": StateRecord(1, 96, "pair"), "b": StateRecord(1, 96, "pair"), "lone": StateRecord(1, 144, "own")}
+    assert choose_donor("lone", states) == ("a", states["a"])
+    assert choose_donor("a", states) is None and choose_donor("a", states, {"lone"}) is None
+    later = {**states, "a": StateRecord(2, 150, "next"), "b": StateRecord(2, 150, "next")}
+    assert choose_donor("lone", later)[1].hash == "next"
+    # one peer that finished a round first does not roll back to the round the quorum still announces
+    first = {"a": StateRecord(5, 500, "r5"), "b": StateRecord(5, 500, "r5"), "x": StateRecord(6, 600, "r6")}
+    assert choose_donor("x", first, {"a", "b"}) is None

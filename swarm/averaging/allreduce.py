@@ -2,13 +2,30 @@
 
 Member ``i`` reduces part ``i`` of every tensor bucket (reduce-scatter), then every member fetches
 every reduced part (all-gather), then members exchange which parts they failed to receive
-(commit). A part that any member lacks is set to zero by every member. Zero suits what swarm
-averages, gradients and pseudo-gradients: that slice of the update is skipped for one round, and
-survivors stay identical instead of each keeping its own values as plain hivemind does.
+(commit), and each member fetches a part it lacks from a member that holds it (repair). A part
+that no member can deliver (its reducer died before serving anyone) is set to zero, alike on every
+member that lacks it. Zero suits what swarm averages, gradients and pseudo-gradients: that
+slice of the update is skipped for one round, and survivors stay identical instead of each keeping
+its own values as plain hivemind does.
+
+A member's report of what it lacks counts for that member alone: the others do not drop those parts,
+and do not ask it for them. Before issue 11 every member dropped every part that any member reported
+lacking, so one member reporting every part missing zeroed the whole update for all
+(``drop_reported`` restores that rule, for a harness that shows the attack). The repair keeps honest
+members identical where the old rule did, and loses less: a part lost between one reducer and one
+member is fetched from another member instead of being dropped by everyone. Its cost: a member keeps
+the reduced parts it received in its outbox, to relay, for the outbox's retention (one more
+compressed copy of the update, besides its own inputs kept there already), and a member that lacks a
+part spends one more fetch per holder it tries. A second fault during the repair (every holder of a
+part failing that member) leaves it with a zero part that the others keep; DiLoCo's state sync
+repairs that (:mod:`swarm.train.agreement`), as it already repairs a member that could not read
+another member's commit.
 
 Everything is pulled: a member fetches what it needs from the member that has it (``Outbox``);
 silence longer than ``chunk_timeout`` marks that member as gone, so a dead peer costs at most one
-chunk timeout per phase. Parts with non-finite values are refused when sent and when received.
+chunk timeout per phase, and so do heartbeats without data for longer than ``chunk_timeout`` plus the
+time this peer has spent in the all-reduce so far (a member may be that much slower; one that only
+heartbeats is cut). Parts with non-finite values are refused when sent and when received.
 """
 
 from __future__ import annotations
@@ -26,11 +43,13 @@ from hivemind.utils import get_logger
 
 from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
 from swarm.averaging.outbox import Entry, Outbox
+from swarm.averaging.robust import Aggregate, CenteredClip, WeightedMean
 from swarm.compression.payloads import PayloadError, decode_payload
 
 logger = get_logger(__name__)
 
-Fetch = Callable[[PeerID, tuple, int], Awaitable[tuple[dict, list[runtime_pb2.Tensor]]]]
+# (peer, outbox key, max_bytes, allowance) -> (header, payloads); see AveragingService._fetch
+Fetch = Callable[[PeerID, tuple, int, float], Awaitable[tuple[dict, list[runtime_pb2.Tensor]]]]
 
 
 @dataclass
@@ -38,14 +57,19 @@ class AllreduceResult:
     tensors: list[torch.Tensor]
     group_size: int
     contributors: int  # peers whose input reached the reducer of this peer's part
-    missing_parts: list[int]  # parts zeroed by every member (their reducer failed for someone)
+    missing_parts: list[int]  # parts zeroed here: neither their reducer nor any member holding them delivered
     # members that failed to answer this peer (timed out, broke off, refused): the next round does not wait for them
     gone: list[int] = field(default_factory=list)
     refused_inputs: int = 0  # inputs refused because they held NaN/Inf or did not match
+    # robust aggregation of this peer's part: member -> share of its input's deviation kept (clipped ones only)
+    clipped: dict[int, float] = field(default_factory=dict)
+    capped_weights: dict[int, float] = field(default_factory=dict)  # member -> weight it counted with, if capped
+    farthest: float = 0.0  # the farthest input from the others, in robust scales (see robust.Aggregate)
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
     sent: list[torch.Tensor] = field(default_factory=list)  # this peer's contribution as others decode it
+    repaired_parts: list[int] = field(default_factory=list)  # lost with their reducer, fetched from another member
 
 
 @dataclass
@@ -104,21 +128,32 @@ async def run_allreduce(
     choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
     accepted: Collection[str] = ("NONE",),
     check_own_input: bool = True,
+    aggregator: WeightedMean | CenteredClip = WeightedMean(),
+    drop_reported: bool = False,
 ) -> AllreduceResult:
     """Average ``tensors`` with the group, weighting this peer by ``weight`` (e.g. its samples).
 
     :param phase: distinguishes several all-reduces within one group (PowerSGD uses two).
-    :param fetch: coroutine(peer, outbox key, max_bytes) -> (header, payloads) from that peer's outbox.
+    :param fetch: coroutine(peer, outbox key, max_bytes, allowance) -> (header, payloads) from that peer's
+      outbox; ``allowance`` is the seconds this peer has spent in the all-reduce so far, which the entry may
+      take again to be ready (:meth:`swarm.averaging.service.AveragingService._fetch`).
     :param accepted: the payload formats accepted from others (:func:`swarm.compression.registry.wire_codecs`).
     :param check_own_input: abstain rather than send NaN/Inf; False only to play a broken peer in tests.
+    :param aggregator: how this peer, as a reducer, combines the members' inputs for its part
+      (:mod:`swarm.averaging.robust`: the plain weighted mean, or CenteredClip).
+    :param drop_reported: drop every part that any member reports lacking, instead of repairing from a
+      holder: the rule before issue 11, under which one member's report vetoes a part for all. True
+      only in a harness that shows that attack.
     """
     started = time.perf_counter()
     buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
-    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted))
+    run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted), aggregator, started=started,
+               drop_reported=drop_reported)
     sent = await run.offer_inputs(weight, check=check_own_input)
     await run.reduce_my_part()
     await run.gather_outputs()
     await run.commit()
+    await run.repair()
     return AllreduceResult(
         tensors=buckets.unflatten(run.assemble(), tensors),
         group_size=group.size,
@@ -126,10 +161,14 @@ async def run_allreduce(
         missing_parts=sorted(run.missing),
         gone=sorted(run.gone),
         refused_inputs=run.refused,
+        clipped=run.clipped,
+        capped_weights=run.capped,
+        farthest=run.farthest,
         bytes_sent=run.bytes_sent,
         bytes_received=run.bytes_received,
         seconds=time.perf_counter() - started,
         sent=buckets.unflatten(sent, tensors),
+        repaired_parts=sorted(run.repaired),
     )
 
 
@@ -138,15 +177,28 @@ class _Run:
     ``vectors[k][bounds[k][i][0]:bounds[k][i][1]]``; member ``i`` reduces it."""
 
     def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch,
-                 accepted: frozenset[str]):
-        self.group, self.buckets, self.phase, self.outbox, self.fetch = group, buckets, phase, outbox, fetch
-        self.accepted = accepted
+                 accepted: frozenset[str], aggregator: WeightedMean | CenteredClip, *, started: float,
+                 drop_reported: bool = False):
+        self.group, self.buckets, self.phase, self.outbox, self._fetch = group, buckets, phase, outbox, fetch
+        self.accepted, self.aggregator = accepted, aggregator
+        self.started, self.drop_reported = started, drop_reported
+        self.clipped: dict[int, float] = {}
+        self.capped: dict[int, float] = {}
+        self.farthest = 0.0
         self.bounds = [slice_bounds(vector.numel(), group.size) for vector in buckets.vectors]
         self.results: dict[int, list[torch.Tensor]] = {}
         self.missing: set[int] = set()
         self.gone: set[int] = set()  # members that failed to answer: not asked again this round
+        self.lacking: dict[int, set[int]] = {}  # member -> the parts its commit says it lacks
+        self.repaired: list[int] = []
         self.contributors = self.refused = self.bytes_sent = self.bytes_received = 0
         self.weight, self.finite = 0.0, True
+
+    async def fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
+        """``peer``'s entry ``key``. The entry may take as long again to be ready as this peer has spent in
+        this all-reduce so far (a member that much slower still gets through): heartbeats alone for
+        longer than that plus ``chunk_timeout`` fail the fetch."""
+        return await self._fetch(peer, key, max_bytes, time.perf_counter() - self.started)
 
     def numels(self, index: int) -> list[int]:
         return [bucket[index][1] - bucket[index][0] for bucket in self.bounds]
@@ -192,11 +244,10 @@ class _Run:
         return sent
 
     async def reduce_my_part(self) -> None:
-        """Average my part over my own input and every input that arrives, and offer the result."""
+        """Combine my part of my own input and of every input that arrives (``aggregator``), and offer the result."""
         me = self.group.my_index
         mine = [vector[a:b] for vector, (a, b) in zip(self.buckets.vectors, (bounds[me] for bounds in self.bounds))]
-        totals = [part * self.weight if self.finite else torch.zeros_like(part) for part in mine]  # NaN * 0 = NaN
-        total_weight, self.contributors = self.weight, int(self.finite)
+        inputs = [(me, mine, self.weight)] if self.finite else []  # NaN * 0 = NaN: a non-finite input stays out
         max_bytes = 8 * sum(self.numels(me)) + 4096
 
         async def fetch_input(index: int, peer: PeerID):
@@ -207,7 +258,8 @@ class _Run:
                 self.gone.add(index)
                 return None
 
-        for reply in await asyncio.gather(*(fetch_input(index, peer) for index, peer in self.group.others())):
+        others = self.group.others()
+        for (index, _), reply in zip(others, await asyncio.gather(*(fetch_input(i, peer) for i, peer in others))):
             if reply is None:
                 continue
             header, payloads = reply
@@ -219,10 +271,9 @@ class _Run:
                 self.refused += 1
                 logger.warning(f"round {self.group.round}: refused an input (NaN/Inf, wrong size or bad weight)")
                 continue
-            totals = [total + part * float(peer_weight) for total, part in zip(totals, decoded)]
-            total_weight += float(peer_weight)
-            self.contributors += 1
-        averaged = [total / total_weight if total_weight > 0 else torch.zeros_like(total) for total in totals]
+            inputs.append((index, decoded, float(peer_weight)))
+        self.contributors = len(inputs)
+        averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
         reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
         self.outbox.put(self.key("out", me), Entry(reduced, {"contributors": self.contributors}))
         self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
@@ -232,46 +283,126 @@ class _Run:
         else:
             self.results[me] = own
 
+    def max_part_bytes(self, index: int) -> int:
+        return 8 * sum(self.numels(index)) + 4096
+
+    def combine(self, inputs: list[tuple[int, list[torch.Tensor], float]]) -> list[torch.Tensor]:
+        """My part (one tensor per bucket) from the members' inputs (member, its pieces, its weight):
+        each member's pieces are one vector to the aggregator, which sees the whole part at once."""
+        numels = self.numels(self.group.my_index)
+        if not inputs:
+            return [torch.zeros(numel) for numel in numels]
+        rows = torch.empty(len(inputs), sum(numels))  # one copy of each input, where the aggregator reads it
+        for row, (_, pieces, _) in zip(rows, inputs):
+            torch.cat(pieces, out=row)
+        result = self.aggregator.aggregate(rows, [weight for _, _, weight in inputs])
+        members = [index for index, _, _ in inputs]
+        self.clipped = {members[i]: kept for i, kept in result.clipped.items()}
+        self.capped = {members[i]: weight for i, weight in result.capped.items()}
+        self.farthest = result.farthest
+        self.report(result, members, [weight for _, _, weight in inputs])
+        return list(result.vector.split(numels))
+
+    def report(self, result: Aggregate, members: list[int], declared: list[float]) -> None:
+        """Log what robust aggregation held back of whom: a WARNING for an input that kept less than half
+        of its deviation from the others (or a weight cut to less than half), else INFO."""
+        name = lambda index: self.group.members[index].to_base58()  # noqa: E731
+        where = f"round {self.group.round}, part {self.group.my_index}"
+        logger.debug(f"{where}: {len(members)} inputs, robust scale {result.scale:.3g}, farthest input "
+                     f"{result.farthest:.3g} x scale, radius {result.radius:.3g}, {result.iterations} steps")
+        for position, kept in result.clipped.items():
+            log = logger.warning if kept < 0.5 else logger.info
+            log(f"{where}: clipped the input of member {name(members[position])} to {kept:.3g} of its distance "
+                f"from the centre (radius {result.radius:.3g}, robust scale {result.scale:.3g})")
+        for position, weight in result.capped.items():
+            log = logger.warning if weight < 0.5 * declared[position] else logger.info
+            log(f"{where}: member {name(members[position])} declared weight {declared[position]:g}, "
+                f"counted with {weight:g}")
+
     async def gather_outputs(self) -> None:
         """Fetch every other member's reduced part; a part that does not come is missing. A member that
         already failed to answer this round is not waited for again: its part is missing at once, so a
-        dead peer costs one chunk timeout per round, not one per phase (the commit keeps this consistent)."""
+        dead peer costs one chunk timeout per round, not one per phase (the repair keeps this consistent).
+        A part received is offered at once, under its reducer's key, to a member that will lack it: offered
+        then, not when that member's commit is read, so a relay never waits on this peer's view of it."""
         async def fetch_output(index: int, peer: PeerID):
             if index in self.gone:
-                return index, None
+                return index, None, None
             try:
-                _, payloads = await self.fetch(peer, self.key("out", index), 8 * sum(self.numels(index)) + 4096)
+                _, payloads = await self.fetch(peer, self.key("out", index), self.max_part_bytes(index))
             except Exception as e:  # the reducer is gone or broken: its part is missing for this peer
                 logger.warning(f"round {self.group.round}: part {index} lost with its reducer ({type(e).__name__}: {e})")
                 self.gone.add(index)
-                return index, None
+                return index, None, None
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
-            return index, self.decode_all(payloads, index)
+            return index, self.decode_all(payloads, index), Entry(payloads)  # its header is not relayed
 
-        for index, decoded in await asyncio.gather(*(fetch_output(i, peer) for i, peer in self.group.others())):
+        for index, decoded, entry in await asyncio.gather(*(fetch_output(i, peer) for i, peer in self.group.others())):
             if decoded is None:
                 self.missing.add(index)
             else:
                 self.results[index] = decoded
+                self.outbox.put(self.key("out", index), entry)
 
     async def commit(self) -> None:
-        """Tell the others which parts this peer lacks and learn theirs: every member drops the union."""
+        """Tell the others which parts this peer lacks and learn theirs: a member's report says whom not to
+        ask for a part, and decides nothing else here (unless ``drop_reported``: then every member drops
+        the union of the reports)."""
         n = self.group.size
         self.outbox.put(self.key("commit", 0), Entry([], {"missing": sorted(self.missing)}))
 
-        async def fetch_commit(index: int, peer: PeerID) -> list[int]:
+        async def fetch_commit(index: int, peer: PeerID) -> None:
             try:
                 header, _ = await self.fetch(peer, self.key("commit", 0), 4096)
-                return [int(part) for part in header.get("missing", []) if 0 <= int(part) < n]
-            except Exception:  # a member gone by now has no say in what the survivors keep
+                lacking = {int(part) for part in header.get("missing", []) if 0 <= int(part) < n}
+            except Exception:  # a member gone by now is not asked for parts
                 self.gone.add(index)
-                return []
+                return
+            self.lacking[index] = lacking
+            if lacking:
+                logger.info(f"round {self.group.round}: member {index} reports lacking parts {sorted(lacking)}")
 
         members = [(index, peer) for index, peer in self.group.others() if index not in self.gone]
-        for reported in await asyncio.gather(*(fetch_commit(index, peer) for index, peer in members)):
-            self.missing.update(reported)
+        await asyncio.gather(*(fetch_commit(index, peer) for index, peer in members))
+        if self.drop_reported:  # the old rule: any member's report drops a part for everyone
+            self.missing.update(*self.lacking.values())
+
+    async def repair(self) -> None:
+        """Fetch each part this peer lacks from a member whose commit says it holds that part (not from
+        its reducer, which already failed to deliver it, and not this peer's own part, which no one else
+        can hold). A holder that fails to deliver counts as gone. What no holder delivers is dropped here."""
+        me, n = self.group.my_index, self.group.size
+        if not self.drop_reported:
+            repaired = await asyncio.gather(*(self._repair_part(part) for part in sorted(self.missing - {me})))
+            for part, decoded in repaired:
+                if decoded is not None:
+                    self.missing.discard(part)
+                    self.results[part] = decoded
+                    self.repaired.append(part)
         if self.missing:
-            logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by every member")
+            logger.warning(f"round {self.group.round}: {len(self.missing)}/{n} parts dropped by this member: "
+                           f"{sorted(self.missing)}")
+
+    async def _repair_part(self, part: int) -> tuple[int, Optional[list[torch.Tensor]]]:
+        holders = [index for index, lacking in sorted(self.lacking.items()) if part not in lacking and index != part]
+        for index in holders:
+            if index in self.gone:
+                continue
+            try:
+                peer = self.group.members[index]
+                _, payloads = await self.fetch(peer, self.key("out", part), self.max_part_bytes(part))
+            except Exception as e:  # it said it held the part and did not deliver it
+                logger.info(f"round {self.group.round}: member {index} did not relay part {part} "
+                            f"({type(e).__name__}: {e})")
+                self.gone.add(index)
+                continue
+            self.bytes_received += sum(len(payload.buffer) for payload in payloads)
+            decoded = self.decode_all(payloads, part)
+            if decoded is not None:
+                logger.info(f"round {self.group.round}: part {part}, not delivered here by its reducer, "
+                            f"fetched from member {index}")
+                return part, decoded
+        return part, None
 
     def assemble(self) -> list[torch.Tensor]:
         vectors = []

@@ -16,7 +16,8 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_logger
 
 from swarm.averaging.counters import Counters
-from swarm.averaging.group import Group, RoundMissed
+from swarm.averaging.group import MAX_WEIGHT, Group, RoundMissed
+from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.averaging.service import AveragingService
 from swarm.compression.finite import check_finite
 from swarm.compression.plan import CompressionPlan
@@ -34,21 +35,25 @@ class Averaged:
 
 class Averager:
     """:param averaging: the shared averaging section (:class:`swarm.config.schema.AveragingConfig`):
-      codec, error feedback, chunk, request and round timeouts.
+      codec, error feedback, chunk, request and round timeouts, robust aggregation (``robust``; null: off).
+    :param max_weight: the most one member may weigh at this peer's reducer under robust aggregation:
+      the run's plausible samples per peer and round (:class:`swarm.net.diloco_records.RecordBounds`).
     :param check_own_input: refuse to send this peer's own NaN/Inf (it abstains instead). False only
       in a fault-injection harness that plays a broken peer.
     :param accepted_codecs: payload formats accepted from others; by default those of
       ``averaging.compression`` (a benchmark that cycles codecs passes them all).
-    :param owner, check_fetchers, admit, fetch_observer: see :class:`AveragingService`.
+    :param owner, check_fetchers, admit, fetch_observer, drop_reported: see :class:`AveragingService`.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  accepted_codecs: Optional[Collection[str]] = None,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
-                 fetch_observer: Optional[Callable[[dict], None]] = None):
+                 fetch_observer: Optional[Callable[[dict], None]] = None, max_weight: float = MAX_WEIGHT,
+                 drop_reported: bool = False):
         self.averaging = averaging
         self.counters = Counters()
+        self.aggregator = make_aggregator(averaging.robust, max_weight=max_weight)
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
                                     powersgd_rank=averaging.powersgd_rank,
                                     adaptive_threshold=averaging.adaptive_threshold)
@@ -56,7 +61,8 @@ class Averager:
                                         request_timeout=averaging.request_timeout,
                                         accepted_codecs=accepted_codecs or wire_codecs(averaging.compression),
                                         check_own_input=check_own_input, owner=owner, check_fetchers=check_fetchers,
-                                        admit=admit, fetch_observer=fetch_observer).start()
+                                        admit=admit, fetch_observer=fetch_observer,
+                                        drop_reported=drop_reported).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
 
@@ -111,9 +117,12 @@ class Averager:
 
     def _allreduce(self, group: Group, tensors, weight: float, phase: int, choose_codec):
         result = self.service.allreduce(group, tensors, weight=weight, phase=phase, choose_codec=choose_codec,
-                                        timeout=self.averaging.averaging_timeout)
+                                        timeout=self.averaging.averaging_timeout, aggregator=self.aggregator)
         counters = self.counters
         counters.refused_inputs += result.refused_inputs
+        counters.clipped_inputs += len(result.clipped)
+        counters.capped_weights += len(result.capped_weights)
+        counters.peak_distance_ratio = max(counters.peak_distance_ratio, round(result.farthest, 3))
         counters.dropped_parts += len(result.missing_parts)
         counters.bytes_received += result.bytes_received
         counters.bytes_sent += result.bytes_sent
@@ -126,3 +135,12 @@ class Averager:
 
     def shutdown(self) -> None:
         self.service.shutdown()
+
+
+def make_aggregator(robust, *, max_weight: float = MAX_WEIGHT) -> WeightedMean | CenteredClip:
+    """The reducer's aggregator for the ``averaging.robust`` section (:class:`swarm.config.schema.RobustConfig`);
+    None: the plain weighted mean."""
+    if robust is None:
+        return WeightedMean()
+    return CenteredClip(radius=robust.radius, iterations=robust.iterations,
+                        max_weight_ratio=robust.max_weight_ratio, max_weight=max_weight)

@@ -13,8 +13,13 @@ class Counters:
     rounds_failed: int = 0  # this peer averaged alone or with local gradients instead of with its group
     nonfinite_updates: int = 0  # rounds in which this peer's own update held NaN/Inf
     refused_inputs: int = 0  # parts from others refused (NaN/Inf, malformed)
+    clipped_inputs: int = 0  # inputs to this peer's part that robust aggregation clipped (one per member and round)
+    capped_weights: int = 0  # ... and whose declared weight it capped
+    # the farthest any input to this peer's part came from the others, in robust scales (averaging.robust.radius
+    # and beyond is clipped): how much room honest peers leave, for tuning the radius
+    peak_distance_ratio: float = 0.0
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
-    dropped_parts: int = 0  # parts whose reducer failed, dropped by the whole group
+    dropped_parts: int = 0  # parts set to zero here: their reducer failed and no member reached held them
     state_downloads: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0

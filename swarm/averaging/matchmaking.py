@@ -15,9 +15,10 @@ is noticed within ``request_timeout``.
 
 The round just averaged is better evidence than a progress record, so it amends ``expected`` for the
 next round (:meth:`Matchmaker.remember`): a member that failed to answer in round ``r`` is neither
-waited for nor followed in round ``r + 1`` (a dead or cut-off peer whose record still looks fresh cannot
-hold the survivors up), and a member that answered is waited for during ``partner_grace`` seconds even
-if its record looks stale. The latter is what a vanished member does to the others' records: every DHT
+waited for, nor followed, nor taken in by this peer in round ``r + 1`` (a dead or cut-off peer whose
+record still looks fresh cannot hold the survivors up, and a member that heartbeats without delivering
+cannot stall two rounds in a row), and a member that answered is waited for during ``partner_grace``
+seconds even if its record looks stale. The latter is what a vanished member does to the others' records: every DHT
 call that reaches for the unreachable node waits out hivemind's request timeout (a store twice), so the
 survivors' heartbeats come seconds late just when they start the next round, and a leader that took
 its partner for gone sealed a group of one.
@@ -184,6 +185,10 @@ class Matchmaker:
                 yield {"code": "not_leader", "leader": self._following[round_number].to_bytes()}
             else:  # not taking part in this round: the asker will try someone else
                 yield {"code": "unavailable"}
+            return
+        if peer in self._previous(round_number).gone:  # it failed to answer this leader in the previous round
+            logger.info(f"round {round_number}: not taking in {peer}, which failed to answer in the previous round")
+            yield {"code": "closed"}
             return
         lead.members[peer] = weight
         lead.changed.set()

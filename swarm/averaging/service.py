@@ -29,6 +29,7 @@ from swarm.averaging.allreduce import AllreduceResult, run_allreduce
 from swarm.averaging.group import MAX_WEIGHT, Group
 from swarm.averaging.matchmaking import Matchmaker
 from swarm.averaging.outbox import Outbox
+from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.compression.payloads import decode_payload
 from swarm.errors import BackgroundError
 
@@ -56,6 +57,9 @@ class AveragingService(ServicerBase):
 
     :param chunk_timeout: silence (s) after which a peer counts as gone during a round. Keep it a few
       times the time one chunk (64 KB) takes on the slowest link, and well below ``round_timeout``.
+      Heartbeats alone count as silence after ``chunk_timeout`` plus the time this peer has spent in
+      the all-reduce so far (see :meth:`_fetch`), so a peer that heartbeats but never delivers is cut
+      too; a state donor never needs to heartbeat, so it gets ``chunk_timeout`` alone.
     :param request_timeout: silence (s) after which a round's leader counts as gone.
     :param owner: this peer's ``[owner:<RSA key>]`` tag: its ready records for matchmaking are stored
       under it and signed (see :mod:`swarm.net.signed_record`); None: unsigned, for DHTs that check nothing.
@@ -64,6 +68,9 @@ class AveragingService(ServicerBase):
     :param admit: peer -> None if it may call this service, else the reason it may not
       (:meth:`swarm.net.admission.Admission.refusal`, asked about libp2p's authenticated caller id of every
       request); None: anyone may (a run without a manifest).
+    :param drop_reported: drop every part that any member of a round reports lacking, as swarm did
+      before issue 11 (one member's report vetoed a part for all); True only in a harness that shows
+      that attack (:func:`swarm.averaging.allreduce.run_allreduce`).
     :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
       end, bytes}`` (``error`` instead of ``bytes`` if it failed), on the service's loop: keep it cheap.
       For traces in benchmarks and for fault tests that strike while parts are moving.
@@ -73,8 +80,9 @@ class AveragingService(ServicerBase):
                  accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
-                 fetch_observer: Optional[Callable[[dict], None]] = None):
+                 fetch_observer: Optional[Callable[[dict], None]] = None, drop_reported: bool = False):
         self.dht, self.run_id, self.owner, self.admit = dht, run_id, owner, admit
+        self.drop_reported = drop_reported
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
         self.check_fetchers, self.fetch_observer = check_fetchers, fetch_observer
@@ -167,11 +175,12 @@ class AveragingService(ServicerBase):
 
     def allreduce(self, group: Group, tensors: Sequence[torch.Tensor], *, weight: float, phase: int = 0,
                   choose_codec: Callable[[torch.Tensor], CompressionBase] = lambda tensor: NoCompression(),
-                  timeout: float) -> AllreduceResult:
+                  timeout: float, aggregator: WeightedMean | CenteredClip = WeightedMean()) -> AllreduceResult:
         coroutine = run_allreduce(group, tensors, weight=weight, phase=phase, outbox=self.outbox,
                                   fetch=self._observed_fetch if self.fetch_observer else self._fetch,
                                   choose_codec=choose_codec, accepted=self.accepted_codecs,
-                                  check_own_input=self.check_own_input)
+                                  check_own_input=self.check_own_input, aggregator=aggregator,
+                                  drop_reported=self.drop_reported)
         result = self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
         self._loop.call_soon_threadsafe(self.matchmaker.remember, group, result.gone)  # before the next round
         return result
@@ -300,24 +309,33 @@ class AveragingService(ServicerBase):
     def _stub(self, peer: PeerID):
         return self.get_stub(self._p2p, peer, namespace=self.namespace)
 
-    async def _fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
+    async def _fetch(self, peer: PeerID, key: tuple, max_bytes: int,
+                     allowance: float = 0.0) -> tuple[dict, list[runtime_pb2.Tensor]]:
         """One entry of ``peer``'s outbox. A stream broken off in transit is asked for once more: the
-        entry is still there, and a live peer should not lose its part to one reset stream."""
+        entry is still there, and a live peer should not lose its part to one reset stream.
+
+        :param allowance: seconds the entry may still legitimately take to be ready at ``peer`` (the
+          all-reduce passes the time it has run so far: a member that much slower than this peer gets
+          through). Heartbeats alone for longer than ``chunk_timeout + allowance`` raise
+          :class:`wire.Stalled`: a peer that heartbeats but never delivers is cut there, not at the
+          round's timeout.
+        """
         group_id, phase, kind, index = key
         request = wire.request(group=group_id, phase=phase, kind=kind, index=index)
         for attempt in (1, 2):
             stream = await asyncio.wait_for(self._stub(peer).rpc_fetch(request), self.chunk_timeout)
             try:
-                return await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout), max_bytes=max_bytes)
+                return await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout),
+                                                       max_bytes=max_bytes, patience=self.chunk_timeout + allowance)
             except wire.StreamEnded as e:
                 if attempt == 2:
                     raise
                 logger.info(f"fetch of {kind} {index} from {peer} broke off ({e}); asking again")
 
-    async def _observed_fetch(self, peer: PeerID, key: tuple, max_bytes: int):
+    async def _observed_fetch(self, peer: PeerID, key: tuple, max_bytes: int, allowance: float = 0.0):
         entry = {"kind": key[2], "index": key[3], "peer": peer, "start": time.perf_counter()}
         try:
-            header, payloads = await self._fetch(peer, key, max_bytes)
+            header, payloads = await self._fetch(peer, key, max_bytes, allowance)
             entry["bytes"] = sum(len(p.buffer) for p in payloads)
             return header, payloads
         except Exception as e:
@@ -330,7 +348,7 @@ class AveragingService(ServicerBase):
     async def _download_state(self, peer: PeerID, max_bytes: int) -> tuple[dict, list[torch.Tensor]]:
         stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)
         header, payloads = await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout),
-                                                           max_bytes=max_bytes)
+                                                           max_bytes=max_bytes, patience=self.chunk_timeout)
         loop = asyncio.get_running_loop()
         tensors = await loop.run_in_executor(None, lambda: [decode_payload(p, accepted=("NONE",)) for p in payloads])
         return header, tensors

@@ -3,11 +3,15 @@
 Messages reuse hivemind's ``runtime_pb2.ExpertRequest``/``ExpertResponse`` (a ``metadata`` bytes
 field and a list of tensors), so the project needs no protobuf code of its own. A response stream
 may carry heartbeats (metadata ``{"hb": 1}``, no tensors) while the answering peer waits for its
-data; the caller treats ``chunk_timeout`` seconds without any message as a dead peer.
+data; the caller treats ``chunk_timeout`` seconds without any message as a dead peer, and heartbeats
+alone for longer than its ``patience`` as a stalled one (a peer that heartbeats but never delivers
+would otherwise hold the caller until its round's timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from hivemind.proto import runtime_pb2
@@ -20,6 +24,10 @@ MAX_METADATA_BYTES = 1 << 16  # metadata is small by design; anything larger is 
 
 class ProtocolError(Exception):
     """A peer sent something that does not follow the protocol (or reported an error)."""
+
+
+class Stalled(ProtocolError):
+    """A peer sent heartbeats alone, no data, for longer than the caller's patience."""
 
 
 class StreamEnded(ProtocolError):
@@ -57,18 +65,22 @@ def tensor_messages(payloads: list[runtime_pb2.Tensor], **header: Any) -> Iterat
 
 
 async def read_tensor_messages(
-    stream: AsyncIterator[runtime_pb2.ExpertResponse], *, max_bytes: int
+    stream: AsyncIterator[runtime_pb2.ExpertResponse], *, max_bytes: int, patience: Optional[float] = None
 ) -> tuple[dict, list[runtime_pb2.Tensor]]:
     """Inverse of :func:`tensor_messages`, skipping heartbeats.
 
     :param max_bytes: refuse streams whose tensor data exceeds this (a hostile or confused peer).
+    :param patience: seconds of heartbeats alone (since the call, or since the last message that was
+      not a heartbeat) after which the stream is given up; None: heartbeats are skipped without limit.
+      Silence is the caller's to bound (e.g. ``aiter_with_timeout``).
+    :raises Stalled: heartbeats alone for longer than ``patience``.
     :raises ProtocolError: on an error reply, a malformed stream or too much data.
     """
     header: Optional[dict] = None
     payloads: list[runtime_pb2.Tensor] = []
     current: list[runtime_pb2.Tensor] = []
     expected_chunks, received_bytes = 0, 0
-    async for message in stream:
+    async for message in _with_patience(stream, patience):
         if not message.tensors:
             fields = metadata_of(message)
             if fields == HEARTBEAT:
@@ -100,3 +112,25 @@ async def read_tensor_messages(
     if len(payloads) != header.get("count", -1):
         raise StreamEnded(f"expected {header.get('count')} tensors, received {len(payloads)}")
     return header, payloads
+
+
+async def _with_patience(stream: AsyncIterator, patience: Optional[float]) -> AsyncIterator:
+    """``stream``'s messages; :class:`Stalled` once heartbeats alone have come for ``patience`` seconds.
+    The wait for each message is cut at the deadline, so a peer cannot stretch it by heartbeating slowly."""
+    iterator = stream.__aiter__()
+    progress = time.monotonic()  # of the call, then of the latest message that was not a heartbeat
+    while True:
+        try:
+            if patience is None:
+                message = await iterator.__anext__()
+            else:
+                message = await asyncio.wait_for(iterator.__anext__(), max(0.0, progress + patience - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:  # this deadline, or the caller's bound on silence, whichever came first
+            if patience is not None and time.monotonic() >= progress + patience:
+                raise Stalled(f"heartbeats alone for {patience:.1f}s, no data") from None
+            raise
+        if message.tensors or metadata_of(message) != HEARTBEAT:
+            progress = time.monotonic()
+        yield message

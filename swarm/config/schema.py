@@ -127,6 +127,20 @@ class TrainingConfig(Section):
     seed: int = 0
 
 
+class RobustConfig(Section):
+    """Robust aggregation at each reducer of DiLoCo's all-reduce (CenteredClip, see
+    :mod:`swarm.averaging.robust`): bounds what a member's input, or its declared weight, can do to the
+    average while fewer than half the members are hostile. ``averaging.robust: null`` turns it off."""
+
+    radius: float = Field(2.0, gt=0, le=100, description="clipping radius in units of the robust scale (median "
+                          "distance of the members' inputs from their coordinate-wise median); raise it if honest "
+                          "peers get clipped, lower it to give an attacker less room")
+    iterations: int = Field(20, ge=1, le=1000, description="most CenteredClip steps per part (two suffice "
+                            "when no input is clipped)")
+    max_weight_ratio: float = Field(2.0, ge=1, description="no member counts with more than this x the median "
+                                    "weight (samples) of its group; raise it for hardware of very uneven speed")
+
+
 class AveragingConfig(Section):
     """How peers combine their work: what both modes share (the mode's own settings are in the
     ``sync`` or ``diloco`` section)."""
@@ -147,6 +161,9 @@ class AveragingConfig(Section):
     request_timeout: float = Field(3.0, gt=0, description="wait this long for a group leader's answer")
     averaging_timeout: float = Field(60.0, gt=0, description="give up on a round after this long")
     load_state_timeout: float = Field(120.0, gt=0, description="give up downloading state from a peer after this")
+    robust: Optional[RobustConfig] = Field(
+        default_factory=RobustConfig, description="robust aggregation in DiLoCo's all-reduce (sync mode's hivemind "
+        "averagers do not have it); null = the plain weighted mean, for runs whose peers all trust each other")
 
 
 class SyncConfig(Section):

@@ -159,6 +159,12 @@ def choose_donor(me: str, states: dict[str, StateRecord], partners: Collection[s
     - this peer is fresh (round 0, no samples) and it is the only state other than the initial one
       that anyone announces (newcomers joining a lone trainer).
 
+    A state that this peer alone holds yields to a quorum's state of the same round or a later one,
+    whatever their samples: a peer that averaged without the others (it missed their group, or its round
+    timed out) counts different samples, and would otherwise keep its own state while the quorum can
+    never adopt it. A quorum still behind this peer's round does not move it (the others may not have
+    published the round they finished together yet).
+
     So one peer's claim never makes a peer adopt a state unless that peer averaged with it last round,
     and never makes it jump rounds; a peer needs a second identity to reach the quorum (open runs:
     identities are free; see the README). Every peer with the same view reaches the same answer, so a
@@ -192,10 +198,14 @@ def donors_of_agreed_state(me: str, states: dict[str, StateRecord], partners: Co
     holders: dict[tuple[int, str], list[str]] = {}
     for peer, record in states.items():
         holders.setdefault((record.total, record.hash), []).append(peer)
-    candidates = [state for state in holders if adoptable(me, state, holders, states, partners)]
-    best = max(candidates, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
     mine = states[me]
-    if best == (mine.total, mine.hash):
+    own = (mine.total, mine.hash)
+    candidates = [state for state in holders if adoptable(me, state, holders, states, partners)]
+    if len(holders[own]) < QUORUM and any(
+            len(holders[state]) >= QUORUM and states[holders[state][0]].round >= mine.round for state in candidates):
+        candidates.remove(own)  # a state no one else holds yields to a quorum's of its round (see choose_donor)
+    best = max(candidates, key=lambda state: (state[0], len(holders[state]), _reverse(state[1])))
+    if best == own:
         return []
     return sorted(holders[best], key=lambda peer: (states[peer].role != "institution", peer))
 
