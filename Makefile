@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install join bench
+.PHONY: demo test test-fast install join bench docs
 BENCH_ARGS ?=
 
 install: $(STAMP)
@@ -37,3 +37,7 @@ join: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run_all $(BENCH_ARGS)
+
+# docs/configuration.md is rendered from the config schema (tests/test_config_reference.py checks it)
+docs: $(STAMP)
+	$(VENV)/bin/python -c "from swarm.config.reference import render; print(render(), end='')" > docs/configuration.md

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from swarm.config.schema import SwarmConfig
+from swarm.config.schema import SwarmConfig, section_model
 from swarm.errors import ConfigError
 
 ENV_PREFIX = "SWARM_"
@@ -118,7 +118,7 @@ def _parse_scalar(raw: str) -> Any:
 
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
     found = []
-    sections = {name for name, field in SwarmConfig.model_fields.items() if _section_model(field.annotation)}
+    sections = {name for name, field in SwarmConfig.model_fields.items() if section_model(field.annotation)}
     top_level = set(SwarmConfig.model_fields) - sections
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
@@ -151,17 +151,9 @@ def _assign(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _section_model(annotation) -> Optional[type[BaseModel]]:
-    candidates = getattr(annotation, "__args__", None) or (annotation,)
-    for candidate in candidates:
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
 def _fields_at(loc: Sequence[str]) -> list[str]:
     model: Optional[type[BaseModel]] = SwarmConfig
     for part in loc:
         field = model.model_fields.get(part) if model is not None else None
-        model = _section_model(field.annotation) if field is not None else None
+        model = section_model(field.annotation) if field is not None else None
     return sorted(model.model_fields) if model is not None else []

@@ -20,6 +20,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def section_model(annotation) -> Optional[type[BaseModel]]:
+    """The section a field holds (``Optional[Section]`` included), or None for a plain value."""
+    for candidate in getattr(annotation, "__args__", None) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 class NetworkConfig(Section):
     """How this peer listens, announces itself and finds the swarm."""
 
