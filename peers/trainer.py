@@ -29,6 +29,7 @@ from swarm.net.manifest import apply_manifest
 from swarm.net.manifest_record import ManifestValidator, SignedManifest, fetch_manifest
 from swarm.net.validators import run_validators
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
+from swarm.telemetry.probe import install_probe
 from swarm.train import checkpoint as ckpt
 from swarm.train.data import TextDataset, load_dataset
 from swarm.train.device import describe_device, resolve_device
@@ -60,6 +61,7 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
     try:
         local = local or _prepare_local(config)
+        install_probe(dht)  # what `swarm doctor` asks of the swarm's peers
     except BaseException:
         if admission is not None:
             admission.shutdown()
