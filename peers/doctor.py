@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import shutil
 import statistics
 import time
@@ -29,7 +28,6 @@ from swarm.errors import SwarmError
 MAX_PROBED_PEERS = 3
 MAX_CLOCK_SKEW = 3.0  # seconds: hivemind's MAX_DHT_TIME_DISCREPANCY_SECONDS
 WARN_CLOCK_SKEW = 1.0
-MEMORY_HEADROOM = 0.8  # use at most this share of the free memory
 
 
 @dataclass
@@ -104,78 +102,49 @@ def _device_and_memory(config: SwarmConfig) -> list[Verdict]:
     import torch
 
     from swarm.train.device import describe_device, resolve_device
+    from swarm.train.fit import HEADROOM, choose_batch_size, free_memory, measure_step, resolve_precision
     from swarm.train.model import ByteGPT
     from swarm.train.sync import inner_optimizer_factory
 
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     device = resolve_device(config.training.device)
+    precision = resolve_precision(config.training.precision, device)
+
+    def build():
+        model = ByteGPT(config.model).to(device)
+        return model, inner_optimizer_factory(config.optimizer)(model.parameters())
+
+    parameters = sum(p.numel() for p in ByteGPT(config.model).parameters())
+    free = free_memory(device)
+    where = f"{describe_device(device)} ({precision}), model {parameters / 1e6:.1f}M parameters"
     batch = config.training.batch_size
-    model = ByteGPT(config.model).to(device)
-    parameters = sum(p.numel() for p in model.parameters())
-    optimizer = inner_optimizer_factory(config.optimizer)(model.parameters())
-    available = _free_memory(device)
-    before = _peak_memory(device)
-    tokens = torch.randint(0, 256, (batch, config.model.seq_len + 1), device=device)
     try:
-        seconds = _steps(model, optimizer, tokens, device)
+        if batch == "auto":
+            cost = choose_batch_size(build, seq_len=config.model.seq_len, device=device, precision=precision)
+        else:
+            model, optimizer = build()
+            cost = measure_step(model, optimizer, batch_size=batch, seq_len=config.model.seq_len, device=device,
+                                precision=precision)
     except torch.OutOfMemoryError:
-        return [Verdict("memory", "fail", f"{describe_device(device)}: one step of batch {batch} does not fit",
+        return [Verdict("memory", "fail", f"{where}: one step of batch {batch} does not fit",
                         _smaller_batch_advice(config))]
-    used = _peak_memory(device) - before + (parameters * 4 * 4 if device.type == "cpu" else 0)
-    detail = (f"{describe_device(device)}: model {parameters / 1e6:.1f}M parameters, one step of batch {batch} "
-              f"needs about {used / 2**30:.2f} GiB of {available / 2**30:.1f} GiB free; "
-              f"{seconds:.2f} s per step ({batch / seconds:,.0f} samples/s)")
-    if used > MEMORY_HEADROOM * available:
-        return [Verdict("memory", "fail" if used > available else "warn", detail, _smaller_batch_advice(config))]
+    chosen = " (chosen by batch_size auto)" if batch == "auto" else ""
+    detail = (f"{where}: a step of batch {cost.batch_size}{chosen} takes about {cost.peak_bytes / 2**30:.2f} GiB "
+              f"of {free / 2**30:.1f} GiB free and {cost.seconds:.2f} s ({cost.batch_size / cost.seconds:,.0f} "
+              f"samples/s)")
+    if cost.peak_bytes > HEADROOM * free:
+        return [Verdict("memory", "fail" if cost.peak_bytes > free else "warn", detail, _smaller_batch_advice(config))]
     return [Verdict("memory", "ok", detail)]
 
 
-def _steps(model, optimizer, tokens, device, count: int = 2) -> float:
-    """Seconds per training step (the second of ``count``: the first warms caches and allocators)."""
-    import torch
-
-    elapsed = 0.0
-    for _ in range(count):
-        started = time.perf_counter()
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - started
-    return elapsed
-
-
 def _smaller_batch_advice(config: SwarmConfig) -> str:
-    advice = f"--set training.batch_size={max(1, config.training.batch_size // 2)}"
+    advice = "--set training.batch_size=auto (the largest that fits)"
     if config.optimizer.name == "adamw" and config.training.device != "cpu":
-        advice += " or --set optimizer.name=adamw8bit (GPU: a quarter of Adam's state memory)"
+        advice += "; --set optimizer.name=adamw8bit (GPU: a quarter of Adam's state memory)"
+    if config.training.precision == "fp32" and config.training.device != "cpu":
+        advice += "; --set training.precision=bf16"
     return advice
-
-
-def _free_memory(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _peak_memory(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _disk(config: SwarmConfig) -> list[Verdict]:
