@@ -31,6 +31,7 @@ from swarm.net.manifest import apply_manifest
 from swarm.net.manifest_record import ManifestPublisher, ManifestValidator, SignedManifest
 from swarm.net.validators import run_validators
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
+from swarm.telemetry.probe import install_probe
 from swarm.train.rounds import record_bounds
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address
                              initial_peers=len(config.network.initial_peers))
     try:
         set_log_peer("bootstrap", str(dht.peer_id))
+        install_probe(dht)  # what `swarm doctor` asks of the swarm's peers
         maddrs = visible_maddrs(dht)
         if config.metrics is not None:
             publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok or left cleanly, 1 internal error, 2 usage/config/multiaddr, "
         "3 no initial peer answered, 4 data, 5 checkpoint, 6 monitor history or dashboard port, "
         "7 run manifest or certificate missing, forged, expired, revoked or contradicted, "
-        "8 export (folder, --out or the export extra), 130 interrupted.",
+        "8 export (folder, --out or the export extra), 9 swarm doctor found a problem, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,6 +92,14 @@ def _add_peer_commands(commands) -> None:
     _with_certificate(join)
     _with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
                        "(default: $SWARM_STATUS_FILE)")
+
+    doctor = _with_peers(_with_config(commands.add_parser(
+        "doctor", help="check before joining: versions, data, memory, disk, clock, reachability, bandwidth")))
+    doctor.add_argument("--run", metavar="FINGERPRINT", help="the run to check against, as for `swarm join`")
+    _with_certificate(doctor)
+    doctor.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+    doctor.add_argument("--probe-mb", type=_at_least(0, float), default=4.0, metavar="MB",
+                        help="MB sent to and received from each probed peer to measure bandwidth; 0 skips it (default 4)")
 
     demo = _with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
     demo.add_argument("--peers", type=int, default=3, help="number of trainer processes (default 3)")
@@ -223,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup_logging({"join": "trainer"}.get(args.command, args.command))
     code = _run(args, config)
-    if args.command in ("join", "bootstrap", "monitor", "status"):
+    if args.command in ("join", "bootstrap", "monitor", "status", "doctor"):
         # Everything was shut down explicitly. Skip interpreter finalization: hivemind's __del__ hooks
         # would try to shut the same averagers down again and can abort the process on the way out.
         sys.stdout.flush()
@@ -295,6 +303,11 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
         from peers.trainer import run_trainer
 
         run_trainer(config, status_path=args.status_file, run=args.run, explicit=_explicit(args))
+    elif args.command == "doctor":
+        from peers.doctor import run_doctor
+
+        ok = run_doctor(config, run=args.run, as_json=args.json, probe_bytes=int(args.probe_mb * 2**20))
+        return exit_codes.OK if ok else exit_codes.DOCTOR
     elif args.command == "monitor":
         from peers.monitor import export_csv, run_monitor
 

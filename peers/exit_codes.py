@@ -20,6 +20,7 @@ CHECKPOINT = 5  # checkpoint corrupt, incompatible, missing for --resume, or in 
 MONITOR = 6  # monitor: history database unreadable or of another run, or the dashboard's port is taken
 MANIFEST = 7  # run manifest or certificate: missing, forged, expired, revoked, contradicted by the config, or changed
 EXPORT = 8  # an export folder missing or not a GPT-2 swarm can run, --out not empty, or the `export` extra missing
+DOCTOR = 9  # swarm doctor: a check says joining would not work (each failed check printed with what to do)
 INTERRUPTED = 130  # a second SIGINT/SIGTERM cut the clean leave short
 
 _BY_ERROR = {ConfigError: USAGE, NetworkError: UNREACHABLE, DataError: DATA, CheckpointError: CHECKPOINT,

@@ -19,7 +19,7 @@ import torch
 
 from peers.lifecycle import StopSignals, check_alive, reap_children, run_bounded, set_log_peer
 from peers.status_file import StatusFile
-from swarm.config.schema import SwarmConfig
+from swarm.config.schema import SwarmConfig, TrainingConfig
 from swarm.errors import CheckpointError
 from swarm.net.admission import Admission, authorizer_for, check_admitted, own_certificate, own_role
 from swarm.net.certificate_record import CertificateValidator
@@ -29,13 +29,16 @@ from swarm.net.manifest import apply_manifest
 from swarm.net.manifest_record import ManifestValidator, SignedManifest, fetch_manifest
 from swarm.net.validators import run_validators
 from swarm.telemetry.metrics import MetricsPublisher, PeerFacts
+from swarm.telemetry.probe import install_probe
 from swarm.train import checkpoint as ckpt
 from swarm.train.data import TextDataset, load_dataset
 from swarm.train.device import describe_device, resolve_device
 from swarm.train.factory import build_collaboration
+from swarm.train.fit import choose_batch_size, resolve_precision
 from swarm.train.loop import TrainingLoop, TrainingStatus
 from swarm.train.model import ByteGPT
 from swarm.train.rounds import record_bounds
+from swarm.train.sync import inner_optimizer_factory
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
     try:
         local = local or _prepare_local(config)
+        config = config.model_copy(update={"training": local.training})
+        install_probe(dht)  # what `swarm doctor` asks of the swarm's peers
     except BaseException:
         if admission is not None:
             admission.shutdown()
@@ -119,6 +124,7 @@ class _Local:
     dataset: TextDataset
     model: ByteGPT
     resume_from: Optional[ckpt.Checkpoint]
+    training: TrainingConfig  # the config's, with batch_size and precision resolved for this device
 
 
 def _prepare_local(config: SwarmConfig) -> _Local:
@@ -127,13 +133,31 @@ def _prepare_local(config: SwarmConfig) -> _Local:
     device = resolve_device(config.training.device)
     resume_from = _preflight_checkpoint(config, config.model.model_dump())
     dataset = load_dataset(config.data, config.model.seq_len)
+    training = _fit_training(config, device)
     # the same initial weights on every peer of a run, so a new swarm starts in agreement
     torch.manual_seed(zlib.crc32(config.run_id.encode()) + config.training.seed)
     model = ByteGPT(config.model)
     if resume_from is not None:
         model.load_state_dict(resume_from.model)  # before the optimizer copies the parameters
     model.to(device)
-    return _Local(device, dataset, model, resume_from)
+    return _Local(device, dataset, model, resume_from, training)
+
+
+def _fit_training(config: SwarmConfig, device: torch.device) -> TrainingConfig:
+    """``training`` with ``precision`` and ``batch_size: auto`` resolved on this device (before the
+    model's seeded initialisation, which the measurement must not shift)."""
+    training = config.training
+    precision = resolve_precision(training.precision, device)
+    batch_size = training.batch_size
+    if batch_size == "auto":
+        def build():
+            model = ByteGPT(config.model).to(device)
+            return model, inner_optimizer_factory(config.optimizer)(model.parameters())
+        cost = choose_batch_size(build, seq_len=config.model.seq_len, device=device, precision=precision)
+        batch_size = cost.batch_size
+        logger.info(f"training.batch_size auto: {batch_size} (a step takes about {cost.peak_bytes / 2**20:.0f} MiB "
+                    f"and {cost.seconds:.2f} s on {describe_device(device)}, {precision})")
+    return training.model_copy(update={"batch_size": batch_size, "precision": precision})
 
 
 class _TrainerPeer:

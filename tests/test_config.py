@@ -102,6 +102,8 @@ def test_cli_options_are_frozen():
                              "--initial-peers-file", "--manifest", "--set", "--status-file", "-h", "--help"]),
         "join": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--resume", "--run",
                         "--set", "--status-file", "-h", "--help"]),
+        "doctor": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--json",
+                          "--probe-mb", "--run", "--set", "-h", "--help"]),
         "run": sorted(["-h", "--help"]),
         "admit": sorted(["--days", "--key", "--manifest", "--organization", "--out", "--role", "-h", "--help"]),
         "revoke": sorted(["--key", "--manifest", "-h", "--help"]),

@@ -123,7 +123,12 @@ class OptimizerConfig(Section):
 class TrainingConfig(Section):
     """The local training loop."""
 
-    batch_size: int = Field(16, ge=1, description="samples per local step")
+    batch_size: Union[Literal["auto"], int] = Field(
+        "auto", description="samples per local step; auto: the largest power of two up to 64 whose step fits "
+        "80% of the free memory, measured on this peer's device at start")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16: the forward pass under bfloat16 autocast (less memory and faster on GPUs "
+        "with bf16; parameters, gradients and what peers average stay fp32); auto: bf16 where CUDA supports it")
     target_batch_size: int = Field(4096, ge=1, description="swarm-wide samples per epoch (global batch)")
     max_epochs: Optional[int] = Field(None, ge=1, description="stop at this swarm epoch; null = until stopped")
     finish_timeout: float = Field(
@@ -133,6 +138,14 @@ class TrainingConfig(Section):
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
     seed: int = 0
+
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError(f"expected auto or a whole number of at least 1, got {value}")
+        return value
 
 
 class RobustConfig(Section):

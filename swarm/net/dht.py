@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 from typing import Iterable, Optional
 
 import hivemind
+from hivemind.dht.protocol import ValidationError as DHTValidationError
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_logger
@@ -86,6 +88,8 @@ def start_dht(
             )
             identity.discard_file()
             return _with_rejoin(dht, config)
+        except DHTValidationError as e:  # an initial peer's clock disagrees with this one's
+            raise NetworkError(_clock_message(e)) from None
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
                 raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
@@ -104,6 +108,13 @@ def start_dht(
         logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
         stop.wait(wait)
         delay = min(delay * 2, 30.0)
+
+
+def _clock_message(error: Exception) -> str:
+    times = re.search(r"local: ([0-9.]+), peer: ([0-9.]+)", str(error))
+    off = f"{float(times[1]) - float(times[2]):+.1f} s " if times else ""
+    return (f"this machine's clock is {off}off an initial peer's, beyond the 3 s hivemind's DHT accepts: "
+            f"sync it (NTP, e.g. `timedatectl set-ntp true`); `swarm doctor` measures it")
 
 
 def _with_rejoin(dht: hivemind.DHT, config: NetworkConfig) -> hivemind.DHT:

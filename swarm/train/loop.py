@@ -21,6 +21,7 @@ from hivemind.utils import get_logger
 from swarm.config.schema import TrainingConfig
 from swarm.train.collaboration import Collaboration
 from swarm.train.data import TextDataset
+from swarm.train.fit import autocast
 
 logger = get_logger(__name__)
 
@@ -141,7 +142,8 @@ class TrainingLoop:
     def local_step(self) -> float:
         self.model.train()
         inputs, targets = self.dataset.sample_batch(self.config.batch_size, self.seq_len, self.generator)
-        loss = self.model.loss(inputs.to(self.device), targets.to(self.device))
+        with autocast(self.device, self.config.precision):
+            loss = self.model.loss(inputs.to(self.device), targets.to(self.device))
         loss.backward()
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -155,7 +157,8 @@ class TrainingLoop:
     def evaluate(self) -> float:
         """Mean loss over the fixed held-out batches."""
         self.model.eval()
-        losses = [self.model.loss(x.to(self.device), y.to(self.device)).item() for x, y in self.heldout]
+        with autocast(self.device, self.config.precision):
+            losses = [self.model.loss(x.to(self.device), y.to(self.device)).item() for x, y in self.heldout]
         return float(sum(losses) / len(losses))
 
     def _on_new_epoch(self) -> None:
