@@ -16,6 +16,7 @@ from swarm.errors import ConfigError
 from swarm.net.admission import certified_run_id
 from swarm.net.dht import shutdown_dht
 from swarm.telemetry.collector import Collector, SwarmView, start_reader_dht
+from swarm.telemetry.text import printable
 
 RETRY_PERIOD = 1.0  # seconds between reads while no record has arrived yet
 
@@ -59,7 +60,7 @@ def format_table(view: SwarmView) -> str:
     else:
         lines.append("no peer of this run has published metrics (is run_id the same as the swarm's?)")
     for peer in view.flagged:
-        lines.append(f"flagged {peer['peer_id']} ({peer['display_name'] or '-'}): {'; '.join(peer['reasons'])}")
+        lines.append(f"flagged {peer['peer_id']} ({printable(peer['display_name'])}): {'; '.join(peer['reasons'])}")
     lines.append("refused by the peers: " + refusal_summary(totals["refused"], totals["refused_requests"]))
     if view.refused:
         lines.append("refused by this node: " + refusal_summary(view.refused, {}))
@@ -79,7 +80,7 @@ def _row(peer: dict) -> list[str]:
     return [
         "…" + peer["peer_id"][-8:],
         peer["role"],
-        peer["display_name"] or "-",
+        printable(peer["display_name"]),  # peer-chosen: no terminal escapes
         peer["state"],
         str(peer["epoch"]),
         f"{peer['samples_total']:,}",

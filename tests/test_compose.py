@@ -28,7 +28,9 @@ def compose(name: str) -> dict:
 
 
 def services() -> list[tuple[str, str]]:
-    return [(name, service) for name in ("compose.yaml", "institution.yaml") for service in compose(name)["services"]]
+    """The services that run swarm's image (not, say, Prometheus)."""
+    return [(name, service) for name in ("compose.yaml", "institution.yaml")
+            for service, spec in compose(name)["services"].items() if "build" in spec or "swarm" in spec.get("image", "")]
 
 
 def image_environment() -> dict[str, str]:
@@ -85,7 +87,7 @@ def test_local_swarm_gives_each_peer_its_own_state_and_shard():
     assert sorted(t["environment"]["SWARM_DATA_SHARD_INDEX"] for t in trainers) == ["0", "1"]
     assert spec["monitor"]["ports"], "the dashboard port must be published"
     assert all(service["depends_on"]["bootstrap"]["condition"] == "service_healthy"
-               for name, service in spec.items() if name != "bootstrap")
+               for name, service in spec.items() if name != "bootstrap" and "build" in service)  # swarm's peers
 
 
 def test_institution_peer_mounts_data_read_only_and_reserves_gpus():
@@ -96,3 +98,44 @@ def test_institution_peer_mounts_data_read_only_and_reserves_gpus():
     assert devices[0]["capabilities"] == ["gpu"]
     with pytest.raises(KeyError, match="INITIAL_PEERS"):
         substitute(spec["environment"]["SWARM_NETWORK_INITIAL_PEERS"], {})
+
+
+def test_prometheus_service_scrapes_the_monitor_with_the_shipped_config():
+    spec = compose("compose.yaml")["services"]
+    prometheus = spec["prometheus"]
+    assert re.fullmatch(r"[\w./-]+:v\d+\.\d+\.\d+", prometheus["image"]), "pin an exact Prometheus release"
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert all(port.startswith("127.0.0.1:") for port in prometheus["ports"])
+    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]
+    monitor_port = next(item.split("=")[1] for item in spec["monitor"]["command"] if item.startswith("monitor.port="))
+    assert [job["static_configs"][0]["targets"] for job in scrape] == [[f"monitor:{monitor_port}"]]
+    assert scrape[0]["metrics_path"] == "/metrics"
+
+
+def test_grafana_dashboard_queries_only_series_the_monitor_exports():
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from swarm.net.metrics_record import PeerMetrics
+    from swarm.telemetry.collector import Collector
+    from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
+
+    record = PeerMetrics.parse_obj(dict(
+        peer_id="QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", role="volunteer", state="running",
+        display_name="lab", organization=None, device="cpu", epoch=3, samples_total=480, samples_per_second=40.0,
+        loss=3.2, heldout_loss=3.1, bytes_sent=1000, bytes_received=2000, rounds_ok=3, rounds_failed=0,
+        refused={"schema": 1}, refused_requests={"fetch-limit": 1}, reachability="direct", uptime=12.0,
+        version="0.1.0", time=1000.0))
+    view = Collector(dht=None, run_id="r", max_samples_per_second=1e5).assemble(
+        [(record.peer_id, record)], {"schema": 1}, now=1000.0, collected_at=1000.0)
+    rows = [{**record.dict(), "contributed": 480}]
+    text = exposition(make_registry(SwarmCollector(lambda: (view, {}), lambda: rows))).decode()
+    exported = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+    dashboard = json.loads((DOCKER / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queried = {name for expr in exprs for name in re.findall(r"\bswarm_[a-z_]+", expr)}
+    assert queried and queried <= exported, queried - exported
+    for needed in ("swarm_peer_info", "swarm_peer_loss", "swarm_peer_sent_bytes_total", "swarm_samples_per_second"):
+        assert needed in queried

@@ -4,8 +4,10 @@ the history's arithmetic, and the traffic meter's parser. Fast; the end-to-end t
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import dataclasses
 import inspect
+import io
 import math
 import re
 import sqlite3
@@ -31,6 +33,7 @@ from swarm.net.refusals import MAX_REASONS, OTHER, REFUSALS, REQUEST_REASONS, bo
 from swarm.telemetry.collector import Collector, plausibility_problems
 from swarm.telemetry.history import History
 from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
+from swarm.telemetry.text import csv_cell, printable
 from swarm.telemetry.traffic import parse_ss
 from swarm.train.sync import count_round
 
@@ -206,7 +209,11 @@ def test_history_counts_contribution_across_peer_and_monitor_restarts(tmp_path):
     history = History(tmp_path / "h.sqlite", RUN)  # the monitor restarted; then the peer restarted too
     history.record(_view([record_of(peer, samples_total=50, uptime=5.0, time=1030.0)], 1030.0))
     assert history.peers()[0]["contributed"] == 350
+    # uptime 10 + 10 more + 5 after the restart; 3 rounds, none more, then 3 by the restarted process
+    assert (history.peers()[0]["compute_seconds"], history.peers()[0]["rounds_joined"]) == (25.0, 6)
     assert [row["peers_online"] for row in history.swarm_series()] == [1, 1, 1]
+    assert [row["bytes_sent"] for row in history.swarm_series()] == [1000, 1000, 1000]
+    assert [row["samples_total"] for row in history.peer_series()[peer]] == [100, 300, 50]
     history.record(_view([], 1040.0))
     assert history.peers()[0]["state"] == "left"
     csv_text = "".join(history.csv_rows("peer_samples"))
@@ -215,8 +222,10 @@ def test_history_counts_contribution_across_peer_and_monitor_restarts(tmp_path):
     assert len(history.swarm_series()) == 2 and history.peers()[0]["contributed"] == 350
     many = History(tmp_path / "many.sqlite", RUN)
     for index in range(50):
-        many.record(_view([], 1000.0 + index))
+        many.record(_view([record_of(peer, samples_total=index, uptime=float(index), time=1000.0 + index)],
+                          1000.0 + index))
     assert 5 <= len(many.swarm_series(max_points=10)) <= 11
+    assert len(many.peer_series(max_points=10)[peer]) == len(many.swarm_series(max_points=10))
 
 
 def test_refusals_reach_the_status_table_prometheus_and_the_history(tmp_path):
@@ -236,7 +245,7 @@ def test_refusals_reach_the_status_table_prometheus_and_the_history(tmp_path):
     assert {row.split()[2]: row[column:].split()[0] for row in table[2:4]} == {"alice": "11", "bob": "1"}
 
     text = exposition(make_registry(SwarmCollector(lambda: (view, {}), lambda: []))).decode()
-    samples = {(sample.name, sample.labels.get("peer_id"), sample.labels["reason"]): sample.value
+    samples = {(sample.name, sample.labels.get("peer"), sample.labels["reason"]): sample.value
                for family in text_string_to_metric_families(text) for sample in family.samples
                if "reason" in sample.labels}
     assert samples == {
@@ -250,6 +259,52 @@ def test_refusals_reach_the_status_table_prometheus_and_the_history(tmp_path):
     history = History(tmp_path / "h.sqlite", RUN)
     history.record(view)
     assert history.swarm_series()[0]["refused"] == 13
+
+
+HOSTILE_NAME = "\x1b]0;owned\x07\x1b[2J=cmd|' /C calc'!A0"
+
+
+def test_peer_chosen_text_reaches_terminals_and_spreadsheets_inert(tmp_path):
+    peer = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    view = _view([record_of(peer, display_name=HOSTILE_NAME, organization='=HYPERLINK("http://evil")',
+                            device="+cpu", version="@SUM(1)")], 1000.0)
+    table = format_table(view)
+    assert not set(table) & {"\x1b", "\x07"}, repr(table)
+    assert "?]0;owned??[2J=cmd|' /C calc'!A0" in table
+    assert printable("a\u202eb\x9bc") == "a?b?c" and printable(None) == "-" and printable("n" * 100)[-1] == "…"
+    assert len(printable("n" * 100)) == 64
+
+    history = History(tmp_path / "h.sqlite", RUN)
+    history.record(view)
+    rows = list(csv.DictReader(io.StringIO("".join(history.csv_rows("peers")))))
+    assert (rows[0]["organization"], rows[0]["device"], rows[0]["version"]) == \
+        ("'=HYPERLINK(\"http://evil\")", "'+cpu", "'@SUM(1)")
+    assert rows[0]["display_name"] == HOSTILE_NAME  # it starts with ESC, no formula: kept as the peer wrote it
+    assert [csv_cell(value) for value in ("-1", "\tx", "\rx", "ok", -1.5, None)] == ["'-1", "'\tx", "'\rx", "ok", -1.5, None]
+    samples = list(csv.DictReader(io.StringIO("".join(history.csv_rows("peer_samples")))))
+    assert samples[0]["loss"] == "3.2"  # numbers stay numbers
+
+
+def test_prometheus_labels_per_peer_series_by_peer_id_and_exports_one_info_series(tmp_path):
+    alice, bob = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmZwAwoVV6EjCQ41XLtXt4MnvehfLvRWApMUC8XqYq37Zm"
+    view = _view([record_of(alice, display_name=HOSTILE_NAME, organization="o" * 64, device="cuda:0"),
+                  record_of(bob, display_name=None, role="institution", version="9.9")], 1000.0)
+    history = History(tmp_path / "h.sqlite", RUN)
+    history.record(view)
+    text = exposition(make_registry(SwarmCollector(lambda: (view, {}), history.peers))).decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    info = {sample.labels["peer"]: sample for sample in families["swarm_peer_info"].samples}
+    assert set(info) == {alice, bob} and {sample.value for sample in info.values()} == {1.0}
+    assert info[alice].labels == {"peer": alice, "role": "volunteer", "name": printable(HOSTILE_NAME, missing=""),
+                                  "organization": "o" * 64, "device": "cuda:0", "version": "0.1.0"}
+    assert info[bob].labels == {"peer": bob, "role": "institution", "name": "", "organization": "",
+                                "device": "cpu", "version": "9.9"}
+    per_peer = [sample for name, family in families.items() if name.startswith("swarm_peer_") and name != "swarm_peer_info"
+                for sample in family.samples]
+    assert {sample.labels["peer"] for sample in per_peer} == {alice, bob}
+    assert {key for sample in per_peer for key in sample.labels} <= {"peer", "outcome", "reason"}
+    contributed = {sample.labels["peer"]: sample.value for sample in families["swarm_peer_contributed_samples"].samples}
+    assert contributed == {alice: 480, bob: 480}
 
 
 def test_history_of_another_run_or_a_broken_file_is_refused(tmp_path):

@@ -1,13 +1,15 @@
 """Swarm stats end to end: a bootstrap peer, two trainers and `swarm monitor`, as real processes.
 
 The four peers (the most a test swarm may have here) are started once for this module and shared by
-its tests: the JSON API and Prometheus /metrics, `swarm status --json`, the dashboard in a real
-headless Chromium, and, last, a monitor restart that must keep its history.
+its tests: the JSON API and Prometheus /metrics, Debian's real ``prometheus`` scraping the monitor with
+the shipped docker/prometheus.yml, `swarm status --json`, the dashboard in a real headless Chromium,
+and, last, a monitor restart that must keep its history.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,8 +19,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import DEBUG_CONFIG, REPO, Swarm, run_cli
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see 
 TRAINERS = ("alice", "bob")
 MIN_LOSS_MOVE = 0.3  # nats/byte: the debug model's loss falls by more than 1 within ten epochs
 ARTIFACTS = REPO / "tests" / "artifacts"
+GRAFANA_DASHBOARD = REPO / "docker" / "grafana-dashboard.json"
 
 
 @dataclass
@@ -126,11 +131,77 @@ def test_api_and_metrics_report_both_trainers_epoch_and_a_falling_loss(watched: 
     online = {sample.labels["role"]: sample.value for sample in samples["swarm_peers_online"]}
     assert online == {"bootstrap": 1, "volunteer": 2}
     assert samples["swarm_epoch"][0].value >= 4 and samples["swarm_loss"][0].value > 0
-    epochs = {sample.labels["peer_id"]: sample.value for sample in samples["swarm_peer_epoch"]}
+    epochs = {sample.labels["peer"]: sample.value for sample in samples["swarm_peer_epoch"]}
     assert set(watched.peer_ids.values()) <= set(epochs)
-    rounds_ok = {sample.labels["peer_id"]: sample.value for sample in samples["swarm_peer_averaging_rounds_total"]
+    rounds_ok = {sample.labels["peer"]: sample.value for sample in samples["swarm_peer_averaging_rounds_total"]
                  if sample.labels["outcome"] == "ok"}
     assert all(rounds_ok[peer_id] >= 1 for peer_id in watched.peer_ids.values()), rounds_ok
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port process ``pid`` listens on (read from /proc: the process was started on port 0)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:  # 0A: LISTEN
+                return int(fields[1].rsplit(":", 1)[1], 16)
+    return None
+
+
+def prometheus_query(base: str, query: str) -> list[dict]:
+    answer = get_json(f"{base}api/v1/query?query={quote(query)}")
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+@pytest.mark.timeout(240)
+def test_prometheus_scrapes_the_monitor_and_answers_the_grafana_queries(watched: Watched, tmp_path: Path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Debian's prometheus is not installed (apt-get install --no-install-recommends prometheus)")
+    wait_for(lambda: swarm_ready(watched, min_epoch=1), timeout=150, what="both trainers in the swarm",
+             alive=watched.alive())
+    # the shipped scrape config, pointed at this test's monitor and scraping every second
+    config = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["scrape_configs"][0].update(scrape_timeout="1s", static_configs=[{"targets": [urlsplit(watched.url).netloc]}])
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus = watched.swarm.start("prometheus", [
+        f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        "--web.listen-address=127.0.0.1:0"], program=(binary,))
+    port = wait_for(lambda: listening_port(prometheus.pid), timeout=60, what="prometheus to listen",
+                    alive=[prometheus, *watched.alive()])
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(lambda: get(base + "-/ready")[0] == 200, timeout=60, what="prometheus to be ready", alive=[prometheus])
+        peer_ids = set(watched.peer_ids.values())
+        epochs = wait_for(lambda: peer_ids <= {row["metric"]["peer"] for row in prometheus_query(base, "swarm_peer_epoch")}
+                          and prometheus_query(base, "swarm_peer_epoch"), timeout=90,
+                          what="prometheus to have scraped both trainers' epochs", alive=[prometheus, *watched.alive()])
+        assert all(row["metric"]["job"] == "swarm-monitor" for row in epochs)
+        targets = get_json(base + "api/v1/targets")["data"]["activeTargets"]
+        assert [target["health"] for target in targets] == ["up"], targets
+        named = {row["metric"]["peer"]: row["metric"]["name"]
+                 for row in prometheus_query(base, "swarm_peer_loss * on (peer) group_left (name) swarm_peer_info")}
+        assert {named[peer_id] for peer_id in peer_ids} == set(TRAINERS), named
+        info = {row["metric"]["peer"]: row["metric"] for row in prometheus_query(base, "swarm_peer_info")}
+        assert all(info[peer_id]["device"] == "cpu" and info[peer_id]["version"] for peer_id in peer_ids), info
+        assert prometheus_query(base, "swarm_peers_online") and prometheus_query(base, "swarm_loss")
+        # every query of the shipped Grafana dashboard is valid PromQL over these series; the traffic rates
+        # need two scrapes of the counters, so wait for them
+        exprs = [target["expr"] for panel in json.loads(GRAFANA_DASHBOARD.read_text())["panels"]
+                 for target in panel["targets"]]
+        for expr in exprs:
+            prometheus_query(base, expr)
+        if shutil.which("ss"):
+            wait_for(lambda: prometheus_query(base, "sum(rate(swarm_peer_sent_bytes_total[2m]))"), timeout=60,
+                     what="a traffic rate", alive=[prometheus])
+    finally:
+        prometheus.stop()
 
 
 @pytest.mark.timeout(120)
@@ -176,7 +247,7 @@ def test_status_json_lists_the_peers(watched: Watched):
     assert "peers online" in table.stdout and all(name in table.stdout for name in TRAINERS), table.stdout
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_dashboard_in_headless_chromium(watched: Watched, tmp_path: Path):
     browser_module = pytest.importorskip("browser")
     chromium = browser_module.find_chromium()
@@ -198,10 +269,65 @@ def test_dashboard_in_headless_chromium(watched: Watched, tmp_path: Path):
                                 ".map(cell => cell.textContent)")
         assert set(TRAINERS) <= set(rows), rows
         assert "2 volunteer" in browser.evaluate("document.getElementById('peer-roles').textContent")
+        check_researcher_views(browser, watched)
         browser.screenshot(tmp_path / "dashboard.png", ARTIFACTS / "dashboard.png")
         assert browser.console_errors == [], browser.console_errors
     assert points >= 4
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def chart_points(chart: str) -> str:
+    return f"Number(document.getElementById('{chart}').dataset.points)"
+
+
+def check_researcher_views(browser, watched: Watched) -> None:
+    """Per-peer and traffic charts with data, the x-axis choice, a zoom that outlives refreshes, and the
+    sortable contribution table."""
+    for chart in ("peer-loss-chart", "peer-throughput-chart") + (("traffic-chart", "peer-traffic-chart")
+                                                                  if shutil.which("ss") else ()):
+        browser.wait_for(f"document.querySelector('#{chart} canvas') && {chart_points(chart)} >= 4", timeout=60,
+                         what=f"data in {chart}")
+    assert browser.evaluate("Number(document.getElementById('peer-loss-chart').dataset.series)") >= 2
+    labels = browser.evaluate("state.charts['peer-loss-chart'].series.slice(1).map(series => series.label)")
+    assert all(any(label.startswith(name + " ") for label in labels) for name in TRAINERS), labels
+    assert len(labels) == len(TRAINERS), f"the bootstrap peer does not train: {labels}"
+
+    for mode, label in (("epoch", "swarm epoch"), ("samples", "samples trained (swarm)"), ("time", "wall-clock time")):
+        browser.evaluate(f"(select => {{ select.value = '{mode}'; select.dispatchEvent(new Event('change')); }})"
+                         f"(document.getElementById('x-axis'))")
+        xs = browser.wait_for(f"state.charts['loss-chart'].series[0].label === '{label}' && "
+                              f"{chart_points('peer-loss-chart')} > 0 && state.charts['loss-chart'].data[0]",
+                              timeout=30, what=f"the charts against {mode}")
+        assert xs == sorted(xs) and len(set(xs)) >= 2, (mode, xs)
+
+    # a drag-zoom ends in uPlot's setScale on x (what its mouse-up handler calls): zoom to the middle
+    zoom = browser.evaluate("(plot => { const xs = plot.data[0], min = xs[0] + (xs[xs.length - 1] - xs[0]) / 4, "
+                            "max = xs[xs.length - 1] - (xs[xs.length - 1] - xs[0]) / 4; plot.setScale('x', {min, max});"
+                            " return [min, max]; })(state.charts['loss-chart'])")
+    updated = browser.evaluate("document.body.dataset.updated")
+    browser.wait_for(f"document.body.dataset.updated !== '{updated}'", timeout=30, what="a refresh after the zoom")
+    kept = browser.evaluate("Object.values(state.charts).map(plot => [plot.scales.x.min, plot.scales.x.max])")
+    assert all(abs(low - zoom[0]) < 1e-6 and abs(high - zoom[1]) < 1e-6 for low, high in kept), (zoom, kept)
+    browser.evaluate("document.getElementById('reset-zoom').click()")
+    assert browser.evaluate("state.zoom") is None
+    updated = browser.evaluate("document.body.dataset.updated")
+    browser.wait_for(f"document.body.dataset.updated !== '{updated}'", timeout=30, what="a refresh after the reset")
+    assert browser.evaluate("state.zoom === null && Object.values(state.charts).every(plot => plot.data[0].length === 0"
+                            " || plot.scales.x.max >= plot.data[0][plot.data[0].length - 1])"), "the zoom came back"
+
+    names = "Array.from(document.querySelectorAll('#contributions tbody tr td:nth-child(2)')).map(cell => cell.textContent)"
+    assert set(TRAINERS) <= set(browser.evaluate(names))
+    named = lambda: [name for name in browser.evaluate(names) if name != "–"]  # noqa: E731 (the bootstrap has none)
+    browser.evaluate("document.querySelector('#contributions th[data-key=display_name]').click()")
+    ascending = named()
+    assert ascending == sorted(ascending) and browser.evaluate(
+        "document.querySelector('#contributions th[data-key=display_name]').dataset.sorted") == "ascending"
+    browser.evaluate("document.querySelector('#contributions th[data-key=display_name]').click()")
+    assert named() == sorted(ascending, reverse=True)
+    browser.evaluate("document.querySelector('#contributions th[data-key=contributed]').click()")
+    samples = browser.evaluate("Array.from(document.querySelectorAll('#contributions tbody tr td:nth-child(8)'))"
+                               ".map(cell => Number(cell.textContent.replace(/,/g, '')))")
+    assert samples == sorted(samples, reverse=True) and samples[0] > 0, samples
 
 
 @pytest.mark.timeout(300)

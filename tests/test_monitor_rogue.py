@@ -142,7 +142,7 @@ def test_rogue_peer_cannot_forge_records_or_break_the_monitor(attacked: Attacked
             families = {family.name: family for family in text_string_to_metric_families(response.read().decode())}
         records = {sample.labels["reason"] for sample in families["swarm_peer_refused_records"].samples}
         requests = {sample.labels["reason"]: sample.value for sample in families["swarm_peer_refused_requests"].samples
-                    if sample.labels["peer_id"] == victim_id}
+                    if sample.labels["peer"] == victim_id}
         return records, requests
 
     # a scrape shows the latest collection, which may miss the victim's record for a moment

@@ -128,6 +128,9 @@ class Monitor:
     def history_json(self, *, since: float, points: int) -> dict:
         return {"run_id": self.run_id, "swarm": self.history.swarm_series(since=since, max_points=points)}
 
+    def peer_history_json(self, *, since: float, points: int) -> dict:
+        return {"run_id": self.run_id, "peers": self.history.peer_series(since=since, max_points=points)}
+
     def peers_json(self) -> dict:
         return {"run_id": self.run_id, "peers": self.history.peers()}
 

@@ -5,6 +5,13 @@ and its history's per-peer totals, so peers that come and go never leave stale s
 Refusals are exported by reason under the reasons this version knows
 (:data:`~swarm.net.refusals.RECORD_REASONS`, :data:`~swarm.net.refusals.REQUEST_REASONS`), any other as
 ``other``: reasons are peer-chosen strings, and each one a peer invents must not become a series.
+
+Per-peer series carry one label, ``peer`` (the peer id, base58 by the record's schema). What a peer
+says about itself in free text (name, organization, device, version) and its role are the labels of
+one series per peer, ``swarm_peer_info{peer, role, name, organization, device, version} 1``; join on
+``peer`` to show them, e.g. ``swarm_peer_loss * on (peer) group_left (name) swarm_peer_info``.
+Those strings go through :func:`~swarm.telemetry.text.printable` (no control characters, at most
+:data:`INFO_MAX_LENGTH` characters).
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from swarm.net.refusals import RECORD_REASONS, REQUEST_REASONS, exported
 from swarm.telemetry.collector import SwarmView
+from swarm.telemetry.text import printable
 
-PEER_LABELS = ["peer_id", "role", "name", "organization"]
+PEER_LABELS = ["peer"]
+INFO_LABELS = ["peer", "role", "name", "organization", "device", "version"]
+INFO_MAX_LENGTH = 64  # characters of a peer-chosen label value (the record's own bound)
 BOOTSTRAP_FIELDS = {"uptime", "bytes_sent", "bytes_received"}  # a bootstrap peer does not train
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -100,8 +110,11 @@ def _peer_families(view: SwarmView) -> Iterator[Metric]:
                                   labels=PEER_LABELS + ["reason"])
     refused_requests = CounterMetricFamily("swarm_peer_refused_requests", "Other peers' requests the peer's "
                                            "averaging service refused", labels=PEER_LABELS + ["reason"])
+    info = GaugeMetricFamily("swarm_peer_info", "What the peer says about itself; always 1 (join on peer)",
+                             labels=INFO_LABELS)
     for peer in view.peers:
         labels = _labels(peer)
+        info.add_metric(_info_labels(peer), 1)
         trainer = peer["role"] != "bootstrap"
         for field, family in families.items():
             if peer[field] is not None and (trainer or field in BOOTSTRAP_FIELDS):
@@ -113,6 +126,7 @@ def _peer_families(view: SwarmView) -> Iterator[Metric]:
                                       (refused_requests, peer["refused_requests"], REQUEST_REASONS)):
             for reason, count in sorted(exported(counts, known).items()):
                 family.add_metric(labels + [reason], count)
+    yield info
     yield from families.values()
     yield rounds
     yield refused
@@ -120,7 +134,12 @@ def _peer_families(view: SwarmView) -> Iterator[Metric]:
 
 
 def _labels(peer: dict) -> list[str]:
-    return [peer["peer_id"], peer["role"], peer["display_name"] or "", peer["organization"] or ""]
+    return [peer["peer_id"]]
+
+
+def _info_labels(peer: dict) -> list[str]:
+    return [peer["peer_id"], peer["role"], *(printable(peer[field], max_length=INFO_MAX_LENGTH, missing="")
+                                             for field in ("display_name", "organization", "device", "version"))]
 
 
 def make_registry(collector: SwarmCollector) -> CollectorRegistry:

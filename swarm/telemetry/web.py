@@ -4,6 +4,7 @@
 ``GET /``                   the dashboard (``swarm/telemetry/dashboard/``; its chart library is served from here too)
 ``GET /api/swarm``          the latest collection: peers, totals, flagged and refused records
 ``GET /api/history``        swarm series; ``?since=<unix seconds>`` and ``?points=<1..5000>``
+``GET /api/history/peers``  each peer's series (same buckets and parameters), the most recently seen first
 ``GET /api/peers``          every peer ever seen, with its contribution
 ``GET /metrics``            Prometheus text format (prometheus_client)
 ``GET /export/<t>.csv``     the history as CSV; ``t`` is ``swarm``, ``peer_samples`` or ``peers``
@@ -45,6 +46,7 @@ class BadRequest(ValueError):
 class MonitorApi(Protocol):
     def swarm_json(self) -> dict: ...
     def history_json(self, *, since: float, points: int) -> dict: ...
+    def peer_history_json(self, *, since: float, points: int) -> dict: ...
     def peers_json(self) -> dict: ...
     def metrics_text(self) -> bytes: ...
     def csv_chunks(self, table: str): ...
@@ -118,10 +120,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_static(url.path.removeprefix("/static/"), send_body)
             elif url.path == "/api/swarm":
                 self._send_json(api.swarm_json(), HTTPStatus.OK, send_body)
-            elif url.path == "/api/history":
+            elif url.path in ("/api/history", "/api/history/peers"):
                 since = _number(query, "since", 0.0, low=0.0)
                 points = int(_number(query, "points", 1000, low=1, high=MAX_POINTS, integer=True))
-                self._send_json(api.history_json(since=since, points=points), HTTPStatus.OK, send_body)
+                answer = api.history_json if url.path == "/api/history" else api.peer_history_json
+                self._send_json(answer(since=since, points=points), HTTPStatus.OK, send_body)
             elif url.path == "/api/peers":
                 self._send_json(api.peers_json(), HTTPStatus.OK, send_body)
             elif url.path == "/metrics":
