@@ -77,3 +77,26 @@ def test_expired_records_are_forgotten(dht):
     long_ago = get_dht_time() - 2 * keys.DILOCO_TTL
     tracker._merge(read_of((PEERS[0], 1, long_ago), (PEERS[1], 1, get_dht_time())))
     assert PEERS[0] not in tracker.states() and PEERS[1] in tracker.states()
+
+
+def progress_read(peer: str, round_number: int, samples: int, beat: float) -> ValueWithExpiration:
+    return ValueWithExpiration({peer: ValueWithExpiration([[round_number, samples, beat], []], beat + keys.DILOCO_TTL)},
+                               get_dht_time() + keys.DILOCO_TTL)
+
+
+def test_swarm_samples_extrapolate_a_training_peer_by_one_refresh_at_most(dht):
+    """A record is up to a refresh old when it is read: summed as it was, every peer saw the swarm
+    behind and overshot each round's budget. A peer still training is counted at its rate since it
+    stamped its record, never more than one refresh cycle ahead; a peer that stopped is not."""
+    tracker = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=1.0)
+    now = get_dht_time()
+    tracker._merge(progress_read(PEERS[0], 2, 100, now - 3.0))
+    tracker._read_at = now
+    assert tracker.swarm_samples(2) == 100, "one record of the round: no rate yet"
+    tracker._merge(progress_read(PEERS[0], 2, 160, now - 2.0))  # 60 samples/s, stamped 2 s ago
+    estimate = tracker.swarm_samples(2)
+    assert 160 + 60 * 1.0 <= estimate <= 160 + 60 * 1.5, "one refresh period ahead (plus the refresh time), not two s"
+    tracker._merge(progress_read(PEERS[0], 2, 160, now - 1.0))  # it stopped training: averaging
+    assert tracker.swarm_samples(2) == 160
+    tracker._merge(progress_read(PEERS[0], 3, 16, now - 0.5))  # a new round: no rate carried over
+    assert tracker.swarm_samples(3) == 16 and tracker.swarm_samples(2) == 0

@@ -58,6 +58,7 @@ class DiLoCo(Collaboration, SharedState):
             self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.round, self.total_samples = 0, 0
         self._round_samples, self._round_started = 0, time.monotonic()
+        self._check_seconds = 0.0  # spent this round in the per-step state check (logged with the round)
 
         owner = owner_tag(dht, private_key)  # this peer's records are signed under it (swarm.net.diloco_records)
         if owner is None:
@@ -80,7 +81,9 @@ class DiLoCo(Collaboration, SharedState):
         return self.round
 
     def step(self, batch_size: int) -> None:
+        started = time.perf_counter()
         self.agreement.catch_up()
+        self._check_seconds += time.perf_counter() - started
         self.inner.step()
         self._round_samples += batch_size
         self.tracker.report(self.round, self._round_samples)
@@ -148,6 +151,8 @@ class DiLoCo(Collaboration, SharedState):
         return swarm_samples >= budget or time.monotonic() - self._round_started >= self.config.round_timeout
 
     def _finish_round(self) -> None:
+        averaging_started = time.monotonic()
+        trained, checks, here = averaging_started - self._round_started, self._check_seconds, self._round_samples
         deltas = [outer - local.detach().to("cpu", torch.float32) for outer, local in zip(self.outer_params, self.params)]
         result = self.averager.average(self.round, deltas, weight=float(self._round_samples),
                                        expected=lambda: self.tracker.expected(self.round))
@@ -157,7 +162,12 @@ class DiLoCo(Collaboration, SharedState):
         self.round += 1
         self._start_round()
         self.agreement.publish()
-        logger.info(f"round {self.round - 1} done with {result.group_size} peer(s), {total} samples; now round {self.round}")
+        # Where the round's wall time went: this peer's steps (the per-step state checks among them), then
+        # averaging (matchmaking and waiting for the others, the all-reduce, the outer step, publishing).
+        averaging = time.monotonic() - averaging_started
+        logger.info(f"round {self.round - 1} done with {result.group_size} peer(s), {total} samples ({here} here) "
+                    f"in {trained + averaging:.1f} s: training {trained:.1f} s (state checks {checks:.2f} s), "
+                    f"averaging {averaging:.1f} s; now round {self.round}")
 
     def _outer_step(self, averaged: list[torch.Tensor]) -> None:
         for param, grad in zip(self.outer_params, averaged):
@@ -169,7 +179,7 @@ class DiLoCo(Collaboration, SharedState):
                 local.copy_(outer.to(local.device, local.dtype))
 
     def _start_round(self) -> None:
-        self._round_samples, self._round_started = 0, time.monotonic()
+        self._round_samples, self._round_started, self._check_seconds = 0, time.monotonic(), 0.0
         self.tracker.report(self.round, 0)
 
     # ---- the shared state (swarm.train.agreement.SharedState) ------------------------------

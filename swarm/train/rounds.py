@@ -6,6 +6,13 @@ Every ``refresh_period`` seconds the tracker stores this peer's record, its prog
 so far) and its state (round, total samples, state hash, role), and reads everyone else's. The
 trainer's thread reads the latest snapshot without waiting on the network.
 
+A peer's samples this round are read as of its last record, which is up to a refresh (plus the DHT's
+latency) old: summed as they are, every peer saw the swarm behind by that much and trained on past the
+round's budget (about a fifth more samples per round in ``swarm demo``, while the peers that had
+stopped waited). So a record of a peer still training is extrapolated at the rate its last two records
+of the round show, over the time since it was stamped and never further than one refresh cycle ahead
+(:meth:`RoundTracker.swarm_samples`): a peer that stopped is overestimated by one cycle at most.
+
 A progress record doubles as a heartbeat: a peer whose record has not been renewed for a while is
 taken for gone. "A while" is measured against this peer's own reads, not the wall clock: when the DHT
 is slow (a node of it unreachable, so every lookup waits out a timeout) or a read fails, silence is
@@ -64,6 +71,7 @@ class RoundTracker:
         self._mine: Optional[Progress] = None
         self._my_state: Optional[StateRecord] = None
         self._progress: dict[str, Progress] = {}
+        self._rates: dict[str, float] = {}  # peer -> samples per second between its last two records of a round
         self._states: dict[str, StateRecord] = {}
         self._expires: dict[str, float] = {}  # peer -> when its record, as last seen, expires in the DHT
         self._read_at = get_dht_time()  # when the last read that completed began
@@ -98,10 +106,16 @@ class RoundTracker:
         self._loop.wake()
 
     def swarm_samples(self, round_number: int) -> int:
+        """Samples of ``round_number`` so far: this peer's own, plus the others' as extrapolated to now
+        (see the module's docstring); each other peer's count at most ``bounds.max_round_samples``."""
         with self._lock:
-            others = sum(p.samples for peer, p in self._fresh_progress().items() if p.round == round_number and peer != self.me)
+            now = get_dht_time()
+            ahead = self.refresh_period + self._recent_cycle(now)  # how stale a record may be by now
+            others = sum(min(p.samples + self._rates.get(peer, 0.0) * min(max(0.0, now - p.time), ahead),
+                             self.bounds.max_round_samples)
+                         for peer, p in self._fresh_progress().items() if p.round == round_number and peer != self.me)
             mine = self._mine.samples if self._mine is not None and self._mine.round == round_number else 0
-        return others + mine
+        return int(others) + mine
 
     def expected(self, round_number: int) -> set[PeerID]:
         """Peers that will take part in this round: those training it or still finishing an earlier one
@@ -138,10 +152,12 @@ class RoundTracker:
         """How old a heartbeat may be, as of this peer's last read: three missed refreshes of a peer
         whose DHT calls take as long as this peer's, and never under 5 s. "As long" is the slowest of the
         refresh in flight and of the recent ones that still count (:meth:`_count_cycle`)."""
-        now = get_dht_time()
+        return max(5.0, 3 * (self.refresh_period + self._recent_cycle(get_dht_time())))
+
+    def _recent_cycle(self, now: float) -> float:
+        """Seconds of the slowest of the refresh in flight and of the recent ones that still count."""
         cycle = now - self._cycle_started if self._cycle_started is not None else 0.0
-        cycle = max([cycle] + [seconds for ended, seconds in self._cycles if self._counts(ended, seconds, now)])
-        return max(5.0, 3 * (self.refresh_period + cycle))
+        return max([cycle] + [seconds for ended, seconds in self._cycles if self._counts(ended, seconds, now)])
 
     def _counts(self, ended: float, seconds: float, now: float) -> bool:
         return now - ended < 3 * (self.refresh_period + seconds)
@@ -201,6 +217,7 @@ class RoundTracker:
                     continue
                 self._expires[peer] = float(expires)
                 progress, state = parsed_record
+                self._note_rate(peer, self._progress.get(peer), progress)
                 if state is not None and peer != self.me:  # a claimed role counts only with a certificate
                     state = dataclasses.replace(state, role=self.admission.role(peer) if self.admission else "volunteer")
                 for table, parsed in zip((self._progress, self._states), (progress, state)):
@@ -212,7 +229,16 @@ class RoundTracker:
         for peer in [peer for peer, expires in self._expires.items() if expires < now]:
             self._forget(peer)
 
+    def _note_rate(self, peer: str, before: Optional[Progress], after: Optional[Progress]) -> None:
+        """The peer's training rate from two of its records of one round; none (not extrapolated) across
+        rounds, and zero once its count stops growing (it is averaging or waiting)."""
+        if after is None or before is None or before.round != after.round:
+            self._rates.pop(peer, None)
+        elif after.time > before.time:  # a read of the same record again changes nothing
+            self._rates[peer] = max(0.0, (after.samples - before.samples) / (after.time - before.time))
+
     def _forget(self, peer: str) -> None:
         self._expires.pop(peer, None)
+        self._rates.pop(peer, None)
         self._progress.pop(peer, None)
         self._states.pop(peer, None)
