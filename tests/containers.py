@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,16 +49,20 @@ def build_image(context: Path, *, timeout: float) -> float:
     """``podman build`` the swarm image on BASE_IMAGE; returns the seconds it took.
 
     pip's settings of this process pass through as the image's build arguments: a CA bundle
-    (PIP_CERT) and a local wheel folder (PIP_FIND_LINKS) are mounted into the build. torch is pinned
-    by the repository's constraints.txt, and the CPU wheel index is consulted only if PIP_EXTRA_INDEX_URL
-    names it, so the build finds the CPU wheel locally instead of downloading a CUDA build.
+    (PIP_CERT) and a local wheel folder (PIP_FIND_LINKS) are mounted into the build. The image pins
+    torch by the repository's constraints.txt itself (its default PIP_CONSTRAINT) and takes the CPU
+    build; where a local wheel folder holds it, PyTorch's index is not consulted (TORCH_INDEX_URL
+    empty) unless TORCH_INDEX_URL names one. The OCI labels get this checkout's version and revision.
     """
     args = ["build", "--format", "docker", "--network", "host", "-f", str(context / "docker" / "Dockerfile"),
-            "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-            "--build-arg", "PIP_CONSTRAINT=/src/constraints.txt",
-            "--build-arg", f"PIP_EXTRA_INDEX_URL={os.environ.get('PIP_EXTRA_INDEX_URL', '')}"]
-    if os.environ.get("PIP_INDEX_URL"):
-        args += ["--build-arg", f"PIP_INDEX_URL={os.environ['PIP_INDEX_URL']}"]
+            "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "TORCH=cpu"]
+    for name, value in build_labels(context).items():
+        args += ["--build-arg", f"{name}={value}"]
+    if "TORCH_INDEX_URL" in os.environ or os.environ.get("PIP_FIND_LINKS"):
+        args += ["--build-arg", f"TORCH_INDEX_URL={os.environ.get('TORCH_INDEX_URL', '')}"]
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+        if os.environ.get(name):
+            args += ["--build-arg", f"{name}={os.environ[name]}"]
     for name, inside in (("PIP_CERT", "/run/build/ca.crt"), ("PIP_FIND_LINKS", "/run/build/wheels")):
         value = os.environ.get(name)
         if value and Path(value).exists():
@@ -67,6 +72,17 @@ def build_image(context: Path, *, timeout: float) -> float:
     started = time.monotonic()
     podman(*args, str(context), timeout=timeout)
     return time.monotonic() - started
+
+
+def build_labels(context: Path) -> dict[str, str]:
+    """The SOURCE, VERSION and REVISION build arguments (the image's OCI labels) for this checkout."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(context), *args], capture_output=True, text=True, timeout=30)
+        return result.stdout.strip() if result.returncode == 0 else ""
+    with open(context / "pyproject.toml", "rb") as file:
+        version = tomllib.load(file)["project"]["version"]
+    return {"SOURCE": git("remote", "get-url", "origin") or f"file://{context}", "VERSION": version,
+            "REVISION": git("rev-parse", "HEAD") or "unknown"}
 
 
 def image_size(image: str = IMAGE) -> int:

@@ -139,3 +139,63 @@ def test_grafana_dashboard_queries_only_series_the_monitor_exports():
     assert queried and queried <= exported, queried - exported
     for needed in ("swarm_peer_info", "swarm_peer_loss", "swarm_peer_sent_bytes_total", "swarm_samples_per_second"):
         assert needed in queried
+
+
+# The builds of the pinned torch that PyTorch's wheel index has: the Makefile's list (docs/install.md).
+TORCH_BUILDS = set(re.search(r"^TORCH_BUILDS := (.*)$", (REPO / "Makefile").read_text(), flags=re.MULTILINE)
+                   .group(1).split())
+
+
+def dockerfile_args() -> dict[str, str]:
+    """The Dockerfile's ARG defaults (the first one of each name)."""
+    args: dict[str, str] = {}
+    for name, default in re.findall(r"^ARG (\w+)(?:=(\S*))?$", (DOCKER / "Dockerfile").read_text(), flags=re.MULTILINE):
+        args.setdefault(name, default)
+    return args
+
+
+def test_dashboard_is_published_on_localhost_unless_asked():
+    ports = compose("compose.yaml")["services"]["monitor"]["ports"]
+    assert [substitute(port, {}) for port in ports] == ["127.0.0.1:8080:8080"]
+    assert [substitute(port, {"DASHBOARD_ADDRESS": "0.0.0.0"}) for port in ports] == ["0.0.0.0:8080:8080"]
+    for file, service in services():  # no other published port of any service escapes the rule
+        for port in compose(file)["services"][service].get("ports", []):
+            assert substitute(port, {}).startswith("127.0.0.1:"), (file, service, port)
+
+
+def test_both_images_apply_constraints_and_the_tested_torch():
+    """The CPU image (compose.yaml) and the GPU image (institution.yaml) build docker/Dockerfile with the
+    repository's constraints.txt and a PyTorch build of the pinned version, on a pinned base image."""
+    text = (DOCKER / "Dockerfile").read_text()
+    args = dockerfile_args()
+    assert args["PIP_CONSTRAINT"] == "/src/constraints.txt"
+    assert re.search(r"^COPY pyproject.toml constraints.txt /src/$", text, flags=re.MULTILINE)
+    assert '"torch==${torch_version}+${TORCH}"' in text and "sed -n 's/^torch==" in text
+    assert args["TORCH"] == "cpu" and args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH}"
+    # an exact tag (Python patch release and Debian release) or a digest, never a floating tag
+    assert re.fullmatch(r"python:3\.1[1-9]\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", args["BASE_IMAGE"])
+
+    builds = {}
+    for file in ("compose.yaml", "institution.yaml"):
+        for name, service in compose(file)["services"].items():
+            build = service.get("build")
+            if build is None:
+                continue
+            assert build["dockerfile"] == "docker/Dockerfile"
+            build_args = {key: substitute(value, {}) for key, value in build.get("args", {}).items()}
+            assert not {"PIP_CONSTRAINT", "BASE_IMAGE"} & set(build_args), (file, name, build_args)
+            builds[service["image"]] = build_args.get("TORCH", args["TORCH"])
+    assert builds == {"swarm:cpu": "cpu", "swarm:gpu": "cu130"}
+    assert set(builds.values()) <= TORCH_BUILDS
+
+
+def test_init_is_pid_one_in_every_container():
+    """tini is the entrypoint, so `docker run` gets it too; compose does not add a second init."""
+    text = (DOCKER / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "swarm"]' in text
+    assert "install -y -qq --no-install-recommends tini" in text
+    for file, service in services():
+        assert "init" not in compose(file)["services"][service], (file, service)
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[\w.]+)="([^"]*)"', text))
+    assert {"title", "licenses", "source", "version", "revision"} <= {key.split("image.", 1)[1] for key in labels}
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"

@@ -1,9 +1,13 @@
 """The image institutions run, built and run for real (podman): a containerized peer joins a swarm of
 host peers on 127.0.0.1, contributes samples, keeps its peer id and progress across a restart, and
-leaves cleanly on SIGTERM. Skips, saying why, where no container engine can run."""
+leaves cleanly on SIGTERM sent to the container (to its init, tini, PID 1, which passes it on). The image
+carries its OCI labels and the torch that constraints.txt pins. Skips, saying why, where no container
+engine can run."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import signal
 import sysconfig
@@ -39,16 +43,25 @@ def test_image_is_small_unprivileged_and_configured_by_environment(image):
     assert containers.image_size(image) < MAX_IMAGE_BYTES
     config = containers.podman("image", "inspect", image, "--format",
                                "{{.Config.User}}|{{.Config.Entrypoint}}|{{.Config.Healthcheck.Test}}").stdout.strip()
-    assert config == "swarm|[swarm]|[CMD swarm health]"
+    assert config == "swarm|[/usr/bin/tini -- swarm]|[CMD swarm health]"
+    labels = json.loads(containers.podman("image", "inspect", image, "--format", "{{json .Config.Labels}}").stdout)
+    expected = containers.build_labels(REPO)
+    assert {key: labels.get(f"org.opencontainers.image.{key}") for key in ("title", "licenses", "source", "version",
+                                                                          "revision", "base.name")} == {
+        "title": "swarm", "licenses": "Apache-2.0", "source": expected["SOURCE"], "version": expected["VERSION"],
+        "revision": expected["REVISION"], "base.name": containers.BASE_IMAGE}
 
     shown = containers.podman("run", "--rm", "--health-interval", "disable", image, "config", "show").stdout
     for line in ("path: /data", "identity_path: /var/lib/swarm/identity.key", "dir: /var/lib/swarm/checkpoints",
                  "resume: auto"):
         assert line in shown, shown
-    tools = containers.podman("run", "--rm", "--health-interval", "disable", "--entrypoint", "sh", image, "-c",
-                              "id -u; command -v gcc cc make pip pip3 || true").stdout.split()
-    assert tools[0] != "0", "the image must not run as root"
-    assert tools[1:] == [], f"build tools left in the final image: {tools[1:]}"
+    inside = containers.podman("run", "--rm", "--health-interval", "disable", "--entrypoint", "sh", image, "-c",
+                               "id -u; python3 -c 'import torch; print(torch.__version__)'; "
+                               "command -v gcc cc make pip pip3 || true").stdout.split()
+    assert inside[0] != "0", "the image must not run as root"
+    pinned = re.search(r"^torch==(\S+)$", (REPO / "constraints.txt").read_text(), flags=re.MULTILINE).group(1)
+    assert inside[1] == f"{pinned}+cpu", "the image must hold the CPU build of the torch constraints.txt pins"
+    assert inside[2:] == [], f"build tools left in the final image: {inside[2:]}"
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + 420)
@@ -73,8 +86,11 @@ def test_container_peer_contributes_restarts_as_itself_and_leaves_on_sigterm(swa
              what="the host trainer to see the container's contribution", alive=[box, host])
     health = box.healthcheck()
     assert health.returncode == 0, health.stdout + health.stderr
+    processes = _processes(box)
+    assert processes[1] == "/usr/bin/tini -- swarm join", f"the init must be PID 1: {processes}"
+    assert any(command.endswith("/swarm join") and pid != 1 for pid, command in processes.items()), processes
 
-    box.signal(signal.SIGTERM)  # what `docker stop` and `docker restart` send
+    box.signal(signal.SIGTERM)  # what `docker stop` and `docker restart` send: to PID 1, tini, which passes it on
     assert box.wait(60) == 0, box.log_tail()
     saved = swarm.status("box")
     assert saved["finished"] and saved["last_checkpoint_hash"]
@@ -95,6 +111,15 @@ def test_container_peer_contributes_restarts_as_itself_and_leaves_on_sigterm(swa
     assert swarm.status("box")["finished"]
     assert "left the swarm" in box.log_tail(20)
     assert host.poll() is None, "the host trainer must carry on"
+
+
+def _processes(box) -> dict[int, str]:
+    """Every process of the container: pid -> command line (from /proc: the image has no `ps`)."""
+    listing = box.exec("sh", "-c", "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(tr '\\0' ' ' < $p/cmdline)\"; "
+                                   "done 2>/dev/null")
+    assert listing.returncode == 0, listing.stderr
+    return {int(pid): command.strip() for pid, _, command in
+            (line.partition(" ") for line in listing.stdout.splitlines()) if pid.isdigit()}
 
 
 def _text_folder(path: Path) -> Path:
