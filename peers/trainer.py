@@ -44,20 +44,25 @@ METRICS_SHUTDOWN_TIMEOUT = 4.0  # seconds to publish the last "left" record befo
 
 
 def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run: Optional[str] = None,
-                explicit: frozenset[str] = frozenset()) -> TrainingStatus:
+                explicit: frozenset[str] = frozenset(), new_swarm: bool = False) -> TrainingStatus:
     """Train until the run ends or a signal comes.
 
     :param run: the fingerprint of the run to join: its settings come from its manifest in the DHT,
       and the local inputs are checked once they are known (after joining the DHT).
     :param explicit: the dotted config keys this peer set itself; any that contradicts the manifest
       is a :class:`~swarm.errors.ManifestError`.
+    :param new_swarm: this peer starts a new swarm (it has no initial peers): it says so, with the line
+      others join it with.
     """
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     local = _prepare_local(config) if run is None else None
     identity = load_identity(config.network.identity_path)
-    dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
+    try:
+        dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
+    finally:
+        identity.discard_file()  # an ephemeral key's file: p2pd has read it, or the start failed
     try:
         local = local or _prepare_local(config)
     except BaseException:
@@ -68,6 +73,9 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     peer = _TrainerPeer(config, local, dht, signed=signed, admission=admission)
     try:
         peer.start(identity, status_path)
+        if new_swarm:
+            print(f"swarm join: started a new swarm of run {config.run_id}; others join it with:\n"
+                  f"  swarm join --initial-peers {visible_maddrs(dht)[0]}", flush=True)
         try:
             peer.loop().run(stop.event)
         except KeyboardInterrupt:

@@ -68,42 +68,44 @@ def start_dht(
     stop = stop or threading.Event()
     deadline = time.monotonic() + config.bootstrap_timeout
     delay, attempt = 1.0, 0
-    while True:
-        attempt += 1
-        try:
-            dht = hivemind.DHT(
-                initial_peers=config.initial_peers,
-                start=True,
-                host_maddrs=config.host_maddrs,
-                announce_maddrs=config.announce_maddrs or None,
-                client_mode=client_mode,
-                use_auto_relay=config.use_auto_relay,
-                identity_path=str(identity_path),
-                # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
-                check_if_identity_free=not identity.fresh,
-                record_validators=list(record_validators),
-                authorizer=authorizer,
-            )
-            identity.discard_file()
-            return _with_rejoin(dht, config)
-        except (P2PDaemonError, RuntimeError) as e:
-            if "already taken" in str(e):
-                raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
-            if not any(marker in str(e) for marker in _BOOTSTRAP_FAILURES):
-                raise
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or stop.is_set():
-            private = (" and, for a private run, that this peer has a valid certificate of it (--certificate)"
-                       if authorizer is None else " and that they belong to the run of this peer's certificate")
-            raise NetworkError(
-                f"none of the initial peers answered within {config.bootstrap_timeout:g}s "
-                f"after {attempt} attempts ({', '.join(config.initial_peers)}); "
-                f"check the addresses, that those peers are running{private}"
-            )
-        wait = min(delay * random.uniform(1.0, 1.5), remaining)
-        logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
-        stop.wait(wait)
-        delay = min(delay * 2, 30.0)
+    try:
+        while True:
+            attempt += 1
+            try:
+                dht = hivemind.DHT(
+                    initial_peers=config.initial_peers,
+                    start=True,
+                    host_maddrs=config.host_maddrs,
+                    announce_maddrs=config.announce_maddrs or None,
+                    client_mode=client_mode,
+                    use_auto_relay=config.use_auto_relay,
+                    identity_path=str(identity_path),
+                    # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
+                    check_if_identity_free=not identity.fresh,
+                    record_validators=list(record_validators),
+                    authorizer=authorizer,
+                )
+                return _with_rejoin(dht, config)
+            except (P2PDaemonError, RuntimeError) as e:
+                if "already taken" in str(e):
+                    raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
+                if not any(marker in str(e) for marker in _BOOTSTRAP_FAILURES):
+                    raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.is_set():
+                private = (" and, for a private run, that this peer has a valid certificate of it (--certificate)"
+                           if authorizer is None else " and that they belong to the run of this peer's certificate")
+                raise NetworkError(
+                    f"none of the initial peers answered within {config.bootstrap_timeout:g}s "
+                    f"after {attempt} attempts ({', '.join(config.initial_peers)}); "
+                    f"check the addresses, that those peers are running{private}"
+                )
+            wait = min(delay * random.uniform(1.0, 1.5), remaining)
+            logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
+            stop.wait(wait)
+            delay = min(delay * 2, 30.0)
+    finally:
+        identity.discard_file()  # an ephemeral key's file: read by p2pd, or the start failed
 
 
 def _with_rejoin(dht: hivemind.DHT, config: NetworkConfig) -> hivemind.DHT:
