@@ -59,10 +59,7 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
     local = _prepare_local(config) if run is None else None
     identity = load_identity(config.network.identity_path)
-    try:
-        dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
-    finally:
-        identity.discard_file()  # an ephemeral key's file: p2pd has read it, or the start failed
+    dht, config, signed, admission = _join(config, identity, stop, run=run, explicit=explicit)
     try:
         local = local or _prepare_local(config)
     except BaseException:

@@ -53,7 +53,7 @@ def start_dht(
     as ``dht.rejoin`` (None without initial peers or with ``network.rejoin_period`` 0).
 
     :param identity: the key that makes this peer's id (see :mod:`swarm.net.identity`); default: the one at
-      network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
+      network.identity_path, else an ephemeral one (whose key is on disk only while p2pd starts).
     :param record_validators: :func:`swarm.net.validators.run_validators` for this identity and run.
     :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param authorizer: signs and checks every DHT request and response (a private run's
@@ -63,15 +63,14 @@ def start_dht(
     :raises ConfigError: the identity is already used by another peer of the swarm.
     """
     identity = identity or load_identity(config.identity_path)
-    identity_path = identity.path
     client_mode = config.client_mode if client_mode is None else client_mode
     stop = stop or threading.Event()
     deadline = time.monotonic() + config.bootstrap_timeout
     delay, attempt = 1.0, 0
-    try:
-        while True:
-            attempt += 1
-            try:
+    while True:
+        attempt += 1
+        try:
+            with identity.key_file() as key_file:  # an ephemeral key's file exists only for this start
                 dht = hivemind.DHT(
                     initial_peers=config.initial_peers,
                     start=True,
@@ -79,33 +78,31 @@ def start_dht(
                     announce_maddrs=config.announce_maddrs or None,
                     client_mode=client_mode,
                     use_auto_relay=config.use_auto_relay,
-                    identity_path=str(identity_path),
+                    identity_path=str(key_file),
                     # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
                     check_if_identity_free=not identity.fresh,
                     record_validators=list(record_validators),
                     authorizer=authorizer,
                 )
-                return _with_rejoin(dht, config)
-            except (P2PDaemonError, RuntimeError) as e:
-                if "already taken" in str(e):
-                    raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
-                if not any(marker in str(e) for marker in _BOOTSTRAP_FAILURES):
-                    raise
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or stop.is_set():
-                private = (" and, for a private run, that this peer has a valid certificate of it (--certificate)"
-                           if authorizer is None else " and that they belong to the run of this peer's certificate")
-                raise NetworkError(
-                    f"none of the initial peers answered within {config.bootstrap_timeout:g}s "
-                    f"after {attempt} attempts ({', '.join(config.initial_peers)}); "
-                    f"check the addresses, that those peers are running{private}"
-                )
-            wait = min(delay * random.uniform(1.0, 1.5), remaining)
-            logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
-            stop.wait(wait)
-            delay = min(delay * 2, 30.0)
-    finally:
-        identity.discard_file()  # an ephemeral key's file: read by p2pd, or the start failed
+            return _with_rejoin(dht, config)
+        except (P2PDaemonError, RuntimeError) as e:
+            if "already taken" in str(e):
+                raise ConfigError(f"identity {identity} is already used by another peer in the swarm") from None
+            if not any(marker in str(e) for marker in _BOOTSTRAP_FAILURES):
+                raise
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or stop.is_set():
+            private = (" and, for a private run, that this peer has a valid certificate of it (--certificate)"
+                       if authorizer is None else " and that they belong to the run of this peer's certificate")
+            raise NetworkError(
+                f"none of the initial peers answered within {config.bootstrap_timeout:g}s "
+                f"after {attempt} attempts ({', '.join(config.initial_peers)}); "
+                f"check the addresses, that those peers are running{private}"
+            )
+        wait = min(delay * random.uniform(1.0, 1.5), remaining)
+        logger.warning(f"no initial peer answered (attempt {attempt}); retrying in {wait:.1f}s")
+        stop.wait(wait)
+        delay = min(delay * 2, 30.0)
 
 
 def _with_rejoin(dht: hivemind.DHT, config: NetworkConfig) -> hivemind.DHT:
