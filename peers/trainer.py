@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 
 from peers.lifecycle import StopSignals, check_alive, reap_children, run_bounded, set_log_peer
+from peers.progress import ProgressLog
 from peers.status_file import StatusFile
+from swarm.averaging.progress import DownloadWatch
 from swarm.config.schema import SwarmConfig
 from swarm.errors import CheckpointError
 from swarm.net.admission import Admission, authorizer_for, check_admitted, own_certificate, own_role
@@ -150,6 +152,8 @@ class _TrainerPeer:
         self.opt = self.status_file = self.publisher = None
         self.role = own_role(admission.certificate if admission is not None else None)
         self.status = TrainingStatus(peer_id=str(dht.peer_id), role=self.role)
+        self.watch = DownloadWatch()  # the collaboration's state downloads, shown by the progress lines
+        self.progress = ProgressLog(self.status, self.watch, mode=config.averaging.mode)
         # which run this peer trains in, for its status file (the join test reads it)
         self.run = {"run_id": config.run_id, "fingerprint": signed.fingerprint if signed else None,
                     "manifest_version": signed.manifest.version if signed else None,
@@ -164,8 +168,9 @@ class _TrainerPeer:
             f"{local.model.num_parameters() / 1e6:.2f}M parameters on {local.device}; data {local.dataset.source} "
             f"({local.dataset.num_train_files} files, {local.dataset.train.numel() / 1e6:.1f} MB)"
         )
+        self.progress.start()  # before the collaboration: a late joiner's first state download shows
         self.opt = build_collaboration(config=config, dht=dht, model=local.model, private_key=identity.private_key,
-                                       role=self.role, admission=self.admission)
+                                       role=self.role, admission=self.admission, watch=self.watch)
         if config.metrics is not None:
             facts = PeerFacts(role=self.role, peer=config.peer, device=describe_device(local.device))
             self.publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
@@ -215,6 +220,7 @@ class _TrainerPeer:
     def leave(self) -> TrainingStatus:
         """After training: a last metrics record, goodbye to the averagers, a final checkpoint."""
         status = self.status
+        self.progress.shutdown()
         self.status_file.shutdown()
         if self.publisher is not None:
             self.publisher.update(status)
@@ -231,6 +237,7 @@ class _TrainerPeer:
 
     def close(self) -> None:
         """Whatever :meth:`leave` did not get to (an error): no "left" record, the record just expires."""
+        self.progress.shutdown()
         if self.status_file is not None:
             self.status_file.shutdown()
         if self.publisher is not None:
