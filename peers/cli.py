@@ -298,8 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SwarmError as e:
         return _report(args, e)
     if args.command == "config":
-        print(json.dumps(config.model_dump(mode="json"), indent=2) if args.json else dump_config(config), end="\n"
-              if args.json else "")
+        shown = json.dumps(config.model_dump(mode="json"), indent=2) + "\n" if args.json else dump_config(config)
+        print(shown, end="")
         return exit_codes.OK
     if args.command == "join":
         try:
