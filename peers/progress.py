@@ -21,6 +21,7 @@ logger = logging.getLogger("swarm.progress")
 
 PERIOD = 9.5  # seconds between progress lines: under the promised 10, with room for a loaded machine
 DOWNLOAD_PERIOD = 2.0  # seconds between lines of a state download in progress
+POLL = 0.5  # seconds between looks for a download that has begun (one shorter than this needs no line)
 STALLED_AFTER = 5.0  # a status older than this means the loop is blocked (averaging, catching up)
 
 
@@ -49,7 +50,7 @@ class ProgressLog:
         last_download: Optional[StateDownload] = None
         last_download_line = 0.0
         # wake for the next line on time, and often enough to see a download begin
-        while not self._stop.wait(max(0.0, min(last_line + self.period - time.monotonic(), self.download_period))):
+        while not self._stop.wait(max(0.0, min(last_line + self.period - time.monotonic(), POLL))):
             now = time.monotonic()
             download = self.watch.current
             if download is not None and (download is not last_download or now - last_download_line >= self.download_period):
