@@ -47,8 +47,9 @@ class DownloadWatch:
     def __init__(self):
         self.current: Optional[StateDownload] = None
 
-    def begin(self, source: str, total: Optional[int]) -> StateDownload:
-        self.current = download = StateDownload(source=source, total=total)
+    def begin(self, source: str, total: Optional[int], *, counts_bytes: bool = True) -> StateDownload:
+        """:param counts_bytes: the downloader reports bytes (``on_bytes``); False where it cannot."""
+        self.current = download = StateDownload(source=source, total=total, received=0 if counts_bytes else None)
         return download
 
     def end(self) -> None:

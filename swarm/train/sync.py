@@ -102,7 +102,7 @@ class ObservedOptimizer(hivemind.Optimizer):
 
     def load_state_from_peers(self, **kwargs):
         tensors = self.state_averager.get_current_state()[1]
-        self.watch.begin("the swarm", sum(t.numel() * t.element_size() for t in tensors))
+        self.watch.begin("the swarm", sum(t.numel() * t.element_size() for t in tensors), counts_bytes=False)
         try:
             return super().load_state_from_peers(**kwargs)
         finally:
