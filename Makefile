@@ -4,7 +4,7 @@
 #   make test-fast - the fast lane: every test not marked `swarm` (no peer processes), under 2 minutes
 #   make bench  - every benchmark, tables in benchmarks/results/report.md (root for the network ones;
 #                 13-17 minutes on 2 shared cores, BENCH_ARGS=--quick about 7)
-# and one joins a real swarm: make join PEERS=/ip4/.../tcp/31337/p2p/... [TORCH=cuda] [ARGS="--set data.path=..."]
+# and one joins a real swarm: make join PEERS=/ip4/.../tcp/31337/p2p/... [TORCH=cuda] [ARGS="--data ... --name ..."]
 #
 # What gets installed: every target first makes the virtual environment .venv (`make install` alone
 # does only that), with
@@ -64,7 +64,7 @@ test-fast: $(STAMP)
 join: $(STAMP)
 	$(if $(PEERS),,$(error set PEERS to the address of a peer of the swarm, e.g. make join PEERS=/ip4/.../p2p/...))
 	$(VENV)/bin/swarm join --config configs/default.yaml --initial-peers $(PEERS) \
-		--set network.identity_path=$(HOME)/.swarm/peer.key --set checkpoint.resume=auto $(ARGS)
+		--identity $(HOME)/.swarm/peer.key --set checkpoint.resume=auto $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run_all $(BENCH_ARGS)

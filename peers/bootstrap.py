@@ -41,13 +41,13 @@ LIVENESS_PERIOD = 2.0  # seconds between checks that the DHT process is still al
 METRICS_SHUTDOWN_TIMEOUT = 4.0
 
 
-def run_bootstrap(config: SwarmConfig, *, identity_path: Optional[Path], address_file: Optional[Path],
+def run_bootstrap(config: SwarmConfig, *, address_file: Optional[Path],
                   status_path: Optional[Path] = None, manifest_path: Optional[Path] = None,
                   explicit: frozenset[str] = frozenset()) -> None:
     stop = StopSignals()
     manifest = admission = certificate = None
     validators = []
-    identity = load_identity(Path(identity_path or config.network.identity_path or DEFAULT_IDENTITY))
+    identity = load_identity(Path(config.network.identity_path or DEFAULT_IDENTITY))
     if manifest_path is not None:
         manifest = ManifestPublisher(path=manifest_path)
         run = manifest.signed.fingerprint

@@ -20,6 +20,89 @@ from swarm.net.manifest import check_fingerprint, explicit_keys
 
 logger = logging.getLogger("swarm.cli")
 
+# Flags that stand for one config key each. A flag's value becomes the override ``key=value``, exactly as
+# ``--set key=value`` would (typed by the schema: swarm.config.loading.typed_value), after the --set ones.
+KEY_FLAGS: dict[str, tuple[str, dict]] = {
+    "--port": ("network.port", dict(metavar="PORT", help="TCP port to listen on; 0 picks a free one (network.port)")),
+    "--announce": ("network.announce_maddrs", dict(nargs="+", metavar="MADDR", help=(
+        "address(es) to announce to others, e.g. /ip4/203.0.113.5/tcp/31337 behind a port forward "
+        "(network.announce_maddrs)"))),
+    "--identity": ("network.identity_path", dict(metavar="FILE", help=(
+        "private key file, made if missing: the same peer id on every run (network.identity_path)"))),
+    "--data": ("data.path", dict(metavar="DIR", help="folder of text files to train on (data.path; "
+                                                      "default: the embedded corpus)")),
+    "--name": ("peer.display_name", dict(metavar="NAME", help="name shown to the swarm (peer.display_name)")),
+    "--device": ("training.device", dict(metavar="DEVICE", help="auto, cpu, cuda or mps (training.device)")),
+    "--run-id": ("run_id", dict(metavar="RUN_ID", help="the run to take part in; peers of one run share it (run_id)")),
+}
+
+EXAMPLES = {
+    "bootstrap": """\
+  swarm bootstrap --port 31337 --identity ~/.swarm/bootstrap.key --address-file bootstrap.json
+  swarm bootstrap --port 31337 --announce /ip4/203.0.113.5/tcp/31337 --manifest run-manifest.json""",
+    "join": """\
+  swarm join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmBootstrap... --data ~/text --name lab-7
+  swarm join --initial-peers-file bootstrap.json --identity ~/.swarm/peer.key --resume --device cuda
+  swarm join --initial-peers /ip4/.../p2p/... --run FINGERPRINT --certificate certificate.json
+  swarm join --new-swarm --config configs/debug.yaml      # the first peer of a new swarm""",
+    "demo": """\
+  swarm demo                        # 1 bootstrap + 3 trainers + a monitor, about 2 minutes on CPU
+  swarm demo --peers 2 --epochs 3 --workdir demo-run""",
+    "doctor": """\
+  swarm doctor --config configs/default.yaml --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmBootstrap...
+  swarm doctor --initial-peers-file bootstrap.json --run FINGERPRINT --json --probe-mb 0""",
+    "monitor": """\
+  swarm monitor --initial-peers /ip4/.../p2p/... --set monitor.port=8470
+  swarm monitor --export-csv history/ --set monitor.db_path=swarm-monitor.sqlite""",
+    "status": """\
+  swarm status --initial-peers /ip4/.../p2p/...
+  swarm status --initial-peers-file bootstrap.json --json | jq '.totals'""",
+    "health": """\
+  swarm health --status-file /var/lib/swarm/status.json && echo alive
+  SWARM_STATUS_FILE=status.json swarm health --json""",
+    "run": """\
+  swarm run create --config configs/default.yaml --out run-manifest.json
+  swarm run create --config configs/default.yaml --private --refresh 30""",
+    "create": """\
+  swarm run create --config configs/default.yaml --out run-manifest.json
+  swarm run create --config configs/default.yaml --private --refresh 30""",
+    "admit": """\
+  swarm admit 12D3KooW... --role institution --organization "Example University" --days 90""",
+    "revoke": """\
+  swarm revoke 12D3KooW... --manifest run-manifest.json""",
+    "id": """\
+  swarm id --identity ~/.swarm/peer.key""",
+    "export": """\
+  swarm export --checkpoint checkpoints/ --out my-model""",
+    "generate": """\
+  swarm generate --export my-model --prompt "def main(" --max-new-bytes 300
+  swarm generate --checkpoint checkpoints/latest.pt --temperature 0 --seed 1""",
+    "config": """\
+  swarm config show --config configs/debug.yaml --set training.batch_size=8
+  swarm config show --json""",
+    "show": """\
+  swarm config show --config configs/debug.yaml --set training.batch_size=8
+  SWARM_DATA_PATH=/data swarm config show --json""",
+}
+
+
+def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with examples (EXAMPLES[name])."""
+    return commands.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                               epilog="Examples:\n" + EXAMPLES[name],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _with_key_flags(sub: argparse.ArgumentParser, *flags: str) -> argparse.ArgumentParser:
+    for flag in flags:
+        key, options = KEY_FLAGS[flag]
+        sub.add_argument(flag, dest=_key_dest(flag), **options)
+    return sub
+
+
+def _key_dest(flag: str) -> str:
+    return "key_" + flag.lstrip("-").replace("-", "_")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -36,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch_commands(commands)
     _add_run_commands(commands, _with_config)
     _add_model_commands(commands)
-    config = commands.add_parser("config", help="inspect configs")
+    config = _command(commands, "config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    _with_peers(_with_config(config_commands.add_parser("show", help="print the resolved config (YAML + env + --set)")))
+    show = _with_peers(_with_config(_command(config_commands, "show",
+                                             help="print the resolved config (YAML + env + --set)")))
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     return parser
 
 
@@ -77,15 +162,20 @@ def _with_status(sub: argparse.ArgumentParser, help: str) -> argparse.ArgumentPa
 
 def _add_peer_commands(commands) -> None:
     """The peers that take part: bootstrap, join, and the local demo of both."""
-    bootstrap = _with_peers(_with_config(commands.add_parser("bootstrap", help="run a DHT-only peer that keeps the swarm reachable")))
-    bootstrap.add_argument("--identity", type=Path, help="private key file (default: network.identity_path or ~/.swarm/bootstrap.key)")
+    bootstrap = _with_peers(_with_config(_command(commands, "bootstrap",
+                                                  help="run a DHT-only peer that keeps the swarm reachable")))
+    _with_key_flags(bootstrap, "--port", "--announce", "--identity", "--name", "--run-id")
     bootstrap.add_argument("--address-file", type=Path, help="also write the peer id and multiaddrs here as JSON")
     bootstrap.add_argument("--manifest", type=Path, metavar="FILE",
                            help="publish this run manifest (from `swarm run create`) and use its settings")
     _with_certificate(bootstrap)
     _with_status(bootstrap, "keep a JSON status of this peer here, for `swarm health` (default: $SWARM_STATUS_FILE)")
 
-    join = _with_peers(_with_config(commands.add_parser("join", help="join a swarm as a trainer peer")))
+    join = _with_peers(_with_config(_command(commands, "join", help="join a swarm as a trainer peer")))
+    join.add_argument("--new-swarm", action="store_true",
+                      help="start a new swarm: this peer is its first (refused with initial peers; without it, "
+                           "join refuses to start with none)")
+    _with_key_flags(join, "--port", "--announce", "--identity", "--data", "--name", "--device", "--run-id")
     join.add_argument("--resume", action="store_true", help="restore model, optimizer and epoch from checkpoint.dir")
     join.add_argument("--run", metavar="FINGERPRINT",
                       help="join this run: fetch its signed manifest from the DHT and train with its settings")
@@ -93,15 +183,16 @@ def _add_peer_commands(commands) -> None:
     _with_status(join, "keep a JSON status of this peer here, for scripts and `swarm health` "
                        "(default: $SWARM_STATUS_FILE)")
 
-    doctor = _with_peers(_with_config(commands.add_parser(
-        "doctor", help="check before joining: versions, data, memory, disk, clock, reachability, bandwidth")))
+    doctor = _with_peers(_with_config(_command(
+        commands, "doctor", help="check before joining: versions, data, memory, disk, clock, reachability, bandwidth")))
     doctor.add_argument("--run", metavar="FINGERPRINT", help="the run to check against, as for `swarm join`")
     _with_certificate(doctor)
     doctor.add_argument("--json", action="store_true", help="print the verdicts as JSON")
     doctor.add_argument("--probe-mb", type=_at_least(0, float), default=4.0, metavar="MB",
                         help="MB sent to and received from each probed peer to measure bandwidth; 0 skips it (default 4)")
 
-    demo = _with_config(commands.add_parser("demo", help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
+    demo = _with_config(_command(commands, "demo",
+                                 help="a local swarm: 1 bootstrap + 3 trainers + a monitor on 127.0.0.1"))
     demo.add_argument("--peers", type=int, default=3, help="number of trainer processes (default 3)")
     demo.add_argument("--epochs", type=int, default=None, help="swarm epochs to train (default: the demo's own)")
     demo.add_argument("--workdir", type=Path, help="keep logs and checkpoints here (default: a temporary folder)")
@@ -109,33 +200,36 @@ def _add_peer_commands(commands) -> None:
 
 def _add_watch_commands(commands) -> None:
     """What watches a swarm or a peer: monitor, status, health."""
-    monitor = _with_peers(_with_config(commands.add_parser(
-        "monitor", help="watch a swarm: history in SQLite, a web dashboard, a JSON API and Prometheus /metrics")))
+    monitor = _with_peers(_with_config(_command(
+        commands, "monitor", help="watch a swarm: history in SQLite, a web dashboard, a JSON API and Prometheus /metrics")))
+    _with_key_flags(monitor, "--run-id")
     monitor.add_argument("--url-file", type=Path, help="also write the dashboard's address here as JSON (for scripts)")
     _with_certificate(monitor)
     monitor.add_argument("--export-csv", type=Path, metavar="DIR",
                          help="write the history in monitor.db_path as CSV files into DIR and exit (no network)")
 
-    status = _with_peers(_with_config(commands.add_parser("status", help="print the swarm's peers as a table, from the DHT")))
+    status = _with_peers(_with_config(_command(commands, "status", help="print the swarm's peers as a table, from the DHT")))
+    _with_key_flags(status, "--run-id")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _with_certificate(status)
     status.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                         help="wait this long for the first metrics record (default 10)")
 
     health = _with_status(
-        commands.add_parser("health", help="exit 0 if the peer writing --status-file is alive and connected, else 1"),
+        _command(commands, "health", help="exit 0 if the peer writing --status-file is alive and connected, else 1"),
         "the status file of the peer to check (default: $SWARM_STATUS_FILE)",
     )
+    health.add_argument("--json", action="store_true", help="print the verdict and the peer's status as JSON")
     health.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE, metavar="SECONDS",
                         help=f"a status older than this means the peer is stuck or gone (default {DEFAULT_MAX_AGE:g})")
 
 
 def _add_run_commands(commands, with_config) -> None:
     """What a run's owner does (`swarm run create`, `admit`, `revoke`) and what a peer does to be admitted (`id`)."""
-    run = commands.add_parser("run", help="own a run: its authority key and signed manifest")
+    run = _command(commands, "run", help="own a run: its authority key and signed manifest")
     run_commands = run.add_subparsers(dest="run_command", required=True, metavar="SUBCOMMAND")
-    create = with_config(run_commands.add_parser(
-        "create", help="sign a manifest of the config's run (a new version if --out holds one of the same run)"))
+    create = with_config(_command(
+        run_commands, "create", help="sign a manifest of the config's run (a new version if --out holds one of the same run)"))
     create.add_argument("--key", type=Path, default=Path("~/.swarm/run-authority.key"),
                         help="run authority key, made if missing; keep it private (default ~/.swarm/run-authority.key)")
     create.add_argument("--out", type=Path, default=Path("run-manifest.json"),
@@ -150,8 +244,8 @@ def _add_run_commands(commands, with_config) -> None:
                                 help="the run's manifest file (default run-manifest.json)"),
              "--key": dict(type=Path, default=Path("~/.swarm/run-authority.key"),
                            help="the run authority key (default ~/.swarm/run-authority.key)")}
-    admit = commands.add_parser("admit", help="issue a certificate that admits one peer id to the run, with a role")
-    revoke = commands.add_parser("revoke", help="revoke a peer id: a new manifest version, refused within a refresh")
+    admit = _command(commands, "admit", help="issue a certificate that admits one peer id to the run, with a role")
+    revoke = _command(commands, "revoke", help="revoke a peer id: a new manifest version, refused within a refresh")
     for sub in (admit, revoke):
         sub.add_argument("peer_id", metavar="PEER_ID", help="the peer's id, as `swarm id` prints it")
         for flag, options in owner.items():
@@ -163,20 +257,20 @@ def _add_run_commands(commands, with_config) -> None:
     admit.add_argument("--days", type=float, default=90.0, help="validity in days (default 90, at most 400)")
     admit.add_argument("--out", type=Path, default=Path("certificate.json"),
                        help="the certificate to write (default certificate.json)")
-    ident = with_config(commands.add_parser("id", help="print this peer's id (its key file is made if missing)"))
-    ident.add_argument("--identity", type=Path, help="private key file (default: network.identity_path)")
+    ident = with_config(_command(commands, "id", help="print this peer's id (its key file is made if missing)"))
+    _with_key_flags(ident, "--identity")
 
 
 def _add_model_commands(commands) -> None:
     """What uses the trained model outside the swarm: export, generate (no network, no hivemind)."""
     checkpoint_help = "a checkpoint file, or a folder holding latest.pt (default: checkpoint.dir of the config)"
-    export = _with_config(commands.add_parser(
-        "export", help="write a checkpoint's model as a Hugging Face GPT-2 (model.safetensors, config.json)"))
+    export = _with_config(_command(
+        commands, "export", help="write a checkpoint's model as a Hugging Face GPT-2 (model.safetensors, config.json)"))
     export.add_argument("--checkpoint", type=Path, metavar="PATH", help=checkpoint_help)
     export.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="the export folder to create; it must not exist or be empty")
 
-    generate = _with_config(commands.add_parser("generate", help="sample text from a checkpoint or an export"))
+    generate = _with_config(_command(commands, "generate", help="sample text from a checkpoint or an export"))
     source = generate.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", type=Path, metavar="PATH", help=checkpoint_help)
     source.add_argument("--export", type=Path, metavar="DIR", help="an export folder written by `swarm export`")
@@ -215,8 +309,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SwarmError as e:
         return _report(args, e)
     if args.command == "config":
-        print(dump_config(config), end="")
+        shown = json.dumps(config.model_dump(mode="json"), indent=2) + "\n" if args.json else dump_config(config)
+        print(shown, end="")
         return exit_codes.OK
+    if args.command == "join":
+        try:
+            _check_new_swarm(args, config)
+        except SwarmError as e:
+            return _report(args, e)
     if getattr(args, "run", None) is not None:
         try:
             check_fingerprint(args.run)
@@ -261,7 +361,21 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append("checkpoint.resume=true")
     if getattr(args, "certificate", None) is not None:
         overrides.append(f"peer.certificate={args.certificate}")
+    for flag, (key, _) in KEY_FLAGS.items():
+        value = getattr(args, _key_dest(flag), None)
+        if value is not None:
+            overrides.append(f"{key}={','.join(value) if isinstance(value, list) else value}")
     return overrides
+
+
+def _check_new_swarm(args: argparse.Namespace, config: SwarmConfig) -> None:
+    """A trainer with no initial peer would train alone and look healthy: starting a swarm is said aloud."""
+    if config.network.initial_peers and args.new_swarm:
+        raise ConfigError("--new-swarm starts a swarm of its own, so it takes no initial peers "
+                          "(drop --new-swarm to join the swarm of those peers)")
+    if not config.network.initial_peers and not args.new_swarm:
+        raise ConfigError("no initial peers: pass --initial-peers MADDR (or --initial-peers-file, or "
+                          "SWARM_NETWORK_INITIAL_PEERS) to join a swarm, or --new-swarm to start a new one")
 
 
 def _explicit(args: argparse.Namespace) -> set[str]:
@@ -297,12 +411,13 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
     elif args.command == "bootstrap":
         from peers.bootstrap import run_bootstrap
 
-        run_bootstrap(config, identity_path=args.identity, address_file=args.address_file,
+        run_bootstrap(config, address_file=args.address_file,
                       status_path=args.status_file, manifest_path=args.manifest, explicit=_explicit(args))
     elif args.command == "join":
         from peers.trainer import run_trainer
 
-        run_trainer(config, status_path=args.status_file, run=args.run, explicit=_explicit(args))
+        run_trainer(config, status_path=args.status_file, run=args.run, explicit=_explicit(args),
+                    new_swarm=args.new_swarm)
     elif args.command == "doctor":
         from peers.doctor import run_doctor
 
@@ -331,7 +446,7 @@ def _dispatch(args: argparse.Namespace, config: SwarmConfig) -> int:
     elif args.command == "id":
         from peers.run import print_id
 
-        print_id(args.identity or config.network.identity_path)
+        print_id(config.network.identity_path)
     elif args.command == "status":
         from peers.status import run_status
 
@@ -352,7 +467,7 @@ def _health(args: argparse.Namespace) -> int:
     if args.status_file is None:
         print("swarm health: error: no status file: pass --status-file or set SWARM_STATUS_FILE", file=sys.stderr)
         return exit_codes.USAGE
-    return run_health(args.status_file, max_age=args.max_age)
+    return run_health(args.status_file, max_age=args.max_age, as_json=args.json)
 
 
 def _read_address_file(path: Path) -> list[str]:

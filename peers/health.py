@@ -5,7 +5,8 @@ no torch, no hivemind import. A peer is healthy when its status was written with
 seconds (the process is alive and its DHT answers), it has not left, and, if it was given initial
 peers, it is connected to at least one peer. The first peer of a swarm, given none, is healthy alone.
 
-Exit 0 for healthy and 1 for unhealthy, as Docker's HEALTHCHECK expects; one line on stdout says why.
+Exit 0 for healthy and 1 for unhealthy, as Docker's HEALTHCHECK expects; one line on stdout says why
+(with ``--json``, one JSON object: ``healthy``, ``reason`` and the peer's ``status`` as it wrote it).
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ def assess(status: Optional[dict], *, now: float, max_age: float = DEFAULT_MAX_A
     return True, f"{who}: connected to {connected or 0} peers{progress}"
 
 
-def run_health(status_path: Path, *, max_age: float = DEFAULT_MAX_AGE) -> int:
+def run_health(status_path: Path, *, max_age: float = DEFAULT_MAX_AGE, as_json: bool = False) -> int:
     try:
         status = json.loads(Path(status_path).read_text())
     except FileNotFoundError:
-        status = None
+        status, problem = None, None
     except (OSError, json.JSONDecodeError) as e:
-        print(f"unhealthy: cannot read the status file {status_path}: {e}", flush=True)
-        return UNHEALTHY
-    healthy, reason = assess(status, now=time.time(), max_age=max_age)
-    print(f"{'healthy' if healthy else 'unhealthy'}: {reason}", flush=True)
+        status, problem = None, f"cannot read the status file {status_path}: {e}"
+    else:
+        problem = None if isinstance(status, dict) else f"the status file {status_path} holds no JSON object"
+    if problem is not None:
+        healthy, reason, status = False, problem, None
+    else:
+        healthy, reason = assess(status, now=time.time(), max_age=max_age)
+    if as_json:
+        print(json.dumps({"healthy": healthy, "reason": reason, "status": status}), flush=True)
+    else:
+        print(f"{'healthy' if healthy else 'unhealthy'}: {reason}", flush=True)
     return HEALTHY if healthy else UNHEALTHY

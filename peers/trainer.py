@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 
 from peers.lifecycle import StopSignals, check_alive, reap_children, run_bounded, set_log_peer
+from peers.progress import ProgressLog
 from peers.status_file import StatusFile
+from swarm.averaging.progress import DownloadWatch
 from swarm.config.schema import SwarmConfig, TrainingConfig
 from swarm.errors import CheckpointError
 from swarm.net.admission import Admission, authorizer_for, check_admitted, own_certificate, own_role
@@ -47,13 +49,15 @@ METRICS_SHUTDOWN_TIMEOUT = 4.0  # seconds to publish the last "left" record befo
 
 
 def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run: Optional[str] = None,
-                explicit: frozenset[str] = frozenset()) -> TrainingStatus:
+                explicit: frozenset[str] = frozenset(), new_swarm: bool = False) -> TrainingStatus:
     """Train until the run ends or a signal comes.
 
     :param run: the fingerprint of the run to join: its settings come from its manifest in the DHT,
       and the local inputs are checked once they are known (after joining the DHT).
     :param explicit: the dotted config keys this peer set itself; any that contradicts the manifest
       is a :class:`~swarm.errors.ManifestError`.
+    :param new_swarm: this peer starts a new swarm (it has no initial peers): it says so, with the line
+      others join it with.
     """
     stop = StopSignals()
     # hivemind steps the scheduler when the swarm's epoch advances, which torch mistakes for misuse
@@ -73,6 +77,9 @@ def run_trainer(config: SwarmConfig, *, status_path: Optional[Path] = None, run:
     peer = _TrainerPeer(config, local, dht, signed=signed, admission=admission)
     try:
         peer.start(identity, status_path)
+        if new_swarm:
+            print(f"swarm join: started a new swarm of run {config.run_id}; others join it with:\n"
+                  f"  swarm join --initial-peers {visible_maddrs(dht)[0]}", flush=True)
         try:
             peer.loop().run(stop.event)
         except KeyboardInterrupt:
@@ -169,6 +176,8 @@ class _TrainerPeer:
         self.opt = self.status_file = self.publisher = None
         self.role = own_role(admission.certificate if admission is not None else None)
         self.status = TrainingStatus(peer_id=str(dht.peer_id), role=self.role)
+        self.watch = DownloadWatch()  # the collaboration's state downloads, shown by the progress lines
+        self.progress = ProgressLog(self.status, self.watch, mode=config.averaging.mode)
         # which run this peer trains in, for its status file (the join test reads it)
         self.run = {"run_id": config.run_id, "fingerprint": signed.fingerprint if signed else None,
                     "manifest_version": signed.manifest.version if signed else None,
@@ -183,8 +192,9 @@ class _TrainerPeer:
             f"{local.model.num_parameters() / 1e6:.2f}M parameters on {local.device}; data {local.dataset.source} "
             f"({local.dataset.num_train_files} files, {local.dataset.train.numel() / 1e6:.1f} MB)"
         )
+        self.progress.start()  # before the collaboration: a late joiner's first state download shows
         self.opt = build_collaboration(config=config, dht=dht, model=local.model, private_key=identity.private_key,
-                                       role=self.role, admission=self.admission)
+                                       role=self.role, admission=self.admission, watch=self.watch)
         if config.metrics is not None:
             facts = PeerFacts(role=self.role, peer=config.peer, device=describe_device(local.device))
             self.publisher = MetricsPublisher(dht=dht, identity=identity, run_id=config.run_id, config=config.metrics,
@@ -234,6 +244,7 @@ class _TrainerPeer:
     def leave(self) -> TrainingStatus:
         """After training: a last metrics record, goodbye to the averagers, a final checkpoint."""
         status = self.status
+        self.progress.shutdown()
         self.status_file.shutdown()
         if self.publisher is not None:
             self.publisher.update(status)
@@ -250,6 +261,7 @@ class _TrainerPeer:
 
     def close(self) -> None:
         """Whatever :meth:`leave` did not get to (an error): no "left" record, the record just expires."""
+        self.progress.shutdown()
         if self.status_file is not None:
             self.status_file.shutdown()
         if self.publisher is not None:

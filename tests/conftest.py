@@ -54,8 +54,7 @@ class Swarm:
         peer_dir = self.workdir / name
         args = ["join", "--config", str(DEBUG_CONFIG), "--status-file", str(peer_dir / "status.json"),
                 "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}"]
-        if initial_peers:
-            args += ["--initial-peers", *initial_peers]
+        args += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
         for item in sets:
             args += ["--set", item]
         return self.start(name, args + list(extra), program)

@@ -24,7 +24,9 @@ def assert_one_clear_line(result, code: int, *fragments: str) -> str:
 
 
 def join(*args: str, timeout: float = 60.0):
-    return run_cli("join", "--config", str(DEBUG_CONFIG), *args, timeout=timeout)
+    """`swarm join` with the debug config; a new swarm of its own unless ``args`` name initial peers."""
+    alone = () if any(arg.startswith("--initial-peers") for arg in args) else ("--new-swarm",)
+    return run_cli("join", "--config", str(DEBUG_CONFIG), *alone, *args, timeout=timeout)
 
 
 @pytest.mark.timeout(60)
@@ -53,10 +55,29 @@ def test_unusable_initial_peers_file(tmp_path, content, fragment):
 @pytest.mark.timeout(120)
 def test_unreachable_bootstrap_peer(tmp_path):
     # nothing listens on port 1; the peer retries with backoff for 6 s, then gives up with a clear line
-    result = join("--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{A_PEER_ID}",
-                  "--set", "network.bootstrap_timeout=6", "--set", f"checkpoint.dir={tmp_path}", timeout=100)
+    (tmp_path / "checkpoints").mkdir()
+    result = run_cli("join", "--config", str(DEBUG_CONFIG), "--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{A_PEER_ID}",
+                     "--set", "network.bootstrap_timeout=6", "--set", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                     timeout=100, env={"TMPDIR": str(tmp_path)})
     assert_one_clear_line(result, exit_codes.UNREACHABLE, "none of the initial peers answered within 6s")
-    assert not any(tmp_path.iterdir()), "a peer that never joined must not write anything"
+    assert not any((tmp_path / "checkpoints").iterdir()), "a peer that never joined must not write anything"
+    assert_no_key_left(tmp_path)
+
+
+def assert_no_key_left(tmpdir) -> None:
+    """An ephemeral identity's private key lives in TMPDIR/swarm-identity-* only while p2pd reads it."""
+    left = sorted(str(path) for path in tmpdir.glob("swarm-identity-*"))
+    assert not left, f"a failed start left its private key behind: {left}"
+
+
+@pytest.mark.timeout(60)
+def test_refused_certificate_before_the_network_leaves_no_key(tmp_path):
+    certificate = tmp_path / "certificate.json"
+    certificate.write_text("{}")
+    result = run_cli("join", "--config", str(DEBUG_CONFIG), "--new-swarm", "--certificate", str(certificate),
+                     "--set", f"checkpoint.dir={tmp_path / 'checkpoints'}", env={"TMPDIR": str(tmp_path)})
+    assert_one_clear_line(result, exit_codes.MANIFEST, str(certificate))
+    assert_no_key_left(tmp_path)
 
 
 @pytest.mark.timeout(60)
@@ -70,7 +91,7 @@ def test_unknown_config_key_names_the_key_and_the_accepted_ones():
 def test_unknown_key_in_yaml_file(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("training:\n  batch_sise: 4\n")
-    result = run_cli("join", "--config", str(config))
+    result = run_cli("join", "--config", str(config), "--new-swarm")
     assert_one_clear_line(result, exit_codes.USAGE, "unknown key 'training.batch_sise'")
 
 

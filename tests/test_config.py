@@ -97,11 +97,16 @@ def test_cli_options_are_frozen():
     commands = parser._subparsers._group_actions[0].choices
     seen = {name: sorted(opt for action in sub._actions for opt in action.option_strings)
             for name, sub in commands.items() if name != "config"}
+    show = commands["config"]._subparsers._group_actions[0].choices["show"]
+    assert sorted(opt for action in show._actions for opt in action.option_strings) == sorted(
+        ["--config", "--initial-peers", "--initial-peers-file", "--json", "--set", "-h", "--help"])
     assert seen == {
-        "bootstrap": sorted(["--address-file", "--certificate", "--config", "--identity", "--initial-peers",
-                             "--initial-peers-file", "--manifest", "--set", "--status-file", "-h", "--help"]),
-        "join": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--resume", "--run",
-                        "--set", "--status-file", "-h", "--help"]),
+        "bootstrap": sorted(["--address-file", "--announce", "--certificate", "--config", "--identity",
+                             "--initial-peers", "--initial-peers-file", "--manifest", "--name", "--port", "--run-id",
+                             "--set", "--status-file", "-h", "--help"]),
+        "join": sorted(["--announce", "--certificate", "--config", "--data", "--device", "--identity",
+                        "--initial-peers", "--initial-peers-file", "--name", "--new-swarm", "--port", "--resume",
+                        "--run", "--run-id", "--set", "--status-file", "-h", "--help"]),
         "doctor": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--json",
                           "--probe-mb", "--run", "--set", "-h", "--help"]),
         "run": sorted(["-h", "--help"]),
@@ -110,10 +115,10 @@ def test_cli_options_are_frozen():
         "id": sorted(["--config", "--identity", "--set", "-h", "--help"]),
         "demo": sorted(["--config", "--epochs", "--peers", "--set", "--workdir", "-h", "--help"]),
         "monitor": sorted(["--certificate", "--config", "--export-csv", "--initial-peers", "--initial-peers-file",
-                           "--set", "--url-file", "-h", "--help"]),
-        "status": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--json", "--set",
-                          "--wait", "-h", "--help"]),
-        "health": sorted(["--max-age", "--status-file", "-h", "--help"]),
+                           "--run-id", "--set", "--url-file", "-h", "--help"]),
+        "status": sorted(["--certificate", "--config", "--initial-peers", "--initial-peers-file", "--json",
+                          "--run-id", "--set", "--wait", "-h", "--help"]),
+        "health": sorted(["--json", "--max-age", "--status-file", "-h", "--help"]),
         "export": sorted(["--checkpoint", "--config", "--out", "--set", "-h", "--help"]),
         "generate": sorted(["--checkpoint", "--config", "--export", "--max-new-bytes", "--prompt", "--seed", "--set",
                             "--temperature", "--top-k", "-h", "--help"]),

@@ -35,8 +35,9 @@ CASES = {
                     ("training.batch_size", "'lots'")),
     "missing config file": (("bootstrap", "--config", "/nonexistent/swarm.yaml"), ("/nonexistent/swarm.yaml",)),
     "malformed multiaddr": (("status", "--initial-peers", "/ip4/1.2.3/tcp/1"), ("malformed multiaddr",)),
-    "malformed run fingerprint": (("join", "--config", str(DEBUG_CONFIG), "--run", "QmNotARun"),
+    "malformed run fingerprint": (("join", "--config", str(DEBUG_CONFIG), "--new-swarm", "--run", "QmNotARun"),
                                   ("--run 'QmNotARun' is not a run fingerprint",)),
+    "join without peers": (("join", "--config", str(DEBUG_CONFIG)), ("no initial peers", "--new-swarm")),
     "demo, unknown key": (("demo", "--set", "training.bogus=1"), ("unknown key 'training.bogus'",)),
     "demo, bad peer count": (("demo", "--peers", "0"), ("--peers must be between 1 and 8",)),
 }

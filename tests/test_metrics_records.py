@@ -11,6 +11,7 @@ import io
 import math
 import re
 import sqlite3
+import tempfile
 
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
@@ -76,6 +77,19 @@ def test_peer_id_is_the_one_libp2p_derives_from_the_signing_key(keys, tmp_path):
     (tmp_path / "bad.key").write_bytes(b"not a key")
     with pytest.raises(ConfigError, match="does not hold an RSA private key"):
         load_identity(tmp_path / "bad.key")
+
+
+def test_an_ephemeral_key_is_on_disk_only_inside_key_file(tmp_path, monkeypatch):
+    """Nothing of a fresh identity's private key outlives the start of p2pd, also when that start fails."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    identity = load_identity(None)
+    assert identity.path is None and not any(tmp_path.iterdir()), "load_identity left the key on disk"
+    with pytest.raises(RuntimeError):
+        with identity.key_file() as key_file:
+            assert str(PeerID.from_identity(key_file.read_bytes())) == identity.peer_id
+            assert key_file.parent.stat().st_mode & 0o077 == 0, "the key's folder is readable by others"
+            raise RuntimeError("p2pd failed to start")
+    assert not any(tmp_path.iterdir()), "a failed start left the key on disk"
 
 
 def _verdicts(record: DHTRecord, key: RSAPrivateKey) -> tuple[bool, str | None]:

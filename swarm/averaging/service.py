@@ -29,6 +29,7 @@ from swarm.averaging.allreduce import AllreduceResult, run_allreduce
 from swarm.averaging.group import MAX_WEIGHT, Group
 from swarm.averaging.matchmaking import Matchmaker
 from swarm.averaging.outbox import Outbox
+from swarm.averaging.progress import StateDownload
 from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.compression.payloads import decode_payload
 from swarm.errors import BackgroundError
@@ -189,10 +190,13 @@ class AveragingService(ServicerBase):
         self._loop.call_soon_threadsafe(self.outbox.finish_group, group.group_id)
         self._loop.call_soon_threadsafe(self.matchmaker.forget, group.round)
 
-    def download_state(self, peer: PeerID, *, timeout: float, max_bytes: int) -> tuple[dict, list[torch.Tensor]]:
+    def download_state(self, peer: PeerID, *, timeout: float, max_bytes: int,
+                       progress: Optional[StateDownload] = None) -> tuple[dict, list[torch.Tensor]]:
         """``peer``'s state; refused (:class:`wire.ProtocolError`, :class:`PayloadError`) if it carries more
-        than ``max_bytes`` of tensor data or any tensor that is not plainly laid out (no codec)."""
-        return self._call(self._download_state(peer, max_bytes), timeout)
+        than ``max_bytes`` of tensor data or any tensor that is not plainly laid out (no codec).
+
+        :param progress: counts the bytes received as they come (for progress lines)."""
+        return self._call(self._download_state(peer, max_bytes, progress), timeout)
 
     # ---- RPC handlers (other peers call these) --------------------------------------------
     def _refuse(self, reason: str, what: str, asker: PeerID, answer: str) -> runtime_pb2.ExpertResponse:
@@ -345,10 +349,12 @@ class AveragingService(ServicerBase):
             entry["end"] = time.perf_counter()
             self.fetch_observer(entry)
 
-    async def _download_state(self, peer: PeerID, max_bytes: int) -> tuple[dict, list[torch.Tensor]]:
+    async def _download_state(self, peer: PeerID, max_bytes: int,
+                              progress: Optional[StateDownload]) -> tuple[dict, list[torch.Tensor]]:
         stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)
         header, payloads = await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout),
-                                                           max_bytes=max_bytes, patience=self.chunk_timeout)
+                                                           max_bytes=max_bytes, patience=self.chunk_timeout,
+                                                           on_bytes=progress.on_bytes if progress else None)
         loop = asyncio.get_running_loop()
         tensors = await loop.run_in_executor(None, lambda: [decode_payload(p, accepted=("NONE",)) for p in payloads])
         return header, tensors

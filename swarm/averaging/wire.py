@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
@@ -65,7 +65,8 @@ def tensor_messages(payloads: list[runtime_pb2.Tensor], **header: Any) -> Iterat
 
 
 async def read_tensor_messages(
-    stream: AsyncIterator[runtime_pb2.ExpertResponse], *, max_bytes: int, patience: Optional[float] = None
+    stream: AsyncIterator[runtime_pb2.ExpertResponse], *, max_bytes: int, patience: Optional[float] = None,
+    on_bytes: Optional[Callable[[int], None]] = None,
 ) -> tuple[dict, list[runtime_pb2.Tensor]]:
     """Inverse of :func:`tensor_messages`, skipping heartbeats.
 
@@ -73,6 +74,8 @@ async def read_tensor_messages(
     :param patience: seconds of heartbeats alone (since the call, or since the last message that was
       not a heartbeat) after which the stream is given up; None: heartbeats are skipped without limit.
       Silence is the caller's to bound (e.g. ``aiter_with_timeout``).
+    :param on_bytes: called with the bytes of tensor data received so far after each accepted chunk
+      (progress of a long download); it runs on the reading loop, so it must be quick.
     :raises Stalled: heartbeats alone for longer than ``patience``.
     :raises ProtocolError: on an error reply, a malformed stream or too much data.
     """
@@ -97,6 +100,8 @@ async def read_tensor_messages(
         received_bytes += len(chunk.buffer)
         if received_bytes > max_bytes:
             raise ProtocolError(f"more than {max_bytes} bytes of tensor data")
+        if on_bytes is not None:
+            on_bytes(received_bytes)
         if not current:
             if chunk.chunks <= 0:
                 raise ProtocolError("a tensor without a chunk count")

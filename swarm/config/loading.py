@@ -3,14 +3,24 @@
 Precedence, lowest first: defaults, the YAML file, environment variables, ``--set`` overrides.
 Environment variables name a key as ``SWARM_<SECTION>_<KEY>`` (``SWARM_DATA_PATH``,
 ``SWARM_NETWORK_INITIAL_PEERS``, ``SWARM_PEER_DISPLAY_NAME``) or ``SWARM_<KEY>`` for top-level keys
-(``SWARM_RUN_ID``). Values are read as YAML scalars, so ``5``, ``true`` and ``null`` mean what they say.
+(``SWARM_RUN_ID``). An environment variable that names no key is ignored with a warning (a Kubernetes
+service named ``swarm`` injects ``SWARM_SERVICE_HOST``), unless it is a near miss of a key's name: a
+typo such as ``SWARM_TRAINING_BATCHSIZE`` is refused with the name it probably meant.
+
+Values are typed by the schema (:func:`typed_value`): a text field (a string, a path, a choice of
+words) gets the text as written, so ``peer.display_name=2024`` is the string "2024" and ``=yes`` stays
+"yes"; numbers, booleans, lists and sections are read as YAML, so ``5``, ``true`` and ``null`` mean
+what they say there. An empty value, or ``null`` for a text field that may be null, unsets it.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import typing
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -18,9 +28,15 @@ from pydantic import BaseModel, ValidationError
 from swarm.config.schema import SwarmConfig, section_model
 from swarm.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 ENV_PREFIX = "SWARM_"
 # Environment variables that are read elsewhere and are not config keys.
 RESERVED_ENV = {"SWARM_LOGLEVEL", "SWARM_HIVEMIND_LOGLEVEL", "SWARM_CONFIG", "SWARM_STATUS_FILE"}
+# How alike (difflib's ratio) an unknown SWARM_* name must be to a key's variable to count as its typo;
+# Kubernetes' SWARM_SERVICE_HOST, SWARM_PORT_8470_TCP_ADDR and the like stay well below it.
+TYPO_CUTOFF = 0.85
+_warned: set[str] = set()  # unknown variables already warned about: the tree is built more than once
 
 
 def load_config(
@@ -59,7 +75,7 @@ def config_tree(
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _assign(tree, dotted.strip(), _parse_scalar(raw))
+        _assign(tree, dotted.strip(), typed_value(dotted.strip(), raw))
     return tree
 
 
@@ -107,37 +123,88 @@ def _read_yaml(path: Path) -> dict:
     return tree
 
 
-def _parse_scalar(raw: str) -> Any:
+def typed_value(dotted: str, raw: str) -> Any:
+    """The value of ``--set dotted=raw`` (or its ``SWARM_*`` variable), typed by the field's schema:
+    the raw text for a text field, YAML for anything else; validation then checks it."""
     if raw.strip() == "":
         return None
+    annotation = _annotation_at(dotted.split("."))
+    if annotation is not None and _is_text(annotation):
+        if raw.strip() == "null" and _may_be_none(annotation):
+            return None
+        return raw
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
 
 
+def _annotation_at(loc: Sequence[str]):
+    """The type annotation of the field at ``loc``, or None if no field is there."""
+    model: Optional[type[BaseModel]] = SwarmConfig
+    annotation = None
+    for part in loc:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = section_model(annotation)
+    return annotation
+
+
+def _is_text(annotation) -> bool:
+    """A string, a path or a choice of words (optionally null): what a user writes as plain text."""
+    if annotation in (str, Path):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return all(isinstance(choice, str) for choice in typing.get_args(annotation))
+    if origin is Union:
+        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return bool(options) and all(_is_text(option) for option in options)
+    return False
+
+
+def _may_be_none(annotation) -> bool:
+    return typing.get_origin(annotation) is Union and type(None) in typing.get_args(annotation)
+
+
+def env_names() -> dict[str, str]:
+    """Every config key's environment variable, mapped to its dotted key."""
+    names = {}
+    for name, field in SwarmConfig.model_fields.items():
+        section = section_model(field.annotation)
+        if section is None:
+            names[ENV_PREFIX + name.upper()] = name
+        else:
+            for key in section.model_fields:
+                names[f"{ENV_PREFIX}{name}_{key}".upper()] = f"{name}.{key}"
+    return names
+
+
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
     found = []
-    sections = {name for name, field in SwarmConfig.model_fields.items() if section_model(field.annotation)}
-    top_level = set(SwarmConfig.model_fields) - sections
+    known = env_names()
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
-        key = name[len(ENV_PREFIX):].lower()
-        dotted = None
-        if key in top_level:
-            dotted = key
-        else:
-            for section in sections:
-                if key.startswith(section + "_") and key[len(section) + 1:] in _fields_at([section]):
-                    dotted = f"{section}.{key[len(section) + 1:]}"
+        dotted = known.get(name)
         if dotted is None:
-            raise ConfigError(
-                f"environment variable {name} names no config key "
-                f"(use SWARM_<SECTION>_<KEY>, e.g. SWARM_DATA_PATH; sections: {', '.join(sorted(sections))})"
-            )
-        found.append((dotted, _parse_scalar(environ[name])))
+            _unknown_env(name, known)
+            continue
+        found.append((dotted, typed_value(dotted, environ[name])))
     return found
+
+
+def _unknown_env(name: str, known: Mapping[str, str]) -> None:
+    """Refuse a near miss of a key's variable (a typo); warn once about any other and ignore it."""
+    close = difflib.get_close_matches(name, [*known, *RESERVED_ENV], n=1, cutoff=TYPO_CUTOFF)
+    if close:
+        raise ConfigError(f"environment variable {name} names no config key; did you mean {close[0]}?")
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning(f"warning: environment variable {name} names no config key; ignored "
+                       f"(config keys are SWARM_<SECTION>_<KEY>, e.g. SWARM_DATA_PATH)")
 
 
 def _assign(tree: dict, dotted: str, value: Any) -> None:

@@ -55,7 +55,7 @@ def start_dht(
     as ``dht.rejoin`` (None without initial peers or with ``network.rejoin_period`` 0).
 
     :param identity: the key that makes this peer's id (see :mod:`swarm.net.identity`); default: the one at
-      network.identity_path, else an ephemeral one (whose key file is removed once p2pd has read it).
+      network.identity_path, else an ephemeral one (whose key is on disk only while p2pd starts).
     :param record_validators: :func:`swarm.net.validators.run_validators` for this identity and run.
     :param client_mode: overrides network.client_mode (monitors and `swarm status` are clients).
     :param authorizer: signs and checks every DHT request and response (a private run's
@@ -65,7 +65,6 @@ def start_dht(
     :raises ConfigError: the identity is already used by another peer of the swarm.
     """
     identity = identity or load_identity(config.identity_path)
-    identity_path = identity.path
     client_mode = config.client_mode if client_mode is None else client_mode
     stop = stop or threading.Event()
     deadline = time.monotonic() + config.bootstrap_timeout
@@ -73,26 +72,26 @@ def start_dht(
     while True:
         attempt += 1
         try:
-            dht = hivemind.DHT(
-                initial_peers=config.initial_peers,
-                start=True,
-                host_maddrs=config.host_maddrs,
-                announce_maddrs=config.announce_maddrs or None,
-                client_mode=client_mode,
-                use_auto_relay=config.use_auto_relay,
-                identity_path=str(identity_path),
-                # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
-                check_if_identity_free=not identity.fresh,
-                record_validators=list(record_validators),
-                authorizer=authorizer,
-            )
-            identity.discard_file()
+            with identity.key_file() as key_file:  # an ephemeral key's file exists only for this start
+                dht = hivemind.DHT(
+                    initial_peers=config.initial_peers,
+                    start=True,
+                    host_maddrs=config.host_maddrs,
+                    announce_maddrs=config.announce_maddrs or None,
+                    client_mode=client_mode,
+                    use_auto_relay=config.use_auto_relay,
+                    identity_path=str(key_file),
+                    # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
+                    check_if_identity_free=not identity.fresh,
+                    record_validators=list(record_validators),
+                    authorizer=authorizer,
+                )
             return _with_rejoin(dht, config)
         except DHTValidationError as e:  # an initial peer's clock disagrees with this one's
             raise NetworkError(_clock_message(e)) from None
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
-                raise ConfigError(f"identity {identity_path} is already used by another peer in the swarm") from None
+                raise ConfigError(f"identity {identity} is already used by another peer in the swarm") from None
             if not any(marker in str(e) for marker in _BOOTSTRAP_FAILURES):
                 raise
         remaining = deadline - time.monotonic()

@@ -6,18 +6,21 @@ owner's public key. Using one key for both lets anyone check that a signed recor
 was written by X itself: recompute the peer id from the record's owner key (see :func:`peer_id_of_owner`).
 
 A peer given ``network.identity_path`` keeps its key (and so its peer id) across restarts; other peers
-get a fresh key for every run, written to a private temporary file only for as long as p2pd needs it.
+get a fresh key for every run. That one lives in memory: p2pd reads keys from files only, so
+:meth:`Identity.key_file` writes it to a private temporary folder for the start of the daemon and
+removes it afterwards, whether the start succeeded or not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -36,37 +39,46 @@ _OWNER_RE = re.compile(rb"^\[owner:(.+)\]$", re.DOTALL)
 
 @dataclass
 class Identity:
-    """An RSA private key, the file p2pd reads it from, and the peer id it gives."""
+    """An RSA private key, where p2pd reads it from, and the peer id it gives."""
 
     private_key: RSAPrivateKey
-    path: Path
+    path: Optional[Path]  # the key file; None for an ephemeral identity (see key_file)
     peer_id: str
     fresh: bool  # generated just now: no other peer can be using it yet
-    _tempdir: Optional[str] = None  # set for an ephemeral identity, whose file is removed after start
+    _key: bytes = b""  # an ephemeral identity's key, in libp2p's format
 
     @property
     def owner(self) -> bytes:
         """The ``[owner:<ssh-rsa ...>]`` tag that marks a DHT subkey as written by this peer."""
         return RSASignatureValidator(self.private_key).local_public_key
 
-    def discard_file(self) -> None:
-        """Remove an ephemeral key file once p2pd has read it (the key stays in memory)."""
-        if self._tempdir is not None:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
-            self._tempdir = None
+    @contextlib.contextmanager
+    def key_file(self) -> Iterator[Path]:
+        """A file p2pd can read the key from, for the ``with`` block: the key file itself, or for an
+        ephemeral identity a private temporary one, removed when the block ends (also on an error)."""
+        if self.path is not None:
+            yield self.path
+            return
+        with _private_folder() as folder:
+            path = folder / "identity.key"
+            path.write_bytes(self._key)
+            yield path
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"ephemeral identity {self.peer_id}"
 
 
 def load_identity(path: Optional[Path]) -> Identity:
-    """Read the key file at ``path`` (written there first if missing), or make an ephemeral identity.
+    """Read the key file at ``path`` (written there first if missing), or make an ephemeral identity
+    (kept in memory: no file outlives this call).
 
     :raises ConfigError: the file exists but does not hold an RSA key in libp2p's format.
     """
     if path is None:
-        tempdir = tempfile.mkdtemp(prefix="swarm-identity-")
-        key_path = Path(tempdir) / "identity.key"
-        P2P.generate_identity(str(key_path))
-        identity = _read(key_path, fresh=True)
-        identity._tempdir = tempdir
+        with _private_folder() as folder:
+            P2P.generate_identity(str(folder / "identity.key"))
+            identity = _read(folder / "identity.key", fresh=True)
+        identity.path = None  # the key stays in memory (identity._key); its file is gone with the folder
         return identity
     path = Path(path).expanduser()
     fresh = not path.exists()
@@ -74,6 +86,15 @@ def load_identity(path: Optional[Path]) -> Identity:
         path.parent.mkdir(parents=True, exist_ok=True)
         P2P.generate_identity(str(path))
     return _read(path, fresh=fresh)
+
+
+@contextlib.contextmanager
+def _private_folder() -> Iterator[Path]:
+    folder = tempfile.mkdtemp(prefix="swarm-identity-")  # mode 0700: only this user reads the key
+    try:
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _read(path: Path, *, fresh: bool) -> Identity:
@@ -91,7 +112,8 @@ def _read(path: Path, *, fresh: bool) -> Identity:
             f"identity file {path} does not hold an RSA private key in libp2p's format ({e}); "
             f"move it away and a new one is written"
         ) from None
-    return Identity(private_key=rsa_private_key_from_der(der), path=path, peer_id=str(PeerID.from_identity(data)), fresh=fresh)
+    return Identity(private_key=rsa_private_key_from_der(der), path=path, peer_id=str(PeerID.from_identity(data)),
+                    fresh=fresh, _key=data)
 
 
 def peer_id_of_owner(owner: bytes) -> Optional[str]:

@@ -20,6 +20,7 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_logger
 
+from swarm.averaging.progress import DownloadWatch
 from swarm.averaging.service import AveragingService
 from swarm.net.diloco_records import StateRecord
 from swarm.train.rounds import RoundTracker
@@ -64,11 +65,13 @@ class StateAgreement:
     """
 
     def __init__(self, *, state: SharedState, service: AveragingService, tracker: RoundTracker, role: str,
-                 load_state_timeout: float, partners: Callable[[], Iterable[str]] = tuple):
+                 load_state_timeout: float, partners: Callable[[], Iterable[str]] = tuple,
+                 watch: Optional[DownloadWatch] = None):
         self.state, self.service, self.tracker, self.role = state, service, tracker, role
         self.partners = partners
         self.load_state_timeout = load_state_timeout
         self.downloads = 0  # states adopted from others
+        self.watch = watch or DownloadWatch()  # the download in progress, for progress lines
         self._shared: Optional[State] = None
         service.state_provider = lambda: self._shared
 
@@ -94,11 +97,12 @@ class StateAgreement:
         intact. Returns whether it adopted one; any failure leaves this peer's state as it was."""
         states = self.states() if states is None else states
         donors = donors_of_agreed_state(self.tracker.me, states, set(self.partners()))
-        max_bytes = _max_state_bytes(self.state) if donors else 0
+        size, max_bytes = _state_bytes(self.state) if donors else (0, 0)
         for peer in donors:
+            progress = self.watch.begin(peer[-6:], size)
             try:
                 header, tensors = self.service.download_state(PeerID.from_base58(peer), timeout=self.load_state_timeout,
-                                                              max_bytes=max_bytes)
+                                                              max_bytes=max_bytes, progress=progress)
                 if header.get(HASH) != states[peer].hash:
                     raise ValueError("the donor serves another state than the one it announced")
                 if self.state.digest((header, tensors)) != header[HASH]:
@@ -107,6 +111,8 @@ class StateAgreement:
             except Exception as e:  # this donor failed or left; the next holder of the same state may serve it
                 logger.warning(f"could not download the swarm's state from {peer[-6:]}: {e!r}")
                 continue
+            finally:
+                self.watch.end()
             self.downloads += 1
             self.publish()
             logger.info(f"adopted the swarm's state from {peer[-6:]}")
@@ -132,10 +138,13 @@ class StateAgreement:
                 return False
 
 
-def _max_state_bytes(state: SharedState) -> int:
-    """A served state has the shapes of this peer's own: anything much larger is refused before it is
-    decoded (half-precision tensors may travel as fp32, hivemind's legacy bfloat16 format)."""
-    return sum(t.numel() * max(t.element_size(), 4) for t in state.capture()[1]) + STATE_SLACK_BYTES
+def _state_bytes(state: SharedState) -> tuple[int, int]:
+    """(size, limit): the bytes of this peer's own state, what a download is expected to bring; and the
+    most a served state may bring. It has the shapes of this peer's own: anything much larger is refused
+    before it is decoded (half-precision tensors may travel as fp32, hivemind's legacy bfloat16 format)."""
+    tensors = state.capture()[1]
+    return (sum(t.numel() * t.element_size() for t in tensors),
+            sum(t.numel() * max(t.element_size(), 4) for t in tensors) + STATE_SLACK_BYTES)
 
 
 # A state announced by this many peers (distinct signed records) may be adopted whatever this peer holds.

@@ -12,14 +12,20 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Optional
 
 from swarm.averaging.counters import Counters
 
 
 @dataclass
 class SwarmView:
+    """What this peer knows of the swarm's progress; the last three are None where unknown."""
+
     num_peers: int
     epoch: int
+    samples: Optional[int] = None  # samples the swarm has gathered towards the next epoch or round
+    target: Optional[int] = None  # samples that close it
+    eta: Optional[float] = None  # estimated seconds until it closes
 
 
 class Collaboration(ABC):

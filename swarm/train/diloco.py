@@ -25,6 +25,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.averager import Averager
 from swarm.averaging.counters import Counters
+from swarm.averaging.progress import DownloadWatch
 from swarm.config.schema import AveragingConfig, DiLoCoConfig
 from swarm.net.admission import Admission
 from swarm.net.diloco_records import DEFAULT_BOUNDS, RecordBounds
@@ -42,13 +43,14 @@ class DiLoCo(Collaboration, SharedState):
     :param private_key: the peer's identity key: its DiLoCo records are signed with it.
     :param bounds: what other peers' records may claim (:func:`swarm.train.rounds.record_bounds`).
     :param admission: who may take part and as what (:class:`~swarm.net.admission.Admission`): others'
-      requests, records and claimed roles go through it; None: anyone may, and no one is an institution."""
+      requests, records and claimed roles go through it; None: anyone may, and no one is an institution.
+    :param watch: where state downloads show their progress (:class:`~swarm.averaging.progress.DownloadWatch`)."""
 
     def __init__(self, *, model: torch.nn.Module, dht: hivemind.DHT, run_id: str, role: str,
                  inner_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  config: DiLoCoConfig, averaging: AveragingConfig, batch_size: int,
                  private_key: Optional[RSAPrivateKey] = None, bounds: RecordBounds = DEFAULT_BOUNDS,
-                 admission: Optional[Admission] = None):
+                 admission: Optional[Admission] = None, watch: Optional[DownloadWatch] = None):
         self.config, self.batch_size = config, batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inner = inner_optimizer(self.params)
@@ -70,7 +72,8 @@ class DiLoCo(Collaboration, SharedState):
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
                                     bounds=bounds, admission=admission)
         self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,
-                                        load_state_timeout=averaging.load_state_timeout, partners=self._partners)
+                                        load_state_timeout=averaging.load_state_timeout, partners=self._partners,
+                                        watch=watch)
         self.agreement.publish()
         self.tracker.start()
         self.agreement.catch_up()  # a late joiner starts from the swarm's state, not from scratch
@@ -94,7 +97,13 @@ class DiLoCo(Collaboration, SharedState):
         self.inner.zero_grad(set_to_none=True)
 
     def swarm_view(self) -> SwarmView:
-        return SwarmView(num_peers=self.tracker.num_peers(), epoch=max(self.tracker.rounds_of_peers().values(), default=self.round))
+        budget, samples = self._round_budget(), max(self.tracker.swarm_samples(self.round), self._round_samples)
+        elapsed = time.monotonic() - self._round_started
+        eta = self.config.round_timeout - elapsed  # at the latest; sooner at the swarm's pace so far
+        if samples > 0:
+            eta = min(eta, elapsed * max(budget - samples, 0) / samples)
+        return SwarmView(num_peers=self.tracker.num_peers(), samples=samples, target=budget, eta=max(eta, 0.0),
+                         epoch=max(self.tracker.rounds_of_peers().values(), default=self.round))
 
     def epochs_of_peers(self) -> dict[str, int]:
         return self.tracker.rounds_of_peers()
@@ -144,11 +153,13 @@ class DiLoCo(Collaboration, SharedState):
         group = self.averager.last_group
         return [peer.to_base58() for peer in group.members] if group is not None else []
 
+    def _round_budget(self) -> int:
+        """Swarm-wide samples that close this round."""
+        return self.config.round_samples or self.config.inner_steps * self.batch_size * len(self.tracker.expected(self.round))
+
     def _round_closed(self) -> bool:
-        expected = self.tracker.expected(self.round)
-        budget = self.config.round_samples or self.config.inner_steps * self.batch_size * len(expected)
         swarm_samples = max(self.tracker.swarm_samples(self.round), self._round_samples)
-        return swarm_samples >= budget or time.monotonic() - self._round_started >= self.config.round_timeout
+        return swarm_samples >= self._round_budget() or time.monotonic() - self._round_started >= self.config.round_timeout
 
     def _finish_round(self) -> None:
         averaging_started = time.monotonic()

@@ -42,6 +42,9 @@ class TrainingStatus:
     initial_heldout_loss: Optional[float] = None
     swarm_peers: int = 1
     swarm_epoch: int = 0
+    round_samples: Optional[int] = None  # samples the swarm has gathered towards the next epoch or round
+    round_target: Optional[int] = None  # samples that close it
+    next_round_at: Optional[float] = None  # estimated wall-clock time it closes (time.time())
     averaging: dict = field(default_factory=dict)  # the collaboration's Counters: rounds, bytes, faults
     last_checkpoint_hash: Optional[str] = None
     resumed_state_hash: Optional[str] = None
@@ -188,6 +191,8 @@ class TrainingLoop:
             return
         view = self.opt.swarm_view()
         self.status.swarm_peers, self.status.swarm_epoch = view.num_peers, view.epoch
+        self.status.round_samples, self.status.round_target = view.samples, view.target
+        self.status.next_round_at = now + view.eta if view.eta is not None else None
         self.status.averaging = asdict(self.opt.counters())
         self.status.updated_at = now
         self.on_status(self.status)

@@ -17,10 +17,11 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from hivemind.optim.state_averager import load_optimizer_state
 from hivemind.p2p import PeerID
-from hivemind.utils import MSGPackSerializer
+from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.counters import Counters
+from swarm.averaging.progress import DownloadWatch
 from swarm.averaging.service import AveragingService
 from swarm.compression.registry import make_codec
 from swarm.config.schema import AveragingConfig, OptimizerConfig, SyncConfig, TrainingConfig
@@ -87,6 +88,27 @@ class RoundCounting:
         return control.result(kwargs.get("timeout")) if wait else control
 
 
+MAX_ETA = 7 * 86400.0  # seconds; a longer estimate of the time to the next epoch means "unknown"
+
+
+class ObservedOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer whose state downloads (a peer that fell behind catches up) show in a
+    :class:`DownloadWatch`. hivemind downloads inside its averager's own process, so the bytes received
+    are not seen here: only the expected size and the time it has taken."""
+
+    def __init__(self, *args, watch: DownloadWatch, **kwargs):
+        self.watch = watch
+        super().__init__(*args, **kwargs)
+
+    def load_state_from_peers(self, **kwargs):
+        tensors = self.state_averager.get_current_state()[1]
+        self.watch.begin("the swarm", sum(t.numel() * t.element_size() for t in tensors), counts_bytes=False)
+        try:
+            return super().load_state_from_peers(**kwargs)
+        finally:
+            self.watch.end()
+
+
 class CountingGradientAverager(RoundCounting, GradientAverager):
     pass
 
@@ -107,6 +129,7 @@ def build_collaborative_optimizer(
     sync: SyncConfig,
     private_key: Optional[RSAPrivateKey] = None,
     admission: Optional[Admission] = None,
+    watch: Optional[DownloadWatch] = None,
 ) -> HivemindSync:
     """hivemind.Optimizer for ``averaging.mode == "sync"``.
 
@@ -119,7 +142,9 @@ def build_collaborative_optimizer(
       records with one key only, so the progress tracker must sign with the same one.
     :param admission: used by the end-of-run settlement (hivemind's averagers take no caller checks,
       which is why a private run cannot be in sync mode).
+    :param watch: where state downloads show their progress (hivemind's, and the settlement's).
     """
+    watch = watch or DownloadWatch()
     counters = Counters()
     averager = partial(CountingGradientAverager, counters=counters, request_timeout=averaging.request_timeout)
     compression = make_codec("none")
@@ -128,7 +153,8 @@ def build_collaborative_optimizer(
                            request_timeout=averaging.request_timeout)
     else:
         compression = make_codec(averaging.compression, adaptive_threshold=averaging.adaptive_threshold)
-    return HivemindSync(hivemind.Optimizer(
+    return HivemindSync(ObservedOptimizer(
+        watch=watch,
         dht=dht,
         run_id=run_id,
         params=list(params),
@@ -191,7 +217,11 @@ class HivemindSync(Collaboration):
 
     def swarm_view(self) -> SwarmView:
         progress = self.opt.tracker.global_progress
-        return SwarmView(num_peers=max(int(progress.num_peers), 1), epoch=int(progress.epoch))
+        # hivemind's estimate, in DHT time: inf, or absurdly far, while no peer has reported a pace yet
+        eta = progress.eta_next_epoch - get_dht_time()
+        return SwarmView(num_peers=max(int(progress.num_peers), 1), epoch=int(progress.epoch),
+                         samples=int(progress.samples_accumulated), target=int(progress.target_batch_size),
+                         eta=max(eta, 0.0) if eta < MAX_ETA else None)
 
     def epochs_of_peers(self) -> dict[str, int]:
         """Every peer's last reported epoch, keyed by its peer id (base58), from the progress records
@@ -243,7 +273,7 @@ class HivemindSync(Collaboration):
         # any fresh key may write those records, see the README)
         agreement = StateAgreement(state=TrainingState(self.opt.state_averager), service=service, tracker=tracker,
                                    role=self.role, load_state_timeout=averaging.load_state_timeout,
-                                   partners=lambda: self.epochs_of_peers().keys())
+                                   partners=lambda: self.epochs_of_peers().keys(), watch=self.opt.watch)
         try:
             agreement.publish()
             tracker.start()
