@@ -32,7 +32,14 @@ from swarm.averaging.group import Group
 from swarm.averaging.outbox import Outbox
 from swarm.config.schema import BanConfig
 from swarm.net import keys
-from swarm.net.exclusion_record import MAX_EVIDENCE, Evidence, ExclusionRecordGuard, decode_items, exclusion_seconds
+from swarm.net.exclusion_record import (
+    MAX_EVIDENCE,
+    Evidence,
+    ExclusionRecordGuard,
+    decode_items,
+    exclusion_seconds,
+    receipt_message,
+)
 from swarm.net.identity import peer_id_of_public_key
 from swarm.net.validators import run_validators
 from swarm.telemetry.collector import Collector
@@ -133,9 +140,21 @@ def test_a_receipt_is_checked_against_the_bytes_the_reducer_and_the_clock():
     assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads_of(torch.zeros(10))) == "receipt of other bytes"
     assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 3, payloads) == "receipt not signed by the part's reducer"
     assert check(None, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) == "no receipt"
-    stale = [receipt[0], receipt[1] - 3600, receipt[2], receipt[3]]
-    assert "from now" in check(stale, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads)
+    assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads, not_before=get_dht_time() - 600) is None
+    backdated = [receipt[0], receipt[1] - 3600, *receipt[2:]]  # the time changed after signing
+    assert check(backdated, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) == "receipt not signed by the part's reducer"
+    # a reducer that signs a time before the all-reduce began (to start its exclusion early) or ahead of now:
+    early = _receipt_at(KEYS[0], get_dht_time() - 3600, payloads)
+    assert check(early, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) is None  # no all-reduce to compare with
+    assert "from now" in check(early, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads, not_before=get_dht_time())
+    ahead = _receipt_at(KEYS[0], get_dht_time() + 3600, payloads)
+    assert "from now" in check(ahead, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads)
     assert find_equivocation([receipt, receipt], 5, b"g" * 16, 0, 2) is None
+
+
+def _receipt_at(key: RSAPrivateKey, time: float, payloads) -> list:
+    digest = part_digest(payloads)
+    return [key.get_public_key().to_bytes(), time, digest, key.sign(receipt_message(5, b"g" * 16, 0, 2, time, digest))]
 
 
 def test_the_digest_ignores_streaming_fields():

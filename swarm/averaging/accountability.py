@@ -4,8 +4,8 @@ The reducer of part ``j`` puts a *receipt* in the header of the result it serves
 time, the digest (sha256) of the result's bytes, and its signature over ``(round, group, phase, j,
 time, digest)`` (:func:`swarm.net.exclusion_record.receipt_message`). A member refuses a result whose
 receipt is missing, does not verify, names another signer than the part's reducer, does not match the
-bytes, or is dated more than :data:`RECEIPT_SLACK` seconds from its own clock; a relayed part (repair)
-carries its reducer's receipt, so it is checked the same way.
+bytes, or is dated before the all-reduce began or after now (each with :data:`RECEIPT_SLACK` seconds
+for clocks that differ); a relayed part (repair) carries its reducer's receipt, so it is checked the same way.
 
 The members then compare: each one's commit (a message the all-reduce exchanges anyway) lists the
 receipts it holds, one per part. Two valid receipts of one reducer over different digests for one part
@@ -33,7 +33,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.net.exclusion_record import DIGEST_BYTES, Evidence, receipt_message, signer_of
 
-RECEIPT_SLACK = 60.0  # seconds a receipt's time may differ from this peer's clock (DHT time)
+RECEIPT_SLACK = 30.0  # seconds a receipt's time may differ from this peer's clock (DHT time), as for DHT records
 
 
 def part_digest(payloads: list[runtime_pb2.Tensor]) -> bytes:
@@ -66,15 +66,18 @@ class Accountability:
 
     @staticmethod
     def check(receipt, reducer: str, round_number: int, group_id: bytes, phase: int, part: int,
-              payloads: Optional[list[runtime_pb2.Tensor]] = None, *, fresh: bool = True) -> Optional[str]:
+              payloads: Optional[list[runtime_pb2.Tensor]] = None, *,
+              not_before: Optional[float] = None) -> Optional[str]:
         """None if ``receipt`` is ``reducer``'s valid receipt for ``part`` (and for ``payloads``, if given),
-        else why not. ``fresh``: also refuse a time far from this peer's clock."""
+        else why not. A receipt dated ahead of this peer's clock, or before ``not_before`` (DHT time: when
+        this peer's all-reduce began), by more than :data:`RECEIPT_SLACK`, is refused: the time is what an
+        exclusion counts from, so an offender must not choose it."""
         if not isinstance(receipt, list) or len(receipt) != 4:
             return "no receipt"
         key, time, digest, signature = receipt
         if type(time) not in (int, float) or not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
             return "malformed receipt"
-        if fresh and abs(time - get_dht_time()) > RECEIPT_SLACK:
+        if time > get_dht_time() + RECEIPT_SLACK or (not_before is not None and time < not_before - RECEIPT_SLACK):
             return f"receipt dated {time - get_dht_time():+.0f}s from now"
         if payloads is not None and part_digest(payloads) != digest:
             return "receipt of other bytes"

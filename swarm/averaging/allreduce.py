@@ -39,7 +39,7 @@ import torch
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, TensorRole
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils import get_logger
+from hivemind.utils import get_dht_time, get_logger
 
 from swarm.averaging.accountability import Accountability, find_equivocation
 from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
@@ -202,6 +202,7 @@ class _Run:
         self.contributors = self.refused = self.bytes_sent = self.bytes_received = 0
         self.weight, self.finite = 0.0, True
         self.accountability = accountability
+        self.began = get_dht_time()  # receipts of this all-reduce are signed after it (see Accountability.check)
         self.receipts: dict[int, list] = {}  # part -> its reducer's receipt for what this peer holds
         self.evidence: list[Evidence] = []
         self.equivocated: set[int] = set()  # parts whose reducer was caught returning different results
@@ -369,7 +370,7 @@ class _Run:
             return True
         receipt = header.get("receipt")
         why = self.accountability.check(receipt, self.group.members[part].to_base58(), self.group.round,
-                                        self.group.group_id, self.phase, part, payloads)
+                                        self.group.group_id, self.phase, part, payloads, not_before=self.began)
         if why is not None:
             self.refused += 1
             logger.warning(f"round {self.group.round}: refused part {part} {source} ({why})")
@@ -427,7 +428,8 @@ class _Run:
                 except (TypeError, ValueError, IndexError, KeyError):
                     continue
                 if 0 <= part < group.size and self.accountability.check(
-                        receipt, group.members[part].to_base58(), group.round, group.group_id, self.phase, part) is None:
+                        receipt, group.members[part].to_base58(), group.round, group.group_id, self.phase, part,
+                        not_before=self.began) is None:
                     by_part.setdefault(part, []).append(receipt)
         for part, receipts in sorted(by_part.items()):
             evidence = find_equivocation(receipts, group.round, group.group_id, self.phase, part)
