@@ -289,9 +289,9 @@ class _Run:
         averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
         reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
         header = {"contributors": self.contributors}
-        if self.accountability is not None:
-            header["receipt"] = self.receipts[me] = self.accountability.receipt(
-                self.group.round, self.group.group_id, self.phase, me, reduced)
+        if self.accountability is not None:  # a digest of the part and a signature: off the event loop
+            header["receipt"] = self.receipts[me] = await asyncio.get_running_loop().run_in_executor(
+                None, self.accountability.receipt, self.group.round, self.group.group_id, self.phase, me, reduced)
         self.outbox.put(self.key("out", me), Entry(reduced, header))
         self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
         own = self.decode_all(reduced, me)  # used as the others will decode it
@@ -352,7 +352,7 @@ class _Run:
                 self.gone.add(index)
                 return index, None, None
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
-            if not self.receipt_holds(header, index, payloads, f"from its reducer {index}"):
+            if not await self.receipt_holds(header, index, payloads, f"from its reducer {index}"):
                 return index, None, None
             return index, self.decode_all(payloads, index), Entry(payloads, self.relayed_header(header))
 
@@ -363,14 +363,16 @@ class _Run:
                 self.results[index] = decoded
                 self.outbox.put(self.key("out", index), entry)
 
-    def receipt_holds(self, header: dict, part: int, payloads: list[runtime_pb2.Tensor], source: str) -> bool:
+    async def receipt_holds(self, header: dict, part: int, payloads: list[runtime_pb2.Tensor], source: str) -> bool:
         """True if accountability is off, or ``header`` carries part ``part``'s reducer's valid receipt for
         ``payloads`` (then it is kept, to compare in the commit); a part without one is refused."""
         if self.accountability is None:
             return True
         receipt = header.get("receipt")
-        why = self.accountability.check(receipt, self.group.members[part].to_base58(), self.group.round,
-                                        self.group.group_id, self.phase, part, payloads, not_before=self.began)
+        why = await asyncio.get_running_loop().run_in_executor(  # hashes the part: off the event loop
+            None, lambda: self.accountability.check(receipt, self.group.members[part].to_base58(), self.group.round,
+                                                    self.group.group_id, self.phase, part, payloads,
+                                                    not_before=self.began))
         if why is not None:
             self.refused += 1
             logger.warning(f"round {self.group.round}: refused part {part} {source} ({why})")
@@ -475,7 +477,7 @@ class _Run:
                 self.gone.add(index)
                 continue
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
-            if not self.receipt_holds(header, part, payloads, f"relayed by member {index}"):
+            if not await self.receipt_holds(header, part, payloads, f"relayed by member {index}"):
                 continue
             decoded = self.decode_all(payloads, part)
             if decoded is not None:
