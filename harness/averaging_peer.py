@@ -22,6 +22,9 @@ its ordinary update with weight 1000 (the others declare 1); several, separated 
 round by round (round r plays the (r mod count)-th). ``--shared S`` makes the peers' updates
 similar, as gradients of one model are: S times a direction all share, plus each one's own noise.
 ``--no-robust`` turns robust aggregation off (``averaging.robust: null``).
+``--equivocate`` plays a reducer that returns different results to different members (harness/hostile.py);
+``--no-accountability`` turns off the defence (reducers' signed receipts, compared in the commit, and the
+exclusion of a reducer caught equivocating).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from swarm.compression.plan import CompressionPlan
 from swarm.compression.registry import wire_codecs
 from swarm.config.schema import AveragingConfig, NetworkConfig
 from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
+from swarm.net.identity import load_identity
 from swarm.train.rounds import RoundTracker
 
 ATTACKS = ("scale1000", "signflip", "noise100", "weight")
@@ -117,6 +121,10 @@ def _parse_args() -> argparse.Namespace:
                         help="answer fetches of this peer's inputs and reduced part with heartbeats only, never data")
     parser.add_argument("--drop-reported", action="store_true",
                         help="drop every part any member reports missing (the defence against --veto turned off)")
+    parser.add_argument("--equivocate", action="store_true",
+                        help="as a reducer, return a different (validly signed) result to half the members")
+    parser.add_argument("--no-accountability", action="store_true",
+                        help="neither sign nor check reduced parts (the defence against --equivocate turned off)")
     return parser.parse_args()
 
 
@@ -159,7 +167,9 @@ def main() -> None:
     torch.set_num_threads(1)
     codecs = [name.strip() for name in args.compression.split(",") if name.strip()]
     plans = {name: CompressionPlan(codec=name) for name in codecs}
-    dht = start_dht(NetworkConfig(listen_host=args.listen, initial_peers=args.initial_peers, bootstrap_timeout=30))
+    identity = load_identity(None)
+    dht = start_dht(NetworkConfig(listen_host=args.listen, initial_peers=args.initial_peers, bootstrap_timeout=30),
+                    identity=identity)
     if args.address_file:
         args.address_file.write_text(json.dumps({"maddrs": visible_maddrs(dht)}))
     averaging = AveragingConfig(compression=codecs[0], chunk_timeout=args.chunk_timeout,
@@ -171,8 +181,9 @@ def main() -> None:
                         check_fetchers=not args.no_fetch_check,
                         accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
                         fetch_observer=fetches.observe,
-                        drop_reported=args.drop_reported)
-    make_hostile(averager.service, veto=args.veto, stall=args.stall)
+                        drop_reported=args.drop_reported,
+                        private_key=None if args.no_accountability else identity.private_key)
+    make_hostile(averager.service, veto=args.veto, stall=args.stall, equivocate=args.equivocate)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -245,6 +256,9 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         farthest=result.farthest if result else 0.0,
         repaired_parts=result.repaired_parts if result else [],
         gone=[_index_of(group.members[index]) for index in result.gone] if result else [],
+        # reducers this peer caught equivocating in this round, and every peer it excludes after it
+        equivocators=sorted({item.accused[-6:] for item in result.evidence}) if result else [],
+        excluded=sorted(peer[-6:] for peer in averager.exclusions.excluded()) if averager.exclusions else [],
     )
     if args.snoop:
         record.update(_snoop(averager, group, numel))

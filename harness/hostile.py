@@ -5,6 +5,9 @@
 - ``stall``: it answers every fetch of its inputs and of its reduced part with heartbeats alone, never
   data (a slow member). Before issue 11 each heartbeat reset the reader's timer, so it held the round
   until the round's timeout.
+- ``equivocate``: as a reducer, it serves its part's true result to the members at even positions of
+  the group and another result (the true one x -10, validly signed if it signs at all) to those at odd
+  positions. Without reducer accountability the members then end the round with different models.
 
 In every other way the peer is honest: it fetches, reduces and applies what it receives.
 """
@@ -14,6 +17,9 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
+from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+
+from swarm.averaging import wire
 from swarm.averaging.outbox import Entry, Outbox
 from swarm.averaging.service import AveragingService
 
@@ -38,7 +44,43 @@ class HostileOutbox(Outbox):
         return await super().get(key, timeout)
 
 
-def make_hostile(service: AveragingService, *, veto: bool = False, stall: bool = False) -> None:
-    """Give ``service`` a hostile outbox; call before its first round."""
+def make_hostile(service: AveragingService, *, veto: bool = False, stall: bool = False,
+                 equivocate: bool = False) -> None:
+    """Give ``service`` a hostile outbox (and, to equivocate, a fetch handler that looks at the asker);
+    call before its first round."""
     if veto or stall:
         service.outbox = HostileOutbox(veto=veto, stall=stall, retention=service.outbox.retention)
+    if equivocate:
+        _equivocate(service)
+
+
+def _equivocate(service: AveragingService) -> None:
+    rounds: dict[bytes, int] = {}  # group id -> round, for the receipts of the other result
+    allreduce, serve = service.allreduce, service._serve_fetch
+
+    def remember_round(group, *args, **kwargs):
+        rounds[group.group_id] = group.round
+        return allreduce(group, *args, **kwargs)
+
+    async def serve_fetch(key: tuple, asker):
+        group_id, phase, kind, index = key
+        members = service.outbox._members.get(group_id, ())
+        if kind != "out" or asker not in members or members[index] != service.peer_id \
+                or members.index(asker) % 2 == 0:
+            async for message in serve(key, asker):
+                yield message
+            return
+        entry = await service.outbox.get(key, 60 * service.chunk_timeout)
+        if entry is None:
+            return
+        payloads = [serialize_torch_tensor(deserialize_torch_tensor(payload) * -10, payload.compression)
+                    for payload in entry.payloads]
+        header = dict(entry.header)
+        if service.accountability is not None:
+            header["receipt"] = service.accountability.receipt(rounds.get(group_id, -1), group_id, phase, index, payloads)
+        else:
+            header.pop("receipt", None)
+        for message in wire.tensor_messages(payloads, **header):
+            yield message
+
+    service.allreduce, service._serve_fetch = remember_round, serve_fetch

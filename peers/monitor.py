@@ -37,7 +37,8 @@ def run_monitor(config: SwarmConfig, *, url_file: Optional[Path]) -> None:
         monitor.serve()
         dht = start_reader_dht(config.network, config.run_id, stop=stop.event, certificate=config.peer.certificate)
         set_log_peer("monitor", str(dht.peer_id))
-        monitor.start(Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second))
+        monitor.start(Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second,
+                                ban=config.averaging.robust.ban if config.averaging.robust else None))
         if url_file is not None:
             write_json_atomic(url_file, {"url": monitor.url, "peer_id": str(dht.peer_id)})
         logger.info(f"watching run {config.run_id}; history in {config.monitor.db_path}")

@@ -28,7 +28,8 @@ def run_status(config: SwarmConfig, *, as_json: bool, wait: float) -> None:
     config = config.model_copy(update={"run_id": certified_run_id(config.peer.certificate, config.run_id)})
     dht = start_reader_dht(config.network, config.run_id, stop=stop.event, certificate=config.peer.certificate)
     try:
-        collector = Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second)
+        collector = Collector(dht, config.run_id, max_samples_per_second=config.monitor.max_samples_per_second,
+                              ban=config.averaging.robust.ban if config.averaging.robust else None)
         deadline = time.monotonic() + wait
         view = collector.collect()
         while not (view.peers or view.left or view.flagged) and time.monotonic() < deadline:
@@ -61,6 +62,9 @@ def format_table(view: SwarmView) -> str:
         lines.append("no peer of this run has published metrics (is run_id the same as the swarm's?)")
     for peer in view.flagged:
         lines.append(f"flagged {peer['peer_id']} ({printable(peer['display_name'])}): {'; '.join(peer['reasons'])}")
+    for peer in view.excluded:
+        lines.append(f"excluded {peer['peer_id']}: proven equivocation ({peer['offences']} offence"
+                     f"{'s' if peer['offences'] > 1 else ''}), for {_duration(max(0.0, peer['until'] - view.time))} more")
     lines.append("refused by the peers: " + refusal_summary(totals["refused"], totals["refused_requests"]))
     if view.refused:
         lines.append("refused by this node: " + refusal_summary(view.refused, {}))

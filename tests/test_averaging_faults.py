@@ -239,3 +239,39 @@ def test_a_member_that_only_heartbeats_is_cut_and_left_out_of_the_next_round(ave
     assert [sorted(record["members"]) for record in second] == [sorted(r["me"] for r in first)] * 2, second
     left_out = averagers.records(staller).get(1, {})
     assert not left_out.get("ok") or left_out["group_size"] == 1, left_out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("defended", [True, False], ids=["defended", "defence-off"])
+def test_a_reducer_returning_different_results_is_caught_and_excluded(averagers, defended):
+    """A member (a real process, ``--equivocate``) reduces its part honestly but serves half the members
+    another result (x -10), validly signed. The members compare the reducers' signed receipts in their
+    commits: every honest member holds two receipts of one reducer over different results (proof anyone
+    can check), drops that part alike, and stays identical to the others; the reducer is then excluded
+    (refused at matchmaking and in every RPC) from the next rounds, beyond the one round a member that
+    failed to answer is left out. With the defence off (``--no-accountability`` on the honest members)
+    the same reducer leaves the honest members with different models."""
+    equivocator, honest = 3, [0, 1, 2]
+    extra_for = lambda index: ["--equivocate"] if index == equivocator else ([] if defended else ["--no-accountability"])  # noqa: E731
+    peers = averagers.swarm(4, "--expect", "4", "--rounds", "3" if defended else "1", "--megabytes", "1",
+                            "--round-timeout", "10", extra_for=extra_for)
+    for index in honest:
+        assert peers[index].proc.wait(200) == 0, peers[index].log_tail()
+    assert peers[equivocator].proc.wait(120) == 0, peers[equivocator].log_tail()
+    accused = averagers.records(equivocator)[0]["me"]
+    first = [averagers.records(index)[0] for index in honest]
+    assert all(record["ok"] and record["group_size"] == 4 and record["finite"] for record in first), first
+    if not defended:
+        assert len({record["hash"] for record in first}) > 1, "the equivocation did not split the honest members"
+        return
+    for record in first:
+        assert record["equivocators"] == [accused] and accused in record["excluded"], record
+        assert record["missing_parts"] == [record["members"].index(accused)], record
+    assert len({record["hash"] for record in first}) == 1, "honest members disagree after the equivocation"
+    for round_number in (1, 2):
+        later = [averagers.records(index)[round_number] for index in honest]
+        assert all(record["ok"] and accused not in record["members"] and record["group_size"] == 3
+                   and record["finite"] and record["missing_parts"] == [] for record in later), later
+        assert len({record["hash"] for record in later}) == 1, f"honest members disagree in round {round_number}"
+        alone = averagers.records(equivocator).get(round_number, {})
+        assert not alone.get("ok") or alone["group_size"] == 1, alone

@@ -39,12 +39,14 @@ import torch
 from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, TensorRole
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils import get_logger
+from hivemind.utils import get_dht_time, get_logger
 
+from swarm.averaging.accountability import Accountability, find_equivocation
 from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
 from swarm.averaging.outbox import Entry, Outbox
 from swarm.averaging.robust import Aggregate, CenteredClip, WeightedMean
 from swarm.compression.payloads import PayloadError, decode_payload
+from swarm.net.exclusion_record import Evidence
 
 logger = get_logger(__name__)
 
@@ -70,6 +72,8 @@ class AllreduceResult:
     seconds: float = 0.0
     sent: list[torch.Tensor] = field(default_factory=list)  # this peer's contribution as others decode it
     repaired_parts: list[int] = field(default_factory=list)  # lost with their reducer, fetched from another member
+    # proof that a reducer returned different results to different members (its part is dropped here)
+    evidence: list[Evidence] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +134,7 @@ async def run_allreduce(
     check_own_input: bool = True,
     aggregator: WeightedMean | CenteredClip = WeightedMean(),
     drop_reported: bool = False,
+    accountability: Optional[Accountability] = None,
 ) -> AllreduceResult:
     """Average ``tensors`` with the group, weighting this peer by ``weight`` (e.g. its samples).
 
@@ -144,11 +149,13 @@ async def run_allreduce(
     :param drop_reported: drop every part that any member reports lacking, instead of repairing from a
       holder: the rule before issue 11, under which one member's report vetoes a part for all. True
       only in a harness that shows that attack.
+    :param accountability: sign this peer's result and check the reducers' receipts, and compare them
+      in the commit (:mod:`swarm.averaging.accountability`); None: results are taken unsigned, unchecked.
     """
     started = time.perf_counter()
     buckets = await asyncio.get_running_loop().run_in_executor(None, _Buckets.build, tensors, choose_codec)
     run = _Run(group, buckets, phase, outbox, fetch, frozenset(accepted), aggregator, started=started,
-               drop_reported=drop_reported)
+               drop_reported=drop_reported, accountability=accountability)
     sent = await run.offer_inputs(weight, check=check_own_input)
     await run.reduce_my_part()
     await run.gather_outputs()
@@ -169,6 +176,7 @@ async def run_allreduce(
         seconds=time.perf_counter() - started,
         sent=buckets.unflatten(sent, tensors),
         repaired_parts=sorted(run.repaired),
+        evidence=run.evidence,
     )
 
 
@@ -178,7 +186,7 @@ class _Run:
 
     def __init__(self, group: Group, buckets: _Buckets, phase: int, outbox: Outbox, fetch: Fetch,
                  accepted: frozenset[str], aggregator: WeightedMean | CenteredClip, *, started: float,
-                 drop_reported: bool = False):
+                 drop_reported: bool = False, accountability: Optional[Accountability] = None):
         self.group, self.buckets, self.phase, self.outbox, self._fetch = group, buckets, phase, outbox, fetch
         self.accepted, self.aggregator = accepted, aggregator
         self.started, self.drop_reported = started, drop_reported
@@ -193,6 +201,11 @@ class _Run:
         self.repaired: list[int] = []
         self.contributors = self.refused = self.bytes_sent = self.bytes_received = 0
         self.weight, self.finite = 0.0, True
+        self.accountability = accountability
+        self.began = get_dht_time()  # receipts of this all-reduce are signed after it (see Accountability.check)
+        self.receipts: dict[int, list] = {}  # part -> its reducer's receipt for what this peer holds
+        self.evidence: list[Evidence] = []
+        self.equivocated: set[int] = set()  # parts whose reducer was caught returning different results
 
     async def fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
         """``peer``'s entry ``key``. The entry may take as long again to be ready as this peer has spent in
@@ -275,7 +288,11 @@ class _Run:
         self.contributors = len(inputs)
         averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
         reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
-        self.outbox.put(self.key("out", me), Entry(reduced, {"contributors": self.contributors}))
+        header = {"contributors": self.contributors}
+        if self.accountability is not None:  # a digest of the part and a signature: off the event loop
+            header["receipt"] = self.receipts[me] = await asyncio.get_running_loop().run_in_executor(
+                None, self.accountability.receipt, self.group.round, self.group.group_id, self.phase, me, reduced)
+        self.outbox.put(self.key("out", me), Entry(reduced, header))
         self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
         own = self.decode_all(reduced, me)  # used as the others will decode it
         if own is None:
@@ -329,13 +346,15 @@ class _Run:
             if index in self.gone:
                 return index, None, None
             try:
-                _, payloads = await self.fetch(peer, self.key("out", index), self.max_part_bytes(index))
+                header, payloads = await self.fetch(peer, self.key("out", index), self.max_part_bytes(index))
             except Exception as e:  # the reducer is gone or broken: its part is missing for this peer
                 logger.warning(f"round {self.group.round}: part {index} lost with its reducer ({type(e).__name__}: {e})")
                 self.gone.add(index)
                 return index, None, None
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
-            return index, self.decode_all(payloads, index), Entry(payloads)  # its header is not relayed
+            if not await self.receipt_holds(header, index, payloads, f"from its reducer {index}"):
+                return index, None, None
+            return index, self.decode_all(payloads, index), Entry(payloads, self.relayed_header(header))
 
         for index, decoded, entry in await asyncio.gather(*(fetch_output(i, peer) for i, peer in self.group.others())):
             if decoded is None:
@@ -344,28 +363,88 @@ class _Run:
                 self.results[index] = decoded
                 self.outbox.put(self.key("out", index), entry)
 
+    async def receipt_holds(self, header: dict, part: int, payloads: list[runtime_pb2.Tensor], source: str) -> bool:
+        """True if accountability is off, or ``header`` carries part ``part``'s reducer's valid receipt for
+        ``payloads`` (then it is kept, to compare in the commit); a part without one is refused."""
+        if self.accountability is None:
+            return True
+        receipt = header.get("receipt")
+        why = await asyncio.get_running_loop().run_in_executor(  # hashes the part: off the event loop
+            None, lambda: self.accountability.check(receipt, self.group.members[part].to_base58(), self.group.round,
+                                                    self.group.group_id, self.phase, part, payloads,
+                                                    not_before=self.began))
+        if why is not None:
+            self.refused += 1
+            logger.warning(f"round {self.group.round}: refused part {part} {source} ({why})")
+            return False
+        self.receipts[part] = receipt
+        return True
+
+    def relayed_header(self, header: dict) -> dict:
+        """What a relay of a part carries: its reducer's receipt, and nothing else of its header."""
+        return {"receipt": header["receipt"]} if self.accountability is not None else {}
+
     async def commit(self) -> None:
         """Tell the others which parts this peer lacks and learn theirs: a member's report says whom not to
         ask for a part, and decides nothing else here (unless ``drop_reported``: then every member drops
-        the union of the reports)."""
+        the union of the reports). With accountability, the commit also carries the receipts this peer
+        holds, and a reducer whose receipts disagree is caught here (:meth:`compare_receipts`)."""
         n = self.group.size
-        self.outbox.put(self.key("commit", 0), Entry([], {"missing": sorted(self.missing)}))
+        header = {"missing": sorted(self.missing)}
+        if self.accountability is not None:
+            header["receipts"] = [[part, receipt] for part, receipt in sorted(self.receipts.items())]
+        self.outbox.put(self.key("commit", 0), Entry([], header))
+        received: dict[int, list] = {}
 
         async def fetch_commit(index: int, peer: PeerID) -> None:
             try:
                 header, _ = await self.fetch(peer, self.key("commit", 0), 4096)
                 lacking = {int(part) for part in header.get("missing", []) if 0 <= int(part) < n}
+                receipts = header.get("receipts", [])[:n] if isinstance(header.get("receipts"), list) else []
             except Exception:  # a member gone by now is not asked for parts
                 self.gone.add(index)
                 return
+            received[index] = receipts
             self.lacking[index] = lacking
             if lacking:
                 logger.info(f"round {self.group.round}: member {index} reports lacking parts {sorted(lacking)}")
 
         members = [(index, peer) for index, peer in self.group.others() if index not in self.gone]
         await asyncio.gather(*(fetch_commit(index, peer) for index, peer in members))
+        if self.accountability is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.compare_receipts, received)
         if self.drop_reported:  # the old rule: any member's report drops a part for everyone
             self.missing.update(*self.lacking.values())
+
+    def compare_receipts(self, received: dict[int, list]) -> None:
+        """Each part's receipts, this peer's and those the others' commits carry (each checked: a member
+        cannot forge its reducer's signature): two over different results are proof that the reducer
+        equivocated. Its part is dropped here (every member that reads the same commits drops it too),
+        it counts as gone, and the proof is kept for :class:`swarm.averaging.exclusions.Exclusions`."""
+        group = self.group
+        by_part: dict[int, list] = {part: [receipt] for part, receipt in self.receipts.items()}
+        for index, receipts in received.items():
+            for item in receipts:
+                try:
+                    part, receipt = int(item[0]), item[1]
+                except (TypeError, ValueError, IndexError, KeyError):
+                    continue
+                if 0 <= part < group.size and self.accountability.check(
+                        receipt, group.members[part].to_base58(), group.round, group.group_id, self.phase, part,
+                        not_before=self.began) is None:
+                    by_part.setdefault(part, []).append(receipt)
+        for part, receipts in sorted(by_part.items()):
+            evidence = find_equivocation(receipts, group.round, group.group_id, self.phase, part)
+            if evidence is None:
+                continue
+            logger.warning(f"round {group.round}: reducer {group.members[part]} returned different results for "
+                           f"part {part} to different members (signed proof); its part is dropped")
+            self.evidence.append(evidence)
+            self.equivocated.add(part)
+            self.missing.add(part)
+            self.results.pop(part, None)
+            if part != group.my_index:
+                self.gone.add(part)
 
     async def repair(self) -> None:
         """Fetch each part this peer lacks from a member whose commit says it holds that part (not from
@@ -373,7 +452,8 @@ class _Run:
         can hold). A holder that fails to deliver counts as gone. What no holder delivers is dropped here."""
         me, n = self.group.my_index, self.group.size
         if not self.drop_reported:
-            repaired = await asyncio.gather(*(self._repair_part(part) for part in sorted(self.missing - {me})))
+            lacking = sorted(self.missing - {me} - self.equivocated)
+            repaired = await asyncio.gather(*(self._repair_part(part) for part in lacking))
             for part, decoded in repaired:
                 if decoded is not None:
                     self.missing.discard(part)
@@ -390,13 +470,15 @@ class _Run:
                 continue
             try:
                 peer = self.group.members[index]
-                _, payloads = await self.fetch(peer, self.key("out", part), self.max_part_bytes(part))
+                header, payloads = await self.fetch(peer, self.key("out", part), self.max_part_bytes(part))
             except Exception as e:  # it said it held the part and did not deliver it
                 logger.info(f"round {self.group.round}: member {index} did not relay part {part} "
                             f"({type(e).__name__}: {e})")
                 self.gone.add(index)
                 continue
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
+            if not await self.receipt_holds(header, part, payloads, f"relayed by member {index}"):
+                continue
             decoded = self.decode_all(payloads, part)
             if decoded is not None:
                 logger.info(f"round {self.group.round}: part {part}, not delivered here by its reducer, "

@@ -14,8 +14,11 @@ import hivemind
 import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_logger
+from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.averaging.accountability import Accountability
 from swarm.averaging.counters import Counters
+from swarm.averaging.exclusions import Exclusions
 from swarm.averaging.group import MAX_WEIGHT, Group, RoundMissed
 from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.averaging.service import AveragingService
@@ -43,6 +46,9 @@ class Averager:
     :param accepted_codecs: payload formats accepted from others; by default those of
       ``averaging.compression`` (a benchmark that cycles codecs passes them all).
     :param owner, check_fetchers, admit, fetch_observer, drop_reported: see :class:`AveragingService`.
+    :param private_key: this peer's identity key: with it, this peer signs the parts it reduces, checks
+      the reducers' receipts and catches one that equivocates (:mod:`swarm.averaging.accountability`),
+      and excludes it as ``averaging.robust.ban`` says (:attr:`exclusions`); None: none of that.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
@@ -50,19 +56,25 @@ class Averager:
                  accepted_codecs: Optional[Collection[str]] = None,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
                  fetch_observer: Optional[Callable[[dict], None]] = None, max_weight: float = MAX_WEIGHT,
-                 drop_reported: bool = False):
+                 drop_reported: bool = False, private_key: Optional[RSAPrivateKey] = None):
         self.averaging = averaging
         self.counters = Counters()
         self.aggregator = make_aggregator(averaging.robust, max_weight=max_weight)
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
                                     powersgd_rank=averaging.powersgd_rank,
                                     adaptive_threshold=averaging.adaptive_threshold)
+        self.exclusions: Optional[Exclusions] = None
+        if private_key is not None:
+            ban = averaging.robust.ban if averaging.robust is not None else None
+            self.exclusions = Exclusions(dht=dht, run_id=run_id, policy=ban, owner=owner).start()
+            admit = _both(admit, self.exclusions.refusal)
         self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
                                         request_timeout=averaging.request_timeout,
                                         accepted_codecs=accepted_codecs or wire_codecs(averaging.compression),
                                         check_own_input=check_own_input, owner=owner, check_fetchers=check_fetchers,
                                         admit=admit, fetch_observer=fetch_observer,
-                                        drop_reported=drop_reported).start()
+                                        drop_reported=drop_reported,
+                                        accountability=Accountability(private_key) if private_key else None).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
 
@@ -124,6 +136,10 @@ class Averager:
         counters.capped_weights += len(result.capped_weights)
         counters.peak_distance_ratio = max(counters.peak_distance_ratio, round(result.farthest, 3))
         counters.dropped_parts += len(result.missing_parts)
+        if result.evidence:
+            counters.equivocations += len({item.accused for item in result.evidence})
+            if self.exclusions is not None:
+                self.exclusions.add(result.evidence)
         counters.bytes_received += result.bytes_received
         counters.bytes_sent += result.bytes_sent
         self.last_result = result
@@ -132,9 +148,21 @@ class Averager:
     def check(self) -> None:
         """:raises BackgroundError: the averaging service's event loop died."""
         self.service.check()
+        if self.exclusions is not None:
+            self.exclusions.check()
 
     def shutdown(self) -> None:
+        if self.exclusions is not None:
+            self.exclusions.shutdown()
         self.service.shutdown()
+
+
+def _both(first: Optional[Callable[[PeerID], Optional[str]]],
+          second: Callable[[PeerID], Optional[str]]) -> Callable[[PeerID], Optional[str]]:
+    """An ``admit`` that refuses whom either refuses (with the first one's reason)."""
+    if first is None:
+        return second
+    return lambda peer: first(peer) or second(peer)
 
 
 def make_aggregator(robust, *, max_weight: float = MAX_WEIGHT) -> WeightedMean | CenteredClip:

@@ -19,6 +19,8 @@ class Counters:
     # and beyond is clipped): how much room honest peers leave, for tuning the radius
     peak_distance_ratio: float = 0.0
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
+    # reducers caught returning different results to different members (signed proof; swarm.averaging.accountability)
+    equivocations: int = 0
     dropped_parts: int = 0  # parts set to zero here: their reducer failed and no member reached held them
     state_downloads: int = 0
     bytes_sent: int = 0

@@ -165,6 +165,8 @@ class Matchmaker:
         awaited = set(expected()) - previous.gone
         if time.monotonic() - previous.ended < self.partner_grace:
             awaited |= previous.answered
+        if self.admit is not None:  # a peer this one refuses (revoked, excluded) would never join: not waited for
+            awaited = {peer for peer in awaited if self.admit(peer) is None}
         return awaited
 
     def forget(self, round_number: int) -> None:

@@ -25,6 +25,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.asyncio import aiter_with_timeout
 
 from swarm.averaging import wire
+from swarm.averaging.accountability import Accountability
 from swarm.averaging.allreduce import AllreduceResult, run_allreduce
 from swarm.averaging.group import MAX_WEIGHT, Group
 from swarm.averaging.matchmaking import Matchmaker
@@ -75,14 +76,18 @@ class AveragingService(ServicerBase):
     :param fetch_observer: called after each fetch of a round's part with ``{kind, index, peer, start,
       end, bytes}`` (``error`` instead of ``bytes`` if it failed), on the service's loop: keep it cheap.
       For traces in benchmarks and for fault tests that strike while parts are moving.
+    :param accountability: sign this peer's reduced parts and check the receipts of others'
+      (:mod:`swarm.averaging.accountability`); None: unsigned and unchecked (a harness shows the attack).
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
                  accepted_codecs: Collection[str] = ("NONE",), check_own_input: bool = True,
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
-                 fetch_observer: Optional[Callable[[dict], None]] = None, drop_reported: bool = False):
+                 fetch_observer: Optional[Callable[[dict], None]] = None, drop_reported: bool = False,
+                 accountability: Optional[Accountability] = None):
         self.dht, self.run_id, self.owner, self.admit = dht, run_id, owner, admit
+        self.accountability = accountability
         self.drop_reported = drop_reported
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
         self.accepted_codecs, self.check_own_input = frozenset(accepted_codecs), check_own_input
@@ -181,7 +186,7 @@ class AveragingService(ServicerBase):
                                   fetch=self._observed_fetch if self.fetch_observer else self._fetch,
                                   choose_codec=choose_codec, accepted=self.accepted_codecs,
                                   check_own_input=self.check_own_input, aggregator=aggregator,
-                                  drop_reported=self.drop_reported)
+                                  drop_reported=self.drop_reported, accountability=self.accountability)
         result = self._call(asyncio.wait_for(coroutine, timeout), timeout + 5)
         self._loop.call_soon_threadsafe(self.matchmaker.remember, group, result.gone)  # before the next round
         return result

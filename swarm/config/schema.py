@@ -148,6 +148,16 @@ class TrainingConfig(Section):
         return value
 
 
+class BanConfig(Section):
+    """Consequences of proven equivocation (:mod:`swarm.averaging.exclusions`): a reducer caught returning
+    different results to different members is excluded from groups for ``base x 2^(n-1)`` seconds at its
+    n-th offence, at most ``cap``. ``averaging.robust.ban: null``: the equivocated part is still dropped,
+    but no one is excluded."""
+
+    base: float = Field(300.0, gt=0, le=86400, description="seconds the first offence excludes for")
+    cap: float = Field(3600.0, gt=0, le=86400, description="the longest exclusion, in seconds, however many offences")
+
+
 class RobustConfig(Section):
     """Robust aggregation at each reducer of DiLoCo's all-reduce (CenteredClip, see
     :mod:`swarm.averaging.robust`): bounds what a member's input, or its declared weight, can do to the
@@ -160,6 +170,8 @@ class RobustConfig(Section):
                             "when no input is clipped)")
     max_weight_ratio: float = Field(2.0, ge=1, description="no member counts with more than this x the median "
                                     "weight (samples) of its group; raise it for hardware of very uneven speed")
+    ban: Optional[BanConfig] = Field(default_factory=BanConfig, description="exclude a reducer caught "
+                                     "equivocating (signed proof), longer at each offence; null = never exclude")
 
 
 class AveragingConfig(Section):

@@ -32,9 +32,10 @@ OTHER = "other"  # where reasons beyond MAX_REASONS (in a record) or unknown one
 RECORD_REASONS = ("oversized", "unsigned", "bad_signature", "schema", "impersonation", "expiration", "implausible",
                   "forged", "undecodable", "version", "identity",  # records
                   "not-admitted", "revoked", "expired")  # DHT requests in a private run (swarm.net.authorizer)
-# not-admitted, revoked, expired, role: a caller a run's admission refuses (swarm.net.admission)
+# not-admitted, revoked, expired, role: a caller a run's admission refuses (swarm.net.admission); excluded: a
+# reducer caught equivocating (swarm.averaging.exclusions)
 REQUEST_REASONS = ("fetch-limit", "fetch-not-member", "fetch-not-slice", "state-limit",
-                   "not-admitted", "revoked", "expired", "role")
+                   "not-admitted", "revoked", "expired", "role", "excluded")
 _REASON_RE = re.compile(REASON_PATTERN)
 
 

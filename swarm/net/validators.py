@@ -6,6 +6,7 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.net.diloco_records import DEFAULT_BOUNDS, DiLoCoRecordGuard, RecordBounds
+from swarm.net.exclusion_record import ExclusionRecordGuard
 from swarm.net.metrics_record import metrics_validators
 
 
@@ -19,4 +20,4 @@ def run_validators(run_id: str, private_key: RSAPrivateKey,
     (:meth:`RecordBounds.for_run`); every node of a run should use the run's.
     """
     validators = metrics_validators(run_id, private_key)
-    return validators + [DiLoCoRecordGuard(run_id, validators[0], bounds)]
+    return validators + [ExclusionRecordGuard(run_id, validators[0]), DiLoCoRecordGuard(run_id, validators[0], bounds)]

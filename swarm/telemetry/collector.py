@@ -22,7 +22,8 @@ from swarm.config.schema import NetworkConfig
 from swarm.errors import ConfigError
 from swarm.net.admission import authorizer_for, own_certificate
 from swarm.net.certificate_record import CertificateValidator
-from swarm.net.dht import client_network, start_dht
+from swarm.net.dht import DHT_CALL_FAILURES, client_network, start_dht
+from swarm.net.exclusion_record import excluded_peers, read_evidence
 from swarm.net.identity import load_identity
 from swarm.net.keys import metrics_key
 from swarm.net.metrics_record import PeerMetrics, parse_metrics
@@ -34,6 +35,7 @@ logger = get_logger(__name__)
 FUTURE_SLACK = 30.0  # seconds a record's time may run ahead of ours (clocks differ, see hivemind's DHT time)
 MAX_EPOCH_LEAD = 10  # epochs a trainer may be ahead of every other trainer before it looks made up
 GET_TIMEOUT = 30.0
+MAX_EXCLUDED_SHOWN = 64  # excluded peers a view lists (and Prometheus exports, one series each)
 
 
 def start_reader_dht(network: NetworkConfig, run_id: str, *, stop: threading.Event,
@@ -70,6 +72,9 @@ class SwarmView:
     flagged: list[dict] = field(default_factory=list)  # implausible records, each with "reasons"
     refused: dict = field(default_factory=dict)  # records this monitor's DHT node refused, by reason
     totals: dict = field(default_factory=dict)
+    # peers excluded now for proven equivocation (swarm.net.exclusion_record, each proof verified here):
+    # {"peer_id", "offences", "until" (DHT time)}, soonest to end last
+    excluded: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -135,8 +140,11 @@ def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
 class Collector:
     """Collects the swarm's records through a DHT node; remembers each peer's previous record."""
 
-    def __init__(self, dht: hivemind.DHT, run_id: str, *, max_samples_per_second: float):
+    def __init__(self, dht: hivemind.DHT, run_id: str, *, max_samples_per_second: float, ban=None):
+        """:param ban: the run's ``averaging.robust.ban`` (base and cap seconds), to say who is excluded
+          until when (:attr:`SwarmView.excluded`); None: the run excludes no one."""
         self.dht, self.run_id, self.max_samples_per_second = dht, run_id, max_samples_per_second
+        self.ban = ban
         self._previous: dict[str, PeerMetrics] = {}
 
     def collect(self) -> SwarmView:
@@ -145,12 +153,28 @@ class Collector:
         counts = dict(self.dht.run_coroutine(read_refusals)["counts"])
         for item in refused:  # normally none: the DHT node drops them first
             counts[item["reason"]] = counts.get(item["reason"], 0) + 1
-        return self.assemble(genuine, counts, now=get_dht_time())
+        now, evidence = get_dht_time(), []
+        if self.ban is not None:
+            try:
+                evidence = read_evidence(self.dht, self.run_id, timeout=GET_TIMEOUT)
+            except DHT_CALL_FAILURES as e:  # the metrics still make a view; exclusions come with the next one
+                logger.warning(f"could not read the exclusion records ({e!r})")
+        return self.assemble(genuine, counts, now=now, excluded=self.excluded(evidence, now))
+
+    def excluded(self, evidence, now: float) -> list[dict]:
+        """Who ``evidence`` (verified items) excludes at ``now``, as :attr:`SwarmView.excluded` lists them
+        (at most :data:`MAX_EXCLUDED_SHOWN`, those excluded longest first)."""
+        if self.ban is None:
+            return []
+        found = excluded_peers(evidence, base=self.ban.base, cap=self.ban.cap, now=now)
+        rows = [{"peer_id": peer, **entry} for peer, entry in found.items()]
+        return sorted(rows, key=lambda row: (-row["until"], row["peer_id"]))[:MAX_EXCLUDED_SHOWN]
 
     def assemble(self, genuine: list[tuple[str, PeerMetrics]], refused: dict, *, now: float,
-                 collected_at: Optional[float] = None) -> SwarmView:
+                 collected_at: Optional[float] = None, excluded: Optional[list[dict]] = None) -> SwarmView:
         """:param now: DHT time, to judge the records' own times; :param collected_at: wall-clock time of the view."""
-        view = SwarmView(run_id=self.run_id, time=time.time() if collected_at is None else collected_at, refused=refused)
+        view = SwarmView(run_id=self.run_id, time=time.time() if collected_at is None else collected_at, refused=refused,
+                         excluded=excluded or [])
         plausible: list[PeerMetrics] = []
         for peer_id, metrics in sorted(genuine, key=lambda item: item[0]):
             problems = plausibility_problems(metrics, self._previous.get(peer_id), now=now,

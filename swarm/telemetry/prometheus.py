@@ -82,6 +82,19 @@ def _swarm_families(view: SwarmView) -> Iterator[Metric]:
             family = GaugeMetricFamily(name, help_text)
             family.add_metric([], value)
             yield family
+    excluded = GaugeMetricFamily("swarm_peers_excluded", "Peers excluded from averaging now for proven "
+                                 "equivocation (each proof verified by the monitor)")
+    excluded.add_metric([], len(view.excluded))
+    yield excluded
+    until = GaugeMetricFamily("swarm_peer_excluded_until_timestamp_seconds", "When a peer's exclusion for proven "
+                              "equivocation ends (DHT time, about Unix time)", labels=["peer"])
+    offences = GaugeMetricFamily("swarm_peer_exclusion_offences", "Proven equivocations of an excluded peer",
+                                 labels=["peer"])
+    for peer in view.excluded:
+        until.add_metric([peer["peer_id"]], peer["until"])
+        offences.add_metric([peer["peer_id"]], peer["offences"])
+    yield until
+    yield offences
     refused = CounterMetricFamily("swarm_monitor_refused_records", "Distinct metrics records the monitor's own DHT "
                                   "node refused (signature, schema, size, identity)", labels=["reason"])
     for reason, count in sorted(exported(view.refused, RECORD_REASONS).items()):

@@ -68,7 +68,8 @@ class DiLoCo(Collaboration, SharedState):
                            "signatures refuse them")
         self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging, owner=owner,
                                  admit=admission.refusal if admission is not None else None,
-                                 max_weight=float(bounds.max_round_samples))
+                                 max_weight=float(bounds.max_round_samples),
+                                 private_key=private_key if owner is not None else None)
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
                                     bounds=bounds, admission=admission)
         self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,

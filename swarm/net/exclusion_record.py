@@ -1,0 +1,225 @@
+"""Equivocation evidence and the exclusion record that carries it (``keys.exclusions``).
+
+A reducer signs, with its identity key, a *receipt* for the result it serves for its part of a
+round: ``(round, group id, phase, part, time, digest of the result's bytes)``
+(:func:`receipt_message`). Two valid receipts by one reducer for the same ``(round, group, phase,
+part)`` over different digests are :class:`Evidence` of equivocation: it gave different members
+different results. Anyone can check it alone (:meth:`Evidence.verify`): the reducer's public key
+gives its peer id (:func:`swarm.net.identity.peer_id_of_public_key`), and both signatures are its own;
+no one's word is needed, so one record of it is enough to exclude the reducer.
+
+Each peer that holds evidence publishes it under ``{run_id}_exclusions``, in its own signed subkey
+(``[owner:<its RSA key>]``), as a list of at most :data:`MAX_EVIDENCE` items. Every DHT node checks
+the record (:class:`ExclusionRecordGuard`: size, signature, expiration, every item verified) and
+every reader verifies each item again (:func:`read_evidence`), so a forged item excludes no one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
+from hivemind.utils.crypto import RSAPublicKey
+
+from swarm.net import keys
+from swarm.net.identity import peer_id_of_public_key
+from swarm.net.signed_record import SignedRecordGuard, Verdict, peer_of_subkey
+
+logger = get_logger(__name__)
+
+RECEIPT_TAG = b"swarm-reduced-part-v1"  # domain separation: a receipt's signature signs nothing else
+DIGEST_BYTES = 32  # sha256
+MAX_KEY_BYTES = 1024  # an OpenSSH RSA public key: about 380 bytes for 2048 bits
+MAX_SIGNATURE_BYTES = 1024  # 256 bytes for RSA-2048
+MAX_GROUP_ID_BYTES = 64  # group ids are 16 random bytes
+MAX_ROUND = 2**53
+MAX_PARTS = 1 << 16
+MAX_EVIDENCE = 8  # items in one peer's record: the latest offences it saw
+# one item is about 1 kB (a key, two signatures, two digests); the record, signed, stays under this
+MAX_RECORD_BYTES = 12_288
+
+
+def receipt_message(round_number: int, group_id: bytes, phase: int, part: int, time: float, digest: bytes) -> bytes:
+    """What a reducer signs for the result it serves for ``part``."""
+    return RECEIPT_TAG + MSGPackSerializer.dumps([int(round_number), bytes(group_id), int(phase), int(part),
+                                                  float(time), bytes(digest)])
+
+
+@lru_cache(maxsize=1024)
+def _public_key(key: bytes) -> Optional[tuple[str, RSAPublicKey]]:
+    """(peer id, key) for an OpenSSH RSA public key, or None if it is not one. Cached: a group's few
+    reducers are parsed once, not at every receipt."""
+    peer_id = peer_id_of_public_key(key)
+    if peer_id is None:
+        return None
+    try:
+        return peer_id, RSAPublicKey.from_bytes(key)
+    except Exception:  # cryptography raises several types on a malformed key; all mean "not a key"
+        return None
+
+
+def signer_of(key: bytes, message: bytes, signature: bytes) -> Optional[str]:
+    """The peer id of ``key`` if ``signature`` is its valid signature of ``message``, else None."""
+    if not isinstance(key, bytes) or len(key) > MAX_KEY_BYTES or not isinstance(signature, bytes) \
+            or len(signature) > MAX_SIGNATURE_BYTES:
+        return None
+    parsed = _public_key(key)
+    if parsed is None:
+        return None
+    peer_id, public = parsed
+    try:
+        return peer_id if public.verify(message, signature) else None
+    except Exception:  # a malformed signature
+        return None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Two receipts by one reducer for one part of one round, over different results."""
+
+    key: bytes  # the reducer's OpenSSH RSA public key
+    round: int
+    group_id: bytes
+    phase: int
+    part: int
+    first: tuple[float, bytes, bytes]  # (time, digest, signature)
+    second: tuple[float, bytes, bytes]
+
+    @property
+    def accused(self) -> Optional[str]:
+        parsed = _public_key(self.key)
+        return parsed[0] if parsed is not None else None
+
+    @property
+    def offence(self) -> tuple:
+        """What one offence is: (round, group) — several parts or phases of one round count once."""
+        return self.round, self.group_id
+
+    @property
+    def time(self) -> float:
+        """When it happened, as the offender itself signed it (the later of its two receipts)."""
+        return max(self.first[0], self.second[0])
+
+    def verify(self) -> Optional[str]:
+        """None if this is proof of equivocation, else why not. Checks sizes before any decoding."""
+        if not (0 <= self.round <= MAX_ROUND and 0 <= self.phase < 16 and 0 <= self.part < MAX_PARTS
+                and 0 < len(self.group_id) <= MAX_GROUP_ID_BYTES):
+            return "out of bounds"
+        d1, d2 = self.first[1], self.second[1]
+        if len(d1) != DIGEST_BYTES or len(d2) != DIGEST_BYTES:
+            return "malformed digest"
+        if d1 == d2:
+            return "equal digests: no equivocation"
+        signers = {signer_of(self.key, receipt_message(self.round, self.group_id, self.phase, self.part, t, d), s)
+                   for t, d, s in (self.first, self.second)}
+        if None in signers or len(signers) != 1:
+            return "a signature does not verify"
+        return None
+
+    def to_wire(self) -> list:
+        return [self.key, self.round, self.group_id, self.phase, self.part, list(self.first), list(self.second)]
+
+    @classmethod
+    def from_wire(cls, item) -> Optional["Evidence"]:
+        """The evidence in a decoded record item, or None if its shape or types are wrong (not yet verified)."""
+        try:
+            key, round_number, group_id, phase, part, first, second = item
+            receipts = []
+            for receipt in (first, second):
+                time, digest, signature = receipt
+                if type(time) not in (int, float) or not isinstance(digest, bytes) or not isinstance(signature, bytes):
+                    return None
+                receipts.append((float(time), digest, signature))
+            if not (isinstance(key, bytes) and isinstance(group_id, bytes) and type(round_number) is int
+                    and type(phase) is int and type(part) is int):
+                return None
+        except (TypeError, ValueError):
+            return None
+        return cls(key, round_number, group_id, phase, part, receipts[0], receipts[1])
+
+    def digest(self) -> bytes:
+        """Identifies this item (two records holding the same proof count it once)."""
+        return hashlib.sha256(MSGPackSerializer.dumps(self.to_wire())).digest()
+
+
+def exclusion_seconds(offences: int, base: float, cap: float) -> float:
+    """How long the ``offences``-th offence excludes for: ``base x 2^(offences-1)``, at most ``cap``."""
+    if offences <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(offences - 1, 64))
+
+
+def excluded_peers(items: list[Evidence], *, base: float, cap: float, now: float) -> dict[str, dict]:
+    """peer id -> {"until": DHT time, "offences": n} for each peer that ``items`` (verified evidence)
+    exclude at ``now``. An offence is one (round, group), however many parts or proofs show it; the
+    n-th excludes for :func:`exclusion_seconds` from the later time the offender signed in its receipts
+    (clamped to ``now``: a receipt dated ahead cannot lengthen the exclusion)."""
+    offences: dict[str, dict[tuple, float]] = {}
+    for item in items:
+        accused = item.accused
+        if accused is None:
+            continue
+        times = offences.setdefault(accused, {})
+        times[item.offence] = max(times.get(item.offence, 0.0), min(item.time, now))
+    result = {}
+    for peer, times in offences.items():
+        until = max(times.values()) + exclusion_seconds(len(times), base, cap)
+        if until > now:
+            result[peer] = {"until": until, "offences": len(times)}
+    return result
+
+
+def decode_items(value) -> Optional[list[Evidence]]:
+    """A record's items, each verified; None if the record is malformed or any item fails."""
+    if not isinstance(value, list) or len(value) > MAX_EVIDENCE:
+        return None
+    items = [Evidence.from_wire(item) for item in value]
+    if any(item is None or item.verify() is not None for item in items):
+        return None
+    return items
+
+
+class ExclusionRecordGuard(SignedRecordGuard):
+    """Refuses, on every DHT node, an exclusion record that is oversized, unsigned, badly signed, lives
+    longer than ``ttl`` or holds anything but verified evidence (at most :data:`MAX_EVIDENCE` items)."""
+
+    def __init__(self, run_id: str, signatures: RSASignatureValidator, ttl: float = keys.EXCLUSION_TTL):
+        super().__init__(keys={keys.exclusions(run_id): ttl}, signatures=signatures, max_bytes=MAX_RECORD_BYTES)
+
+    def check_value(self, key: str, owner: str, value, record: DHTRecord) -> Verdict:
+        if decode_items(value) is None:
+            return "forged", f"from {owner}: not {MAX_EVIDENCE} or fewer items of verified equivocation evidence"
+        return None, ""
+
+
+def publish_evidence(dht: hivemind.DHT, run_id: str, owner: Optional[bytes], items: list[Evidence],
+                     ttl: float = keys.EXCLUSION_TTL):
+    """Store this peer's latest evidence (the last :data:`MAX_EVIDENCE` items) under its own subkey;
+    returns the store's future (a caller on an event loop must not wait on the DHT)."""
+    value = [item.to_wire() for item in items[-MAX_EVIDENCE:]]
+    return dht.store(keys.exclusions(run_id), value, get_dht_time() + ttl, subkey=owner or dht.peer_id.to_base58(),
+                     return_future=True)
+
+
+def read_evidence(dht: hivemind.DHT, run_id: str, timeout: Optional[float] = None) -> list[Evidence]:
+    """Every item of every peer's exclusion record, each verified here again (a node that does not run
+    the guard may hand over anything); malformed records and items are skipped."""
+    found = dht.get(keys.exclusions(run_id), latest=True, return_future=True).result(timeout)
+    evidence = []
+    if found is None or not isinstance(found.value, dict):
+        return evidence
+    for subkey, item in found.value.items():
+        if peer_of_subkey(subkey) is None:
+            continue
+        raw = getattr(item, "value", None)
+        for entry in raw if isinstance(raw, list) else []:
+            parsed = Evidence.from_wire(entry)
+            if parsed is not None and parsed.verify() is None:
+                evidence.append(parsed)
+    return evidence
