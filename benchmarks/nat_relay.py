@@ -10,8 +10,8 @@ default network settings, for ``--rounds`` rounds; once with both trainers on th
 router (``home``: they find out with a dial-back, and all their traffic with each other crosses the
 relay on the bootstrap peer). Reported per arm: join time (trainer process start to its first
 status, the dial-back and the relay's set-up included), seconds per round and bytes per round in the
-steady window (trainers' interfaces), and bytes per round through the bootstrap peer's link (the
-relay's cost). Arms alternate, so that a change in the machine's load hits both. Needs root;
+steady window (what the trainers' interfaces sent), and bytes through the bootstrap peer's link (the
+relay's cost; sent and received, over the whole run, joins and state downloads included) per round. Arms alternate, so that a change in the machine's load hits both. Needs root;
 prints a table and writes ``benchmarks/results/nat_relay.json``.
 """
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if all("error" not in arm for arm in arms.values()):
         rows = []
         for key, label in [("join_seconds", "join (s)"), ("seconds_per_round", "s / round"),
-                           ("bytes_per_round", "trainer bytes / round"), ("relay_bytes_per_round", "bootstrap bytes / round")]:
+                           ("bytes_per_round", "trainer bytes / round"), ("relay_bytes_per_round", "bootstrap bytes / round (whole run)")]:
             ratio = arms["home"][key] / arms["public"][key] if arms["public"][key] else float("nan")
             rows.append([label, f"{arms['public'][key]:,.2f}", f"{arms['home'][key]:,.2f}", f"{ratio:.2f}x"])
         print(markdown_table(["", "public", "home (relay)", "home / public"], rows), flush=True)
