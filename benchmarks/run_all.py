@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -14,7 +14,9 @@
    round time, bytes and CPU per round of a private run next to the same run open);
 6. ``robust_overhead.py``: robust aggregation's price without attackers (the reducer's CPU time, the
    all-reduce's round time on vs off; ``python -m benchmarks.robust_overhead --loss`` adds held-out loss).
-Benchmarks 2-6 need root (network namespaces) and are skipped with a message without it. Each writes
+7. ``nat_relay.py``: two trainers at home behind NAT, through the relay, next to the same two on public
+   addresses: join time, round time, bytes per round and through the relay.
+Benchmarks 2-7 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
 for the admission benchmark and about 4 (``--quick``: 2) for the robust one.
@@ -36,6 +38,7 @@ BENCHMARKS = {  # name -> (script, arguments for --quick)
     "kill": ("kill_scenario", ["--quick"]),
     "admission": ("admission_cost", ["--quick", "--repeats", "1"]),
     "robust": ("robust_overhead", ["--quick"]),
+    "nat": ("nat_relay", ["--quick"]),
 }
 
 

@@ -44,6 +44,15 @@ def available() -> Optional[str]:
     return None
 
 
+def nat_available() -> Optional[str]:
+    """None if :class:`NatLab` can be made here (namespaces and iptables NAT), else the reason why not."""
+    if (why := available()) is not None:
+        return why
+    if subprocess.run(["which", "iptables"], capture_output=True).returncode != 0:
+        return "iptables is not installed (a NatLab's routers masquerade with it)"
+    return None
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(list(args), capture_output=True, text=True)
     if check and result.returncode != 0:
@@ -89,35 +98,54 @@ class Lab:
         self.close()
 
     def _create(self) -> None:
-        _run("ip", "netns", "add", self.bridge_ns)
-        _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
-        _run("ip", "-n", self.bridge_ns, "link", "set", "lo", "up")
+        self._bridge(self.bridge_ns, "br0")
         for host in range(self.hosts):
-            ns = self.ns(host)
+            self._plug(self.ns(host), f"{self.ip(host)}/24", self.bridge_ns, "br0", f"port{host}", capped=True)
+            self._anchor(host, self.ns(host))
+
+    def _bridge(self, ns: str, name: str, address: Optional[str] = None) -> None:
+        """A bridge ``name`` in ``ns`` (made if missing), with ``address`` on it if given."""
+        if ns not in _run("ip", "netns", "list").stdout.split():
             _run("ip", "netns", "add", ns)
-            outer, inner = f"swb{self.tag}a{host}", f"swb{self.tag}b{host}"
-            _run("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
-            _run("ip", "link", "set", outer, "netns", ns)
-            _run("ip", "link", "set", inner, "netns", self.bridge_ns)
-            _run("ip", "-n", ns, "link", "set", outer, "name", "eth0")
-            _run("ip", "-n", self.bridge_ns, "link", "set", inner, "name", f"port{host}")
-            _run("ip", "-n", self.bridge_ns, "link", "set", f"port{host}", "master", "br0")
-            _run("ip", "-n", ns, "addr", "add", f"{self.ip(host)}/24", "dev", "eth0")
-            for where, dev in ((ns, "eth0"), (self.bridge_ns, f"port{host}")):
-                _run("ip", "-n", where, "link", "set", dev, "up")
-                if self.rate and not (self.egress_only and where == self.bridge_ns):
-                    _run("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                         "rate", self.rate, "burst", self.burst, "latency", self.latency)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-            self._anchors[host] = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "infinity"],
-                                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        _run("ip", "-n", ns, "link", "add", name, "type", "bridge")
+        if address:
+            _run("ip", "-n", ns, "addr", "add", address, "dev", name)
+        _run("ip", "-n", ns, "link", "set", name, "up")
+
+    def _plug(self, ns: str, address: str, bridge_ns: str, bridge: str, port: str, *, capped: bool) -> None:
+        """Make namespace ``ns`` (if missing) with an ``eth0`` holding ``address``, whose veth peer is ``port``
+        on ``bridge`` in ``bridge_ns``; ``capped``: tbf at ``rate`` on both ends (each end caps what it sends)."""
+        if ns not in _run("ip", "netns", "list").stdout.split():
+            _run("ip", "netns", "add", ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+        outer, inner = f"swb{self.tag}a{port}", f"swb{self.tag}b{port}"
+        _run("ip", "link", "add", outer[:15], "type", "veth", "peer", "name", inner[:15])
+        _run("ip", "link", "set", outer[:15], "netns", ns)
+        _run("ip", "link", "set", inner[:15], "netns", bridge_ns)
+        _run("ip", "-n", ns, "link", "set", outer[:15], "name", "eth0")
+        _run("ip", "-n", bridge_ns, "link", "set", inner[:15], "name", port)
+        _run("ip", "-n", bridge_ns, "link", "set", port, "master", bridge)
+        _run("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+        for where, dev in ((ns, "eth0"), (bridge_ns, port)):
+            _run("ip", "-n", where, "link", "set", dev, "up")
+            if capped and self.rate and not (self.egress_only and where == bridge_ns):
+                _run("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                     "rate", self.rate, "burst", self.burst, "latency", self.latency)
+
+    def _anchor(self, key, ns: str) -> None:
+        self._anchors[key] = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "infinity"],
+                                              stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def namespaces(self) -> list[str]:
+        """Every namespace this lab makes (deleted by :meth:`close`)."""
+        return [self.ns(host) for host in range(self.hosts)] + [self.bridge_ns]
 
     def close(self) -> None:
         """Kill every process still in the lab's namespaces (by pid), then delete the namespaces."""
         for proc in self.procs + list(self._anchors.values()):
             kill_group(proc)
-        namespaces = [self.ns(host) for host in range(self.hosts)] + [self.bridge_ns]
+        namespaces = self.namespaces()
         for ns in namespaces:
             pids = _run("ip", "netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
@@ -161,6 +189,87 @@ class Lab:
 
     def link(self, host: int, *, up: bool) -> None:
         _run("ip", "-n", self.ns(host), "link", "set", "eth0", "up" if up else "down")
+
+
+class NatLab(Lab):
+    """A public segment and home segments, each home behind a router of its own that masquerades (iptables
+    NAT, no port forward), like a home router: a home host reaches the public hosts, nothing reaches it.
+
+    Hosts are numbered as in :class:`Lab`: ``0 .. public-1`` on the public bridge (``10.<net>.0.<i+1>``),
+    then the hosts of each home in turn (home ``s``: ``10.<net>.<s+1>.<j+2>``, its router ``.1``). Each
+    router has a WAN side on the public bridge (``10.<net>.0.<201+s>``, the address the public hosts see
+    home traffic come from) and drops what arrives there unless it belongs to a connection from inside.
+    ``rate`` caps the public hosts' links and each home's uplink (the router's WAN link), both directions.
+
+        with NatLab(public=1, homes=(1, 1)) as lab:
+            lab.popen(lab.home_host(0), [...])      # a peer at home 0
+            lab.router(1, up=False)                 # home 1 loses its internet
+    """
+
+    def __init__(self, public: int = 1, homes: Sequence[int] = (1, 1), *, rate: Optional[str] = None, **link):
+        super().__init__(public + sum(homes), rate=rate, **link)
+        self.public, self.homes = public, tuple(homes)
+        self.segment: dict[int, tuple[int, int]] = {}  # home host -> (home, index in it)
+        host = public
+        for home, count in enumerate(self.homes):
+            for index in range(count):
+                self.segment[host] = (home, index)
+                host += 1
+
+    def router_ns(self, home: int) -> str:
+        return f"swb{self.tag}r{home}"
+
+    def home_host(self, home: int, index: int = 0) -> int:
+        return next(host for host, where in self.segment.items() if where == (home, index))
+
+    def ip(self, host: int) -> str:
+        if host not in self.segment:
+            return super().ip(host)
+        home, index = self.segment[host]
+        return f"10.{self.net}.{home + 1}.{index + 2}"
+
+    def router_ip(self, home: int) -> str:
+        """The router's public (WAN) address: where a home host's connections seem to come from."""
+        return f"10.{self.net}.0.{201 + home}"
+
+    def namespaces(self) -> list[str]:
+        return super().namespaces() + [self.router_ns(home) for home in range(len(self.homes))]
+
+    def _create(self) -> None:
+        self._bridge(self.bridge_ns, "br0")
+        for host in range(self.public):
+            self._plug(self.ns(host), f"{self.ip(host)}/24", self.bridge_ns, "br0", f"port{host}", capped=True)
+            self._anchor(host, self.ns(host))
+        for home in range(len(self.homes)):
+            router, lan = self.router_ns(home), f"10.{self.net}.{home + 1}"
+            self._plug(router, f"{self.router_ip(home)}/24", self.bridge_ns, "br0", f"wan{home}", capped=True)
+            self._bridge(router, "lan", f"{lan}.1/24")
+            for rule in (("sysctl", "-qw", "net.ipv4.ip_forward=1"),
+                         ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"),
+                         ("iptables", "-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate",
+                          "ESTABLISHED,RELATED", "-j", "ACCEPT"),
+                         ("iptables", "-A", "FORWARD", "-i", "eth0", "-j", "DROP")):
+                _run("ip", "netns", "exec", router, *rule)
+            self._anchor(("router", home), router)
+        for host, (home, _) in self.segment.items():
+            self._plug(self.ns(host), f"{self.ip(host)}/24", self.router_ns(home), "lan", f"port{host}", capped=False)
+            _run("ip", "-n", self.ns(host), "route", "add", "default", "via", f"10.{self.net}.{home + 1}.1")
+            self._anchor(host, self.ns(host))
+
+    def router(self, home: int, *, up: bool) -> None:
+        """Take home ``home``'s internet away (``up=False``) or give it back: its router's WAN link."""
+        _run("ip", "-n", self.router_ns(home), "link", "set", "eth0", "up" if up else "down")
+
+    def uplink_counters(self, home: int) -> tuple[int, int]:
+        """(bytes sent, bytes received) over home ``home``'s uplink (its router's WAN side)."""
+        anchor = self._anchors[("router", home)]
+        with open(f"/proc/{anchor.pid}/net/dev") as file:
+            for line in file.readlines()[2:]:
+                name, _, fields = line.partition(":")
+                if name.strip() == "eth0":
+                    values = fields.split()
+                    return int(values[8]), int(values[0])
+        raise LabError(f"no eth0 in {self.router_ns(home)}")
 
 
 def read_records(path: Path) -> list[dict]:

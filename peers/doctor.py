@@ -183,6 +183,7 @@ def _network(config: SwarmConfig, *, run: Optional[str], probe_bytes: int, repor
         else:
             try:
                 report(Verdict("bootstrap", "ok", f"joined the DHT in {time.monotonic() - started:.1f} s"))
+                report(_reachability(dht, config))
                 _check_run(config, dht, run, report)
             finally:
                 shutdown_dht(dht)
@@ -244,8 +245,7 @@ async def _probe(config: SwarmConfig, probe_bytes: int, report) -> None:
     try:
         peers = list(dict.fromkeys(PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])
                                    for maddr in network.initial_peers))[:MAX_PROBED_PEERS]
-        port = None if network.client_mode else _listen_port([str(m) for m in await p2p.get_visible_maddrs()])
-        results = [await probe_peer(p2p, peer, port=port, probe_bytes=probe_bytes,
+        results = [await probe_peer(p2p, peer, probe_bytes=probe_bytes,
                                     timeout=network.bootstrap_timeout) for peer in peers]
     finally:
         await p2p.shutdown()
@@ -257,7 +257,6 @@ async def _probe(config: SwarmConfig, probe_bytes: int, report) -> None:
     if not answered:
         return
     report(_clock(answered))
-    report(_reachability(answered, port, config))
     if probe_bytes:
         report(_bandwidth(answered, config))
 
@@ -274,18 +273,21 @@ def _clock(results) -> Verdict:
     return Verdict("clock", "ok", detail)
 
 
-def _reachability(results, port: Optional[int], config: SwarmConfig) -> Verdict:
-    if config.network.client_mode:
-        return Verdict("reachable", "skip", "network.client_mode=true: this peer accepts no connections")
-    if port is None:
-        return Verdict("reachable", "skip", "no TCP address to be dialed at")
-    reached = [result for result in results if result.reachable]
-    if reached:
-        return Verdict("reachable", "ok", f"{reached[0].peer[-8:]} connected back to {reached[0].dialed}")
-    dialed = next((result.dialed for result in results if result.dialed), f"port {port}")
-    return Verdict("reachable", "warn", f"no peer could connect back to {dialed}",
-                   f"open or forward TCP port {port} (network.port), or set network.client_mode=true "
-                   "(you still train, but others cannot fetch from you)")
+def _reachability(dht, config: SwarmConfig) -> Verdict:
+    """What the DHT's start decided (:mod:`swarm.net.reachability`: an initial peer dialed this one back,
+    or it joined through a relay on the initial peers), as `swarm join` would find it."""
+    from swarm.net.dht import reachability
+
+    how = reachability(dht)
+    port = config.network.port or "network.port"
+    if how == "client":
+        return Verdict("reachable", "skip", "network.client_mode=true: this peer accepts no connections (others "
+                       "cannot fetch from it)")
+    if how == "relayed":
+        return Verdict("reachable", "warn", "no peer could connect back to this one (NAT without a forwarded "
+                       "port?): it is reachable through a relay on the initial peers, which makes rounds slower",
+                       f"forward TCP port {port} to this machine to be reached directly (docs/nat.md)")
+    return Verdict("reachable", "ok", "an initial peer connected back to this one: reachable directly")
 
 
 def _bandwidth(results, config: SwarmConfig) -> Verdict:
@@ -306,11 +308,3 @@ def _bandwidth(results, config: SwarmConfig) -> Verdict:
     if seconds > timeout / 2:
         return Verdict("bandwidth", "warn", detail, "rounds will use much of averaging.averaging_timeout")
     return Verdict("bandwidth", "ok", detail)
-
-
-def _listen_port(maddrs: list[str]) -> Optional[int]:
-    for maddr in maddrs:
-        parts = maddr.split("/")
-        if "tcp" in parts and "p2p-circuit" not in maddr:
-            return int(parts[parts.index("tcp") + 1])
-    return None

@@ -6,7 +6,8 @@ fresh ``updated_at`` means the process is alive and its DHT answers, whatever th
 doing (a long averaging round or state download included), and ``connected_peers`` says whether it
 is in touch with the swarm. ``swarm health`` (:mod:`peers.health`) turns the two into a verdict.
 
-Fields added to the peer's own ones: ``connected_peers`` (None if the DHT did not answer),
+Fields added to the peer's own ones: ``reachability`` (``direct``, ``relayed`` or ``client``, see
+:func:`swarm.net.dht.reachability`), ``connected_peers`` (None if the DHT did not answer),
 ``initial_peers`` (how many it was given; 0 for the first peer of a swarm, which is healthy alone)
 and ``updated_at`` (Unix time of this write).
 """
@@ -22,7 +23,7 @@ import hivemind
 
 from peers.lifecycle import write_json_atomic
 from swarm.loops import PeriodicLoop
-from swarm.net.dht import count_connected_peers
+from swarm.net.dht import count_connected_peers, reachability
 
 HEARTBEAT_PERIOD = 5.0  # seconds between writes when nothing else happens; `swarm health` allows 6x this
 
@@ -40,6 +41,7 @@ class StatusFile:
         self.path, self.dht, self.snapshot, self.period = path, dht, snapshot, period
         self.initial_peers = initial_peers
         self.connected_peers: Optional[int] = None
+        self.reachability = reachability(dht)  # decided when the DHT started; it does not change while it runs
         self._lock = threading.Lock()
         # a write that fails (a full disk) must not kill the peer, but it must be seen: OSError is
         # logged and retried; the DHT's answer is bounded by count_connected_peers, which never raises
@@ -56,7 +58,8 @@ class StatusFile:
         if self.path is None:
             return
         with self._lock:  # a snapshot taken earlier must never overwrite a later one
-            write_json_atomic(self.path, {**self.snapshot(), "connected_peers": self.connected_peers,
+            write_json_atomic(self.path, {**self.snapshot(), "reachability": self.reachability,
+                                          "connected_peers": self.connected_peers,
                                           "initial_peers": self.initial_peers, "updated_at": time.time()})
 
     def check(self) -> None:

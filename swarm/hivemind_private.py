@@ -7,7 +7,7 @@ no public way exists, the call goes through here, so an upgrade of hivemind has 
 
 from __future__ import annotations
 
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from multiaddr import Multiaddr
@@ -49,3 +49,24 @@ def publish_progress(tracker) -> None:
     (``metadata_expiration``, 60 s): at the end of a run, the others would wait that long for it."""
     tracker.dht.store(key=tracker.training_progress_key, subkey=tracker._local_public_key,
                       value=tracker.local_progress.dict(), expiration_time=get_dht_time() + tracker.metadata_expiration)
+
+
+def use_static_relays() -> None:
+    """Make p2pd treat ``trusted_relays`` as static relays (``-relayDiscovery=0``) whenever hivemind passes them.
+
+    hivemind starts p2pd with relay discovery on, and then libp2p's autorelay waits for four candidate
+    relays or three minutes before it reserves a slot on any: a peer behind NAT would stay unreachable for
+    minutes. With static relays it reserves on them at once. hivemind has no argument for the flag, so
+    this wraps ``P2P._make_process_args`` (idempotent; DHT processes forked afterwards inherit it).
+    """
+    if getattr(P2P._make_process_args, "swarm_static_relays", False):
+        return
+    original = P2P._make_process_args
+
+    def make_process_args(*args, **kwargs):
+        if kwargs.get("trustedRelays"):
+            kwargs["relayDiscovery"] = False
+        return original(*args, **kwargs)
+
+    make_process_args.swarm_static_relays = True
+    P2P._make_process_args = staticmethod(make_process_args)

@@ -46,3 +46,12 @@ def test_an_rsa_key_round_trips_through_der_bytes():
     restored = hivemind_private.rsa_private_key_from_der(der)
     assert restored.get_public_key().to_bytes() == original.get_public_key().to_bytes()
     assert original.get_public_key().verify(b"data", restored.sign(b"data"))
+
+
+def test_static_relays_turn_relay_discovery_off_only_when_relays_are_given():
+    hivemind_private.use_static_relays()
+    hivemind_private.use_static_relays()  # idempotent: wrapped once
+    with_relays = P2P._make_process_args("p2pd", autoRelay=True, trustedRelays="/ip4/1.2.3.4/tcp/1/p2p/x")
+    assert "-relayDiscovery=0" in with_relays and with_relays.count("-relayDiscovery=0") == 1
+    assert not any("relayDiscovery" in arg for arg in P2P._make_process_args("p2pd", autoRelay=False))
+    assert "trustedRelays" in inspect.getsource(P2P.create), "hivemind no longer passes trusted relays to p2pd"

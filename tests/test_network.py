@@ -108,3 +108,50 @@ def test_the_rejoin_loop_stops_with_shutdown_dht():
         if second is not None and second.is_alive():
             shutdown_dht(second)
         shutdown_dht(first)
+
+
+async def _ask_raw(_dht, node, peer: str, metadata: bytes) -> dict:
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from swarm.net.reachability import DIAL_BACK
+    response = await node.p2p.call_protobuf_handler(PeerID.from_base58(peer), DIAL_BACK,
+                                                    runtime_pb2.ExpertRequest(metadata=metadata), runtime_pb2.ExpertResponse)
+    return MSGPackSerializer.loads(response.metadata)
+
+
+@pytest.mark.timeout(120)
+def test_dial_back_tells_a_peer_whether_the_swarm_can_connect_to_it_and_refuses_hostile_requests():
+    from functools import partial
+
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from swarm.net.dht import reachability
+    from swarm.net.reachability import MAX_PORTS, _ask, listening_ports, reachable
+
+    first = start_dht(NetworkConfig(listen_host="127.0.0.1"))
+    second = None
+    try:
+        address = next(str(maddr) for maddr in first.get_visible_maddrs() if "/127.0.0.1/" in str(maddr))
+        second = start_dht(NetworkConfig(listen_host="127.0.0.1", initial_peers=[address]))  # null: decide
+        assert reachability(second) == "direct", "a peer on the same host as its initial peer is reachable"
+        assert reachable(second, [address]) is True
+        first_id = first.peer_id.to_base58()
+        import socket
+        with socket.socket() as closed:  # a port nobody listens on: what a router without a forwarded port looks like
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        assert second.run_coroutine(partial(_ask, peer=first_id, ports=[port])) is False
+        assert listening_ports(second) and port not in listening_ports(second)
+
+        hostile = [MSGPackSerializer.dumps({"ports": list(range(1, MAX_PORTS + 2))}),  # too many ports
+                   MSGPackSerializer.dumps({"ports": [0]}), MSGPackSerializer.dumps({"ports": ["80"]}),
+                   b"\xc1not msgpack", MSGPackSerializer.dumps({"ports": [1] * 1000})]  # over the size cap
+        for metadata in hostile:
+            answer = second.run_coroutine(partial(_ask_raw, peer=first_id, metadata=metadata))
+            assert "reachable" not in answer and answer.get("error") in ("malformed", "refused"), (metadata[:20], answer)
+    finally:
+        if second is not None:
+            shutdown_dht(second)
+        shutdown_dht(first)

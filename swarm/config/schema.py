@@ -35,8 +35,11 @@ class NetworkConfig(Section):
     port: int = Field(0, ge=0, le=65535, description="TCP port; 0 picks a free one (set a fixed one to forward it)")
     announce_maddrs: list[str] = Field(default_factory=list, description="public addresses to announce (port forward)")
     initial_peers: list[str] = Field(default_factory=list, description="full multiaddrs of peers already in the swarm")
-    client_mode: bool = Field(False, description="outbound connections only (behind NAT, no port forward)")
-    use_auto_relay: bool = Field(False, description="look for relays to become reachable from behind NAT")
+    client_mode: bool = Field(False, description="outbound connections only: others cannot reach this peer, so it "
+                              "neither serves the DHT nor is pulled from (monitors); not needed behind NAT")
+    use_auto_relay: Optional[bool] = Field(
+        None, description="be reachable through a relay on the initial peers (behind NAT without a forwarded port); "
+                          "null = decide at join: an initial peer dials this peer back, and the relay is used if that fails")
     identity_path: Optional[Path] = Field(None, description="private key file: keeps the peer id across restarts")
     bootstrap_timeout: float = Field(60.0, gt=0, description="seconds to keep retrying the initial peers")
     rejoin_period: float = Field(

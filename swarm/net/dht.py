@@ -26,7 +26,9 @@ from hivemind.utils.auth import AuthorizerBase
 
 from swarm.config.schema import NetworkConfig
 from swarm.errors import ConfigError, NetworkError
+from swarm.hivemind_private import use_static_relays
 from swarm.net.identity import Identity, load_identity
+from swarm.net.reachability import reachable, relay_options, serve_dial_back
 from swarm.net.rejoin import Rejoin
 
 logger = get_logger(__name__)
@@ -54,6 +56,11 @@ def start_dht(
     """Start a DHT node (its own process and a p2pd daemon) joined to the swarm, with its rejoin loop
     as ``dht.rejoin`` (None without initial peers or with ``network.rejoin_period`` 0).
 
+    Reachability (:mod:`swarm.net.reachability`): a peer that accepts connections serves dial-backs. With
+    ``network.use_auto_relay`` null, a joining peer asks an initial peer to dial it back and, if that fails
+    (behind NAT, no forwarded port), starts again reachable through a relay on the initial peers; ``true``
+    goes through the relay at once, ``false`` never. A client (``client_mode``) only dials out.
+
     :param identity: the key that makes this peer's id (see :mod:`swarm.net.identity`); default: the one at
       network.identity_path, else an ephemeral one (whose key is on disk only while p2pd starts).
     :param record_validators: :func:`swarm.net.validators.run_validators` for this identity and run.
@@ -67,26 +74,49 @@ def start_dht(
     identity = identity or load_identity(config.identity_path)
     client_mode = config.client_mode if client_mode is None else client_mode
     stop = stop or threading.Event()
+    relay = False if client_mode or not config.initial_peers else config.use_auto_relay
+    options = dict(identity=identity, record_validators=list(record_validators), client_mode=client_mode,
+                   authorizer=authorizer, stop=stop)
+    dht = _connect(config, relay=bool(relay), **options)
+    if not client_mode:
+        serve_dial_back(dht)
+    if relay is None and reachable(dht, config.initial_peers) is False:
+        logger.warning("the swarm cannot connect to this peer (behind NAT without a forwarded port?): "
+                       "joining again, reachable through a relay on the initial peers")
+        dht.shutdown()
+        dht = _connect(config, relay=True, check_identity=False, **options)  # the identity was ours a moment ago
+        serve_dial_back(dht)
+    return _with_rejoin(dht, config)
+
+
+def _connect(config: NetworkConfig, *, relay: bool, identity: Identity, record_validators: list,
+             client_mode: bool, authorizer: Optional[AuthorizerBase], stop: threading.Event,
+             check_identity: bool = True) -> hivemind.DHT:
+    """Start the DHT, retrying while no initial peer answers (see :func:`start_dht`)."""
     deadline = time.monotonic() + config.bootstrap_timeout
     delay, attempt = 1.0, 0
+    if relay:
+        use_static_relays()
+    network = relay_options(config.initial_peers) if relay else dict(
+        use_auto_relay=False, announce_maddrs=config.announce_maddrs or None)
+    if relay and config.announce_maddrs:  # a user's announced addresses (a forwarded port) come first
+        network["announce_maddrs"] = config.announce_maddrs + network["announce_maddrs"]
     while True:
         attempt += 1
         try:
             with identity.key_file() as key_file:  # an ephemeral key's file exists only for this start
-                dht = hivemind.DHT(
+                return hivemind.DHT(
                     initial_peers=config.initial_peers,
                     start=True,
                     host_maddrs=config.host_maddrs,
-                    announce_maddrs=config.announce_maddrs or None,
                     client_mode=client_mode,
-                    use_auto_relay=config.use_auto_relay,
                     identity_path=str(key_file),
                     # a key made just now cannot be taken already: skip hivemind's probe (it starts another p2pd)
-                    check_if_identity_free=not identity.fresh,
-                    record_validators=list(record_validators),
+                    check_if_identity_free=check_identity and not identity.fresh,
+                    record_validators=record_validators,
                     authorizer=authorizer,
+                    **network,
                 )
-            return _with_rejoin(dht, config)
         except DHTValidationError as e:  # an initial peer's clock disagrees with this one's
             raise NetworkError(_clock_message(e)) from None
         except (P2PDaemonError, RuntimeError) as e:

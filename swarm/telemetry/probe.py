@@ -1,13 +1,12 @@
-"""Probes a peer answers for `swarm doctor`: its clock, a TCP dial back to the caller, bytes up and down.
+"""Probes a peer answers for `swarm doctor`: its clock, and bytes up and down.
 
 Every non-client DHT node of a run serves them (:func:`install_probe`), inside its DHT process, under
-one namespace for all runs (a doctor asks before it knows whether it has the right run). Anyone who reaches the node may ask, so every probe is bounded: at
-most :data:`MAX_PROBE_BYTES` each way per request, one probe per caller at a time and
-:data:`PROBES_PER_WINDOW` per caller per :data:`WINDOW` seconds, and :data:`BYTES_PER_WINDOW` in
-all per window (an open run's identities are free, so the total is what bounds the upload a node
-can be made to spend). A dial back goes only to the address the caller's own connection comes from
-(as the libp2p daemon saw it), at the port the caller names: a probe cannot point a node at a third
-host. It only opens and closes a TCP connection.
+one namespace for all runs (a doctor asks before it knows whether it has the right run). Anyone who
+reaches the node may ask, so every probe is bounded: at most :data:`MAX_PROBE_BYTES` each way per
+request, one probe per caller at a time and :data:`PROBES_PER_WINDOW` per caller per :data:`WINDOW`
+seconds, and :data:`BYTES_PER_WINDOW` in all per window (an open run's identities are free, so the
+total is what bounds the upload a node can be made to spend). Whether this peer can be reached is
+not a probe: the dial-back of :mod:`swarm.net.reachability` decides it when the DHT starts.
 
 :func:`probe_peer` is the caller's side; ``peers/doctor.py`` turns its findings into verdicts.
 """
@@ -33,9 +32,8 @@ MAX_PROBE_BYTES = 8 << 20  # bytes each way in one bandwidth probe
 CHUNK_BYTES = 256 << 10
 WINDOW = 60.0  # seconds
 TIME_SAMPLES = 3  # time probes per peer
-PROBES_PER_WINDOW = 8  # probes one caller may make per window (a doctor run makes 6 per peer)
+PROBES_PER_WINDOW = 8  # probes one caller may make per window (a doctor run makes 5 per peer)
 BYTES_PER_WINDOW = 64 << 20  # bytes this node sends and receives for probes per window, all callers together
-DIAL_TIMEOUT = 3.0  # seconds for the dial back's TCP handshake
 
 
 NAMESPACE = "swarm.probe"  # the same for every run: a doctor asks before it knows it has the right one
@@ -44,8 +42,7 @@ NAMESPACE = "swarm.probe"  # the same for every run: a doctor asks before it kno
 class ProbeServicer(ServicerBase):
     """The answering side (runs in the DHT's process): see the module docstring for its bounds."""
 
-    def __init__(self, p2p: P2P):
-        self._p2p = p2p
+    def __init__(self):
         self._recent: dict[PeerID, deque] = defaultdict(deque)  # times of each caller's recent probes
         self._busy: set[PeerID] = set()
         self._spent: deque = deque()  # (time, bytes) of probe traffic in the current window
@@ -62,8 +59,6 @@ class ProbeServicer(ServicerBase):
             op = fields.get("op")
             if op == "time":
                 yield wire.response(time=get_dht_time())
-            elif op == "dialback":
-                yield wire.response(**await self._dial_back(context.remote_id, fields.get("port")))
             elif op == "download":
                 size = _bounded_size(fields.get("bytes"))
                 self._spend(size)
@@ -114,39 +109,13 @@ class ProbeServicer(ServicerBase):
     def _spend(self, size: int) -> None:
         self._spent.append((time.monotonic(), size))
 
-    async def _dial_back(self, caller: PeerID, port) -> dict:
-        if not isinstance(port, int) or not 0 < port < 65536:
-            return {"error": "bad port"}
-        hosts = [host for peer in await self._p2p.list_peers() if peer.peer_id == caller
-                 for host in _hosts(peer.addrs)]
-        if not hosts:
-            return {"reachable": False, "error": "connected through a relay or not at all: no address to dial"}
-        host = hosts[0]
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), DIAL_TIMEOUT)
-            writer.close()
-            return {"reachable": True, "address": f"{host}:{port}"}
-        except (OSError, asyncio.TimeoutError) as e:
-            return {"reachable": False, "address": f"{host}:{port}", "error": type(e).__name__}
-
 
 def _bounded_size(value) -> int:
     return max(0, min(int(value), MAX_PROBE_BYTES)) if isinstance(value, int) else 0
 
 
-def _hosts(maddrs) -> list[str]:
-    """IP addresses among a peer's connection addresses (relayed ones name the relay: skipped)."""
-    hosts = []
-    for maddr in maddrs:
-        text = str(maddr)
-        parts = text.split("/")
-        if "p2p-circuit" not in text and len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            hosts.append(parts[2])
-    return hosts
-
-
 async def _install(dht: hivemind.DHT, node) -> None:
-    await ProbeServicer(node.p2p).add_p2p_handlers(node.p2p, namespace=NAMESPACE)
+    await ProbeServicer().add_p2p_handlers(node.p2p, namespace=NAMESPACE)
 
 
 def install_probe(dht: hivemind.DHT, timeout: float = 10.0) -> None:
@@ -162,16 +131,14 @@ class ProbeResult:
     peer: str
     clock_offset: Optional[float] = None  # seconds the peer's clock is ahead of this one's
     clock_uncertainty: Optional[float] = None  # half the round trip: the offset is known to this much
-    reachable: Optional[bool] = None  # whether the peer could open a TCP connection back to this one
-    dialed: Optional[str] = None
     up_mbit: Optional[float] = None
     down_mbit: Optional[float] = None
     error: Optional[str] = None
 
 
-async def probe_peer(p2p: P2P, peer: PeerID, *, port: Optional[int], probe_bytes: int,
+async def probe_peer(p2p: P2P, peer: PeerID, *, probe_bytes: int,
                      timeout: float) -> ProbeResult:
-    """Ask ``peer`` for its time, a dial back to ``port`` (None: skip) and ``probe_bytes`` up and down."""
+    """Ask ``peer`` for its time and ``probe_bytes`` up and down."""
     stub = ProbeServicer.get_stub(p2p, peer, namespace=NAMESPACE)
     result = ProbeResult(peer=peer.to_base58())
     try:
@@ -182,9 +149,6 @@ async def probe_peer(p2p: P2P, peer: PeerID, *, port: Optional[int], probe_bytes
             if result.clock_uncertainty is None or (answered - sent) / 2 < result.clock_uncertainty:
                 result.clock_offset = float(fields["time"]) - (sent + answered) / 2
                 result.clock_uncertainty = (answered - sent) / 2
-        if port is not None:
-            fields = await _one(stub, timeout, op="dialback", port=port)
-            result.reachable, result.dialed = bool(fields.get("reachable")), fields.get("address")
         if probe_bytes:
             result.up_mbit = await _upload(stub, probe_bytes, timeout)
             result.down_mbit = await _download(stub, probe_bytes, timeout)
@@ -201,7 +165,7 @@ async def _one(stub, timeout: float, **fields) -> dict:
             return wire.metadata_of(message)
         raise wire.StreamEnded("no answer")
     answer = await asyncio.wait_for(first(), timeout)
-    if "error" in answer and not answer.get("address"):
+    if "error" in answer:
         raise wire.ProtocolError(f"refused: {str(answer['error'])[:120]}")
     return answer
 
