@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -16,6 +16,9 @@
    all-reduce's round time on vs off; ``python -m benchmarks.robust_overhead --loss`` adds held-out loss).
 7. ``nat_relay.py``: two trainers at home behind NAT, through the relay, next to the same two on public
    addresses: join time, round time, bytes per round and through the relay.
+8. ``hostile_training.py``: a hostile DiLoCo trainer among four (x1000, sign flip, noise, weight), robust
+   aggregation on and off, held-out loss of the honest trainers next to a clean run (127.0.0.1, no root;
+   about 3 minutes per arm, 21 for all).
 Benchmarks 2-7 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
@@ -39,6 +42,7 @@ BENCHMARKS = {  # name -> (script, arguments for --quick)
     "admission": ("admission_cost", ["--quick", "--repeats", "1"]),
     "robust": ("robust_overhead", ["--quick"]),
     "nat": ("nat_relay", ["--quick"]),
+    "hostile": ("hostile_training", ["--rounds", "4", "--attacks", "scale1000,signflip"]),
 }
 
 
