@@ -54,7 +54,8 @@ class Swarm:
         peer_dir = self.workdir / name
         args = ["join", "--config", str(DEBUG_CONFIG), "--status-file", str(peer_dir / "status.json"),
                 "--set", f"checkpoint.dir={peer_dir / 'checkpoints'}"]
-        args += ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
+        joins = initial_peers or any(flag in extra for flag in ("--initial-peers", "--initial-peers-file"))
+        args += ["--initial-peers", *initial_peers] if initial_peers else [] if joins else ["--new-swarm"]
         for item in sets:
             args += ["--set", item]
         return self.start(name, args + list(extra), program)

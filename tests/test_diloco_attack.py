@@ -119,7 +119,9 @@ def test_forged_diloco_records_are_refused_by_every_node_and_training_goes_on(sw
     for name in "ab":
         status = swarm.status(name)
         assert status["epoch"] == ROUNDS
-        assert status["heldout_loss"] < status["initial_heldout_loss"] - 1.0, status
+        # against an untrained model's loss (about ln 256, which the attacker's zero state also gives), not
+        # the peer's own first evaluation: a peer that started late adopted a trained state before it
+        assert status["heldout_loss"] < math.log(256) - 1.0, status
     logs = "".join(peer.log_path.read_text() for peer in (bootstrap, *trainers.values()))
     # Under load a round can fail and an honest peer then catches up from the other one: allowed. A
     # state from any other peer (the attacker's zero state, one round ahead) is not.
