@@ -29,7 +29,7 @@ from tempfile import TemporaryDirectory
 
 from hivemind.proto import dht_pb2
 
-from benchmarks.report import environment, markdown_table, write_json
+from benchmarks.report import arm_medians, environment, markdown_table, write_json
 from benchmarks.swarm_ticks import Sampler, window
 from harness.netlab import Lab, available, kill_group, load_average, process_tree_cpu, wait_all, wait_for_file
 from harness.processes import write_json as write_file
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append({**run_arm(private, Path(work), args.timeout), "load_before": load})
                     print(f"{name}: {runs[name][-1]}", flush=True)
         results["runs"] = runs
-        arms = results["arms"] = {name: _medians(found) for name, found in runs.items()}
+        arms = results["arms"] = {name: arm_medians(found) for name, found in runs.items()}
         if all("error" not in arm for arm in arms.values()):
             rows = []
             for key, label in [("join_seconds", "join (s)"), ("seconds_per_round", "s / round"),
@@ -216,17 +216,3 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table(["", "open", "private", "private / open"], rows), flush=True)
     write_json(args.out.name, results, args.out)
     return 0
-
-
-def _medians(runs: list[dict]) -> dict:
-    """The median of each figure over the runs of one arm; the first error if any run failed."""
-    failed = [run for run in runs if "error" in run]
-    if failed:
-        return failed[0]
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
-ROUNDS = 16
-
-if __name__ == "__main__":
-    sys.exit(main())

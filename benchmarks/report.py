@@ -63,3 +63,13 @@ def write_json(name: str, data: dict, path: Optional[Path] = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+def arm_medians(runs: list[dict]) -> dict:
+    """The median of each numeric figure over the runs of one arm (other values from the first run);
+    the first failed run instead if any failed (its ``error`` says why)."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    return {key: statistics.median(run[key] for run in runs) if isinstance(runs[0][key], (int, float)) else runs[0][key]
+            for key in runs[0]}
