@@ -26,7 +26,7 @@ BOOTSTRAP, PUBLIC = 0, 1  # public hosts of the lab; homes 0 and 1 hold one host
 
 @pytest.fixture
 def lab():
-    with NatLab(public=2, homes=(1, 1)) as hosts:
+    with NatLab(public=2, homes=(1, 1), rate="100mbit") as hosts:  # the benchmarks' links
         yield hosts
 
 
