@@ -60,10 +60,11 @@ def payload_bytes(codec: str) -> int:
     return len(make_codec(codec).compress(x, CompressionInfo.from_tensor(x)).buffer)
 
 
-def run_swarm(n: int, codecs: list[str], rounds: int, work: Path, timeout: float) -> list[dict]:
+def run_swarm(n: int, codecs: list[str], rounds: int, work: Path, timeout: float, numel: int = NUMEL) -> list[dict]:
     with Lab(n, **LINK) as lab:
         procs = start_in_lab(lab, work, list(range(n)), [
-            "--rounds", str(rounds), "--warmup", "1", "--expect", str(n), "--compression", ",".join(codecs), "--trace"])
+            "--rounds", str(rounds), "--warmup", "1", "--expect", str(n), "--compression", ",".join(codecs), "--trace",
+            "--megabytes", str(numel * 4 / 2**20)])
         finished = wait_all(list(procs.values()), timeout)
     records = [record for host in range(n) for record in read_records(work / f"p{host}.jsonl")]
     if not finished:
@@ -96,13 +97,16 @@ def phases(record: dict) -> dict:
             "all_gather": out_end - out_start, "commit": record["seconds"] - out_end}
 
 
-def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int]) -> list[dict]:
+def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int], numel: int = NUMEL) -> list[dict]:
+    """Per codec: the rounds every one of the ``n`` peers finished with one identical finite result;
+    ``payloads``: bytes of the whole ``numel``-value tensor per codec (what the bounds count)."""
     by_round = defaultdict(list)
     for record in records:
         by_round[record["round"]].append(record)
     rows = []
     for codec in dict.fromkeys(record["codec"] for record in records):
         times, wire, own, cpu, breakdown, bad = [], [], [], defaultdict(list), defaultdict(list), 0
+        peak = defaultdict(list)
         matchmaking = []
         counted = 0
         for number, members in sorted(by_round.items()):
@@ -120,15 +124,18 @@ def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int]) -> li
             for m in good:
                 for name, seconds in m["cpu"].items():
                     cpu[name].append(seconds)
+                for name, mib in m.get("peak_mib", {}).items():
+                    peak[name].append(mib)
             slowest = max(good, key=lambda m: m["seconds"])
             for name, seconds in phases(slowest).items():
                 breakdown[name].append(seconds)
         payload_bound = 2 * (n - 1) / n * payloads[codec]
         rows.append(dict(
             n=n, impl="swarm", codec=codec, rounds=counted, failed_rounds=bad, seconds=times,
-            time_vs_bound=[t / bound_seconds(n, NUMEL * 4) for t in times],
+            numel=numel, time_vs_bound=[t / bound_seconds(n, numel * 4) for t in times], wire_sent=wire,
             wire_vs_bound=[w / payload_bound for w in wire], own_vs_bound=median(o / payload_bound for o in own),
             cpu={name: median(values) for name, values in cpu.items()},
+            peak_mib={name: max(values) for name, values in peak.items()},
             phases={name: median(values) for name, values in breakdown.items()}, matchmaking=matchmaking,
         ))
     return rows

@@ -45,7 +45,7 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.utils.logging import use_hivemind_log_handler
 
 from harness.hostile import make_hostile
-from harness.netlab import Lab, interface_bytes, process_tree_cpu, wait_for_file
+from harness.netlab import Lab, interface_bytes, process_tree_cpu, process_tree_peak_memory, wait_for_file
 from swarm.averaging.averager import Averager
 from swarm.averaging.group import RoundMissed
 from swarm.compression.plan import CompressionPlan
@@ -248,6 +248,7 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         bytes_sent=result.bytes_sent if result else 0, bytes_received=result.bytes_received if result else 0,
         wire_sent=wire_after[0] - wire_before[0], wire_received=wire_after[1] - wire_before[1],
         cpu={name: round(cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0), 3) for name in cpu_after},
+        peak_mib={name: round(mib, 1) for name, mib in process_tree_peak_memory().items()},  # since the peer started
         missing_parts=result.missing_parts if result else [], members=[_index_of(peer) for peer in group.members],
         numel=numel,
         # robust aggregation of this peer's part: member (as in "members") -> share kept, or weight counted

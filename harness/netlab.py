@@ -328,13 +328,9 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def process_tree_cpu(root: Optional[int] = None) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by ``root`` (default: this process) and its descendants,
-    summed by kind: ``peer`` (root itself), ``p2pd`` (libp2p daemons), ``helpers`` (any other child,
-    e.g. hivemind's DHT process). Descendants that already exited are not counted."""
-    root = root or os.getpid()
-    ticks = os.sysconf("SC_CLK_TCK")
-    totals: dict[str, float] = {"peer": 0.0, "p2pd": 0.0, "helpers": 0.0}
+def _process_tree(root: int):
+    """(pid, kind, /proc stat line) of ``root`` and every living descendant; kind is ``peer`` (root
+    itself), ``p2pd`` (libp2p daemons) or ``helpers`` (any other child, e.g. hivemind's DHT process)."""
     stack = [root]
     while stack:
         pid = stack.pop()
@@ -348,9 +344,30 @@ def process_tree_cpu(root: Optional[int] = None) -> dict[str, float]:
         except (FileNotFoundError, ProcessLookupError):
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        kind = "peer" if pid == root else "p2pd" if comm.startswith("p2pd") else "helpers"
-        totals[kind] += seconds
+        yield pid, "peer" if pid == root else "p2pd" if comm.startswith("p2pd") else "helpers", stat
         stack.extend(children)
+
+
+def process_tree_cpu(root: Optional[int] = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by ``root`` (default: this process) and its descendants,
+    summed by kind (see :func:`_process_tree`). Descendants that already exited are not counted."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {"peer": 0.0, "p2pd": 0.0, "helpers": 0.0}
+    for _, kind, stat in _process_tree(root or os.getpid()):
+        fields = stat[stat.rindex(")") + 2:].split()
+        totals[kind] += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return totals
+
+
+def process_tree_peak_memory(root: Optional[int] = None) -> dict[str, float]:
+    """Peak resident memory (VmHWM, MiB) of ``root`` (default: this process) and its living descendants,
+    summed by kind (see :func:`_process_tree`)."""
+    totals: dict[str, float] = {"peer": 0.0, "p2pd": 0.0, "helpers": 0.0}
+    for pid, kind, _ in _process_tree(root or os.getpid()):
+        try:
+            with open(f"/proc/{pid}/status") as file:
+                peak = next((line.split()[1] for line in file if line.startswith("VmHWM:")), "0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        totals[kind] += int(peak) / 1024
     return totals
