@@ -24,7 +24,9 @@ pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see 
 
 BUILD_TIMEOUT = 900.0  # a cold build downloads about 300 MB of wheels; a warm one takes seconds
 MAX_IMAGE_BYTES = 2_000_000_000  # measured 1.4 GB on a Debian base: torch CPU alone is 0.6 GB
-CLEAN_EXIT_SECONDS = 15.0
+# the grace period the shipped compose files give a peer between SIGTERM and SIGKILL (the README's docker
+# run says --stop-timeout 30 too): leaving cleanly within it is the contract, not any faster figure
+STOP_GRACE_SECONDS = float(re.search(r"stop_grace_period: (\d+)s", (REPO / "docker" / "compose.yaml").read_text()).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,8 @@ def test_container_peer_contributes_restarts_as_itself_and_leaves_on_sigterm(swa
 
     started = time.monotonic()
     box.signal(signal.SIGTERM)
-    assert box.wait(60) == 0, box.log_tail()
+    assert box.wait(STOP_GRACE_SECONDS) == 0, f"not gone within the stop grace period: {box.log_tail()}"
     took = time.monotonic() - started
-    assert took < CLEAN_EXIT_SECONDS, f"SIGTERM took {took:.1f}s"
     print(f"the container left {took:.1f}s after SIGTERM")
     assert swarm.status("box")["finished"]
     assert "left the swarm" in box.log_tail(20)
