@@ -1,15 +1,19 @@
 """Hostile trainers as real processes: does robust aggregation keep DiLoCo training on course?
 
-    .venv/bin/python -m benchmarks.hostile_training [--rounds 8] [--attacks scale1000,signflip,noise100,weight]
+    .venv/bin/python -m benchmarks.hostile_training [--rounds 8] [--attacks scale1000,signflip,noise100,weight,...]
 
 Every arm is a fresh swarm on 127.0.0.1: a bootstrap peer and four DiLoCo trainers of the debug model
 (``configs/debug.yaml``: H = 10, blockwise 8-bit with error feedback), the same data shards and seed in
 every arm. Arms: ``clean`` (four honest trainers), and for each attack one trainer run by
-``harness/hostile_trainer.py`` (the real `swarm join` with its all-reduce contribution attacked) with
-``averaging.robust`` on (the default) and off. Per arm: the honest trainers' held-out loss after the
-same number of rounds (mean, and its ratio to the clean arm's), whether they end with one state, the
-inputs their reducers clipped, and the rounds they completed. Prints a table and writes
-``benchmarks/results/hostile_training.json``.
+``harness/hostile_trainer.py`` (the real `swarm join`, its all-reduce contribution or what it serves
+attacked; see there for the attacks). Attacks on the contribution run with ``averaging.robust`` on (the
+default) and off (the plain mean); attacks on what a member serves (``missing``, ``heartbeats``,
+``garbage``, ``equivocate``) run with the defaults only: their defences are not the robust mean, and
+their "off" arms are tests (tests/test_averaging_faults.py). Per arm: the honest trainers' held-out loss
+after the same number of rounds (mean, and its ratio to the clean arm's), whether they end with one
+state, the inputs their reducers clipped, reducers they caught equivocating, parts they dropped,
+requests they refused from excluded peers, rounds they averaged alone, and the rounds they completed.
+Prints a table and writes ``benchmarks/results/hostile_training.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from benchmarks.report import environment, markdown_table, write_json
-from harness.averaging_peer import ATTACKS
+from harness.hostile_trainer import ATTACKS, MEMBERS
 from harness.processes import PeerProcess, read_json, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,10 +69,17 @@ def run_arm(work: Path, rounds: int, attack: str | None, robust: bool, timeout: 
             process.kill_group()
     losses = [status.get("heldout_loss") for status in honest]
     hashes = {(status.get("averaging", {}).get("extra") or {}).get("state_hash") for status in honest}
+
+    def total(counter: str) -> int:
+        return sum(status.get("averaging", {}).get(counter, 0) for status in honest)
+
     return dict(attack=attack or "none", robust=robust, losses=losses,
                 rounds=[status.get("epoch") for status in honest],
                 one_state=len(hashes) == 1 and None not in hashes,
-                clipped=sum(status.get("averaging", {}).get("clipped_inputs", 0) for status in honest))
+                clipped=total("clipped_inputs"), equivocations=total("equivocations"),
+                dropped_parts=total("dropped_parts"), alone=total("rounds_failed"),
+                excluded_refusals=sum(status.get("averaging", {}).get("refused_requests", {}).get("excluded", 0)
+                                      for status in honest))
 
 
 def main() -> int:
@@ -78,7 +89,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per arm")
     args = parser.parse_args()
     attacks = [attack for attack in args.attacks.split(",") if attack]
-    arms = [(None, True)] + [(attack, robust) for attack in attacks for robust in (True, False)]
+    unknown = [attack for attack in attacks if attack not in ATTACKS]
+    if unknown:
+        parser.error(f"unknown attack {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
+    arms = [(None, True)] + [(attack, robust) for attack in attacks
+                             for robust in ((True,) if attack in MEMBERS else (True, False))]
     results = []
     with TemporaryDirectory(prefix="swarm-hostile-") as tmp:
         for number, (attack, robust) in enumerate(arms):
@@ -91,10 +106,12 @@ def main() -> int:
         loss = _mean(result["losses"])
         rows.append([result["attack"], "on" if result["robust"] else "off", loss,
                      loss / clean if loss is not None and clean else None, result["one_state"],
-                     result["clipped"], "/".join(str(r) for r in result["rounds"])])
+                     result["clipped"], result["equivocations"], result["dropped_parts"],
+                     result["excluded_refusals"], result["alone"], "/".join(str(r) for r in result["rounds"])])
     print(markdown_table(["attack", "robust", "held-out loss (honest mean)", "vs clean", "honest agree",
-                          "inputs clipped", "rounds done"], rows))
-    write_json("hostile_training", {"environment": environment(), "rounds": args.rounds, "results": results})
+                          "inputs clipped", "equivocations caught", "parts dropped", "refused as excluded",
+                          "rounds alone", "rounds done"], rows))
+    write_json("hostile_training.json", {"environment": environment(), "rounds": args.rounds, "results": results})
     return 0
 
 

@@ -16,9 +16,10 @@
    all-reduce's round time on vs off; ``python -m benchmarks.robust_overhead --loss`` adds held-out loss).
 7. ``nat_relay.py``: two trainers at home behind NAT, through the relay, next to the same two on public
    addresses: join time, round time, bytes per round and through the relay.
-8. ``hostile_training.py``: a hostile DiLoCo trainer among four (x1000, sign flip, noise, weight), robust
-   aggregation on and off, held-out loss of the honest trainers next to a clean run (127.0.0.1, no root;
-   about 3 minutes per arm, 21 for all).
+8. ``hostile_training.py``: a hostile DiLoCo trainer among four (x1000, sign flip, noise, weight, stale,
+   every part missing, heartbeats only, a garbage or an equivocating reducer), robust aggregation on and
+   off, held-out loss of the honest trainers next to a clean run (127.0.0.1, no root; about 3 minutes per
+   arm; make bench runs two of them).
 9. ``scaling.py``: cost against the number of peers (2, 3, 4) and the model's size (0.87M and 10.9M
    parameters): step time and memory, all-reduce time, bytes, CPU and peak memory; a fitted model
    extrapolated to 100 peers and 1B parameters (docs/scaling.md; about 12 minutes, ``--quick`` too).

@@ -8,6 +8,9 @@
 - ``equivocate``: as a reducer, it serves its part's true result to the members at even positions of
   the group and another result (the true one x -10, validly signed if it signs at all) to those at odd
   positions. Without reducer accountability the members then end the round with different models.
+- ``garbage``: as a reducer, it serves everyone the same wrong result for its part (Gaussian noise at
+  100 times the norm of the true result), validly signed: receipts agree, so accountability does not
+  catch it (docs/robust-averaging.md, "What it does not catch").
 
 In every other way the peer is honest: it fetches, reduces and applies what it receives.
 """
@@ -15,8 +18,10 @@ In every other way the peer is honest: it fetches, reduces and applies what it r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Optional
 
+import torch
 from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
 
 from swarm.averaging import wire
@@ -44,14 +49,37 @@ class HostileOutbox(Outbox):
         return await super().get(key, timeout)
 
 
+GARBAGE_SCALE = 100.0  # a garbage reducer's result: noise at this many times the true result's norm
+
+
 def make_hostile(service: AveragingService, *, veto: bool = False, stall: bool = False,
-                 equivocate: bool = False) -> None:
-    """Give ``service`` a hostile outbox (and, to equivocate, a fetch handler that looks at the asker);
-    call before its first round."""
+                 equivocate: bool = False, garbage: bool = False) -> None:
+    """Give ``service`` a hostile outbox (and, to equivocate, a fetch handler that looks at the asker;
+    for garbage, an aggregator that returns noise); call before its first round."""
     if veto or stall:
         service.outbox = HostileOutbox(veto=veto, stall=stall, retention=service.outbox.retention)
     if equivocate:
         _equivocate(service)
+    if garbage:
+        allreduce = service.allreduce
+
+        def garbage_allreduce(group, *args, aggregator, **kwargs):
+            return allreduce(group, *args, aggregator=_Garbage(aggregator, seed=group.round), **kwargs)
+
+        service.allreduce = garbage_allreduce
+
+
+class _Garbage:
+    """An aggregator that computes the true result and returns noise of ``GARBAGE_SCALE`` times its norm."""
+
+    def __init__(self, honest, seed: int):
+        self.honest, self.seed = honest, seed
+
+    def aggregate(self, rows: torch.Tensor, weights):
+        result = self.honest.aggregate(rows, weights)
+        noise = torch.randn(result.vector.shape, generator=torch.Generator().manual_seed(3 * 10**9 + self.seed))
+        scale = GARBAGE_SCALE * float(result.vector.norm()) / max(1.0, float(noise.norm()))
+        return dataclasses.replace(result, vector=noise * scale)
 
 
 def _equivocate(service: AveragingService) -> None:

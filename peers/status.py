@@ -63,7 +63,7 @@ def format_table(view: SwarmView) -> str:
     for peer in view.flagged:
         lines.append(f"flagged {peer['peer_id']} ({printable(peer['display_name'])}): {'; '.join(peer['reasons'])}")
     for peer in view.excluded:
-        lines.append(f"excluded {peer['peer_id']}: proven equivocation ({peer['offences']} offence"
+        lines.append(f"excluded {peer['peer_id']}: proven {peer.get('reason', 'equivocation')} ({peer['offences']} offence"
                      f"{'s' if peer['offences'] > 1 else ''}), for {_duration(max(0.0, peer['until'] - view.time))} more")
     lines.append("refused by the peers: " + refusal_summary(totals["refused"], totals["refused_requests"]))
     if view.refused:

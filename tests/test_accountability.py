@@ -30,6 +30,7 @@ from swarm.averaging.allreduce import run_allreduce
 from swarm.averaging.exclusions import EXCLUDED, Exclusions
 from swarm.averaging.group import Group
 from swarm.averaging.outbox import Outbox
+from swarm.averaging.robust import CenteredClip
 from swarm.config.schema import BanConfig
 from swarm.net import keys
 from swarm.net.exclusion_record import (
@@ -37,10 +38,13 @@ from swarm.net.exclusion_record import (
     Evidence,
     ExclusionRecordGuard,
     decode_items,
+    excluded_peers,
     exclusion_seconds,
+    item_from_wire,
     receipt_message,
 )
 from swarm.net.identity import peer_id_of_public_key
+from swarm.net.outlier_evidence import ClipReport, OutlierEvidence, OutlierTally
 from swarm.net.validators import run_validators
 from swarm.telemetry.collector import Collector
 from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
@@ -126,7 +130,7 @@ def test_dht_nodes_keep_verified_evidence_and_refuse_forged_or_oversized_records
     assert guard.check(forged)[0] == "forged"
     node = CompositeValidator(run_validators("run", KEYS[2]))  # what every swarm DHT node runs
     assert node.validate(genuine) and not node.validate(forged)
-    guard, padded = _record([evidence().to_wire() + [b"x" * 20_000]], KEYS[3])
+    guard, padded = _record([evidence().to_wire() + [b"x" * 60_000]], KEYS[3])
     assert guard.check(padded)[0] == "oversized"
 
 
@@ -205,6 +209,80 @@ def test_status_and_prometheus_show_who_is_excluded_until_when():
     assert off.excluded([evidence(round_number=1)], now) == []
 
 
+# ---- persistent outliers ---------------------------------------------------------------------------
+def clip_report(reducer: RSAPrivateKey, accused: str, round_number: int, part: int = 1) -> ClipReport:
+    group_id = bytes([round_number]) * 16
+    _, time, signature = Accountability(reducer).clip_reports(round_number, group_id, 0, part, [accused])[0]
+    return ClipReport(reducer.get_public_key().to_bytes(), round_number, group_id, 0, part, time, signature)
+
+
+def outlier_evidence(rounds=(1, 2, 3), reducers=(KEYS[1], KEYS[2]), accused: str = None) -> OutlierEvidence:
+    accused = accused or peer_of(KEYS[0])
+    return OutlierEvidence(accused, tuple(clip_report(key, accused, r, part=i + 1)
+                                          for r in rounds for i, key in enumerate(reducers)))
+
+
+def test_reports_of_two_reducers_a_round_prove_an_outlier_and_nothing_less_does():
+    item = outlier_evidence()
+    assert item.verify() is None
+    again = item_from_wire(MSGPackSerializer.loads(MSGPackSerializer.dumps(item.to_wire())))
+    assert again == item and again.verify() is None
+    assert "fewer than 2" in outlier_evidence(reducers=(KEYS[1],)).verify()  # one hostile reducer cannot frame
+    assert outlier_evidence(reducers=(KEYS[1], KEYS[1])).verify() is not None  # nor by signing twice
+    assert outlier_evidence(reducers=(KEYS[0], KEYS[1])).verify() is not None  # a member does not report itself
+    moved = OutlierEvidence(peer_of(KEYS[3]), item.reports)  # the reports name another member
+    assert moved.verify() == "a report does not verify"
+    assert decode_items([item.to_wire(), evidence().to_wire()]) is not None
+    assert decode_items([moved.to_wire()]) is None
+    assert item_from_wire(["outlier", "x", [[b"k", 1]]]) is None
+
+
+def test_an_outlier_is_excluded_after_the_policys_rounds_and_overlapping_proofs_count_once():
+    accused, now = peer_of(KEYS[0]), get_dht_time()
+
+    def excluded(items, rounds=3):
+        return excluded_peers(items, base=60, cap=3600, now=now, outlier_rounds=rounds)
+
+    items = [outlier_evidence(rounds=(1, 2, 3))]
+    assert excluded(items)[accused]["reason"] == "outlier" and excluded(items)[accused]["offences"] == 1
+    assert excluded(items, rounds=4) == {} and excluded(items, rounds=None) == {}
+    items.append(outlier_evidence(rounds=(2, 3, 4)))  # another member's count over the same rounds
+    assert excluded(items)[accused]["offences"] == 1
+    items.append(outlier_evidence(rounds=(5, 6, 7)))
+    assert excluded(items)[accused]["offences"] == 2
+    items.append(evidence(round_number=9))
+    assert excluded(items)[accused]["reason"] == "equivocation and outlier"
+
+
+def test_a_tally_makes_evidence_once_two_reducers_reported_a_member_in_enough_rounds():
+    tally, accused = OutlierTally(rounds=3), peer_of(KEYS[0])
+    made = []
+    for round_number in (1, 2, 3):
+        assert tally.add(accused, peer_of(KEYS[1]), clip_report(KEYS[1], accused, round_number)) is None
+        made.append(tally.add(accused, peer_of(KEYS[2]), clip_report(KEYS[2], accused, round_number, part=2)))
+    assert made[:2] == [None, None] and made[2].verify() is None and made[2].rounds == [1, 2, 3]
+
+
+def test_every_honest_member_proves_a_persistent_outlier_and_excludes_it():
+    """Three rounds of four members, one sending x1000: every reducer clips it and signs a report; each
+    honest member holds reports by the three honest reducers and, after the third round, excludes it."""
+    exclusions = [Exclusions(dht=None, run_id="run", policy=BanConfig(base=60, cap=3600, outlier_rounds=3))
+                  for _ in range(4)]
+    for round_number in range(3):
+        members, results = run_group(accountable=True, equivocator=-1, outlier=2, round_number=round_number)
+        attacker = members[2].to_base58()
+        for index, result in enumerate(results):
+            if index == 2:
+                continue
+            assert {accused for accused, _ in result.clip_reports} == {attacker}
+            assert len({report.signer(attacker) for _, report in result.clip_reports}) == 3
+            assert exclusions[index].note_clips(result.clip_reports) == (1 if round_number == 2 else 0)
+    for index in (0, 1, 3):
+        assert exclusions[index].refusal(attacker) == EXCLUDED
+        assert exclusions[index].excluded()[attacker]["reason"] == "outlier"
+        assert all(exclusions[index].refusal(members[other]) is None for other in (0, 1, 3))
+
+
 # ---- the all-reduce --------------------------------------------------------------------------------
 class FramingOutbox(Outbox):
     """A member whose commit claims it received another result for part 0, with a receipt it signed itself."""
@@ -220,9 +298,10 @@ class FramingOutbox(Outbox):
         super().put(key, entry)
 
 
-def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1):
+def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1, outlier: int = -1, round_number: int = 0):
     """Four members with real identities; ``equivocator`` serves its part x -10 (validly signed) to the
-    members at odd positions; ``framer`` claims in its commit a receipt for part 0 that it made up.
+    members at odd positions; ``framer`` claims in its commit a receipt for part 0 that it made up;
+    ``outlier`` sends its update x1000 (reducers aggregate with CenteredClip).
     Returns the members and each one's AllreduceResult."""
     by_peer = {PeerID.from_base58(peer_of(key)): key for key in KEYS}
     members = tuple(sorted(by_peer, key=lambda peer: peer.to_bytes()))
@@ -240,16 +319,18 @@ def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1):
                 raise TimeoutError(f"member {owner} never offered {key[2:]}")
             if owner == equivocator and key[2] == "out" and key[3] == owner and asker % 2 == 1:
                 other = [serialize_torch_tensor(deserialize_torch_tensor(p) * -10) for p in entry.payloads]
-                return {"receipt": accounts[owner].receipt(0, group_id, key[1], owner, other)}, other
+                return {"receipt": accounts[owner].receipt(round_number, group_id, key[1], owner, other)}, other
             return entry.header, entry.payloads
         return fetch
 
     async def everyone():
         return await asyncio.gather(*(
-            run_allreduce(Group(0, group_id, members, index, (1.0,) * 4),
-                          [torch.randn(NUMEL, generator=torch.Generator().manual_seed(index))], weight=1.0,
+            run_allreduce(Group(round_number, group_id, members, index, (1.0,) * 4),
+                          [torch.randn(NUMEL, generator=torch.Generator().manual_seed(index))
+                           * (1000 if index == outlier else 1)], weight=1.0,
                           phase=0, outbox=outboxes[index], fetch=fetch_for(index),
-                          accountability=accounts[index] if accountable else None)
+                          accountability=accounts[index] if accountable else None,
+                          **({"aggregator": CenteredClip()} if outlier >= 0 else {}))
             for index in range(4)))
 
     return members, asyncio.run(everyone())

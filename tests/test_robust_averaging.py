@@ -2,11 +2,13 @@
 
 Four ``python -m harness.averaging_peer`` processes: three honest peers whose updates are similar (a
 shared direction x3 plus each one's own noise, ``--shared 3``) and one attacker that plays a different
-attack each round (``--attack scale1000,signflip,noise100,weight``: its update x1000, x-4, noise of
-100 times its norm, then an ordinary update with weight 1000). With robust aggregation (the default)
-every attack is absorbed: the honest peers hold identical, finite results close to their own mean, and
-each honest reducer names the attacker. With ``averaging.robust: null`` the same attacks decide the
-result: the test that shows what the defence stops, so that this one can fail.
+attack each round (``--attack weight,scale1000,signflip,noise100``: an ordinary update with weight 1000,
+then its update x1000, x-4, noise of 100 times its norm). With robust aggregation (the default) every
+attack is absorbed: the honest peers hold identical, finite results close to their own mean, and each
+honest reducer names the attacker; clipped by the three honest reducers in three rounds, the attacker is
+then a proven outlier (``averaging.robust.ban.outlier_rounds: 3``) and the fifth round goes on without
+it. With ``averaging.robust: null`` the same attacks decide the result: the test that shows what the
+defence stops, so that this one can fail.
 
 Only parts reduced by honest members are compared with the honest mean: the attacker runs the honest
 reducer here, but a hostile reducer can return anything for its own part (what validators are for).
@@ -24,7 +26,8 @@ from swarm.averaging.group import slice_bounds
 pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
 
 ATTACKER, HONEST, SHARED = 3, [0, 1, 2], 3.0
-ATTACKS = ["scale1000", "signflip", "noise100", "weight"]
+ATTACKS = ["weight", "scale1000", "signflip", "noise100"]
+ROUNDS = len(ATTACKS) + 1  # the last one, after three rounds clipped, without the attacker
 
 
 def _run(averagers: Averagers, tmp_path, robust: bool) -> dict[int, dict[int, dict]]:
@@ -32,7 +35,7 @@ def _run(averagers: Averagers, tmp_path, robust: bool) -> dict[int, dict[int, di
         extra = ["--dump", str(tmp_path / f"dump{index}")] + ([] if robust else ["--no-robust"])
         return extra + (["--attack", ",".join(ATTACKS)] if index == ATTACKER else [])
 
-    peers = averagers.swarm(4, "--expect", "4", "--rounds", str(len(ATTACKS)), "--megabytes", "1",
+    peers = averagers.swarm(4, "--expect", "4", "--rounds", str(ROUNDS), "--megabytes", "1",
                             "--shared", str(SHARED), extra_for=extra_for)
     for peer in peers:
         assert peer.proc.wait(200) == 0, peer.log_tail()
@@ -94,6 +97,11 @@ def test_each_attack_is_absorbed_by_robust_aggregation(averagers, tmp_path):
                 assert list(record["clipped"]) == [attacker_me] and record["clipped"][attacker_me] < 0.2, record
     log = "".join((tmp_path / f"averager{index}.log").read_text() for index in HONEST)
     assert "clipped the input of member" in log and attacker_me in log
+    assert any(attacker_me in line and "clipped as an outlier by two reducers in each of rounds [1, 2, 3]" in line
+               for line in log.splitlines())
+    after = [records[index][len(ATTACKS)] for index in HONEST]  # the proven outlier is left out
+    assert all(record.get("ok") and record["group_size"] == 3 and attacker_me not in record["members"]
+               for record in after), after
 
 
 @pytest.mark.timeout(300)

@@ -18,6 +18,12 @@ Cost: per part served, one RSA-2048 signature (about 1 ms) and one sha256 of the
 and round, a commit larger by about 650 bytes per part (key 380, signature 256, digest 32), and a result
 header larger by about as much.
 
+A reducer also signs a *clip report* for each member whose input robust aggregation clipped in its part
+(:func:`swarm.net.outlier_evidence.clip_message`), served with the part; members check each one
+(:meth:`Accountability.check_clips`) and count them (:class:`swarm.net.outlier_evidence.OutlierTally`):
+reports by two reducers in each of ``averaging.robust.ban.outlier_rounds`` rounds exclude the member.
+Cost: one signature per clipped member per round for the reducer, one verification per report received.
+
 What it does not catch: a reducer that returns one consistent but wrong result to everyone. Every
 receipt then agrees. The check that would catch it is spot re-computation (see docs/robust-averaging.md).
 """
@@ -31,7 +37,9 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.net.exclusion_record import DIGEST_BYTES, Evidence, receipt_message, signer_of
+from swarm.net.exclusion_record import DIGEST_BYTES, Evidence, receipt_message
+from swarm.net.identity import signer_of
+from swarm.net.outlier_evidence import ClipReport, clip_message
 
 RECEIPT_SLACK = 30.0  # seconds a receipt's time may differ from this peer's clock (DHT time), as for DHT records
 
@@ -63,6 +71,31 @@ class Accountability:
         time, digest = get_dht_time(), part_digest(payloads)
         signature = self.private_key.sign(receipt_message(round_number, group_id, phase, part, time, digest))
         return [self.public_key, time, digest, signature]
+
+    def clip_reports(self, round_number: int, group_id: bytes, phase: int, part: int, accused: list[str]) -> list:
+        """[[accused, time, signature], ...]: this peer, reducer of ``part``, clipped their inputs."""
+        time = get_dht_time()
+        return [[peer, time, self.private_key.sign(clip_message(round_number, group_id, phase, part, peer, time))]
+                for peer in accused]
+
+    @staticmethod
+    def check_clips(reports, receipt: list, members: list[str], round_number: int, group_id: bytes, phase: int,
+                    part: int) -> list[tuple[str, ClipReport]]:
+        """(accused, report) for each valid report in ``reports`` (a part's header: untrusted) by the
+        reducer whose checked ``receipt`` came with them, against another member of the group, dated
+        within :data:`RECEIPT_SLACK` of the receipt. Anything else is ignored."""
+        if not isinstance(reports, list) or len(reports) >= len(members):
+            return []
+        reducer, key, found = members[part], receipt[0], []
+        for item in reports:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[0] in members
+                    and item[0] != reducer and type(item[1]) in (int, float) and isinstance(item[2], bytes)
+                    and abs(item[1] - receipt[1]) <= RECEIPT_SLACK):
+                continue
+            report = ClipReport(key, round_number, group_id, phase, part, float(item[1]), item[2])
+            if report.signer(item[0]) == reducer:
+                found.append((item[0], report))
+        return found
 
     @staticmethod
     def check(receipt, reducer: str, round_number: int, group_id: bytes, phase: int, part: int,

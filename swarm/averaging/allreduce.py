@@ -47,6 +47,7 @@ from swarm.averaging.outbox import Entry, Outbox
 from swarm.averaging.robust import Aggregate, CenteredClip, WeightedMean
 from swarm.compression.payloads import PayloadError, decode_payload
 from swarm.net.exclusion_record import Evidence
+from swarm.net.outlier_evidence import ClipReport
 
 logger = get_logger(__name__)
 
@@ -74,6 +75,8 @@ class AllreduceResult:
     repaired_parts: list[int] = field(default_factory=list)  # lost with their reducer, fetched from another member
     # proof that a reducer returned different results to different members (its part is dropped here)
     evidence: list[Evidence] = field(default_factory=list)
+    # reducers' signed reports that they clipped a member's input: (accused, report), for Exclusions
+    clip_reports: list[tuple[str, ClipReport]] = field(default_factory=list)
 
 
 @dataclass
@@ -177,6 +180,7 @@ async def run_allreduce(
         sent=buckets.unflatten(sent, tensors),
         repaired_parts=sorted(run.repaired),
         evidence=run.evidence,
+        clip_reports=run.clip_reports,
     )
 
 
@@ -205,6 +209,7 @@ class _Run:
         self.began = get_dht_time()  # receipts of this all-reduce are signed after it (see Accountability.check)
         self.receipts: dict[int, list] = {}  # part -> its reducer's receipt for what this peer holds
         self.evidence: list[Evidence] = []
+        self.clip_reports: list[tuple[str, ClipReport]] = []  # (accused, report) by this round's reducers
         self.equivocated: set[int] = set()  # parts whose reducer was caught returning different results
 
     async def fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
@@ -289,9 +294,15 @@ class _Run:
         averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
         reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
         header = {"contributors": self.contributors}
-        if self.accountability is not None:  # a digest of the part and a signature: off the event loop
+        if self.accountability is not None:  # a digest of the part and signatures: off the event loop
             header["receipt"] = self.receipts[me] = await asyncio.get_running_loop().run_in_executor(
                 None, self.accountability.receipt, self.group.round, self.group.group_id, self.phase, me, reduced)
+            if self.clipped:
+                accused = [self.group.members[index].to_base58() for index in self.clipped]
+                header["clips"] = await asyncio.get_running_loop().run_in_executor(
+                    None, self.accountability.clip_reports, self.group.round, self.group.group_id, self.phase, me,
+                    accused)
+                self.note_clips(header, me)
         self.outbox.put(self.key("out", me), Entry(reduced, header))
         self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
         own = self.decode_all(reduced, me)  # used as the others will decode it
@@ -354,6 +365,7 @@ class _Run:
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
             if not await self.receipt_holds(header, index, payloads, f"from its reducer {index}"):
                 return index, None, None
+            self.note_clips(header, index)
             return index, self.decode_all(payloads, index), Entry(payloads, self.relayed_header(header))
 
         for index, decoded, entry in await asyncio.gather(*(fetch_output(i, peer) for i, peer in self.group.others())):
@@ -379,6 +391,13 @@ class _Run:
             return False
         self.receipts[part] = receipt
         return True
+
+    def note_clips(self, header: dict, part: int) -> None:
+        """Keep the valid clip reports that came with part ``part`` (its receipt already checked)."""
+        if self.accountability is not None and "clips" in header:
+            self.clip_reports += self.accountability.check_clips(
+                header["clips"], header["receipt"], [member.to_base58() for member in self.group.members],
+                self.group.round, self.group.group_id, self.phase, part)
 
     def relayed_header(self, header: dict) -> dict:
         """What a relay of a part carries: its reducer's receipt, and nothing else of its header."""

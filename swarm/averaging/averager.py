@@ -140,6 +140,8 @@ class Averager:
             counters.equivocations += len({item.accused for item in result.evidence})
             if self.exclusions is not None:
                 self.exclusions.add(result.evidence)
+        if result.clip_reports and self.exclusions is not None:
+            self.exclusions.note_clips(result.clip_reports)
         counters.bytes_received += result.bytes_received
         counters.bytes_sent += result.bytes_sent
         self.last_result = result

@@ -1,4 +1,6 @@
-"""Who this peer does not average with, and until when: consequences of proven equivocation.
+"""Who this peer does not average with, and until when: consequences of proven equivocation, and of
+being proven an outlier (reports by two reducers a round that they clipped a member's input, in
+``averaging.robust.ban.outlier_rounds`` rounds: :mod:`swarm.net.outlier_evidence`).
 
 A reducer with verified :class:`~swarm.net.exclusion_record.Evidence` against it (found here by the
 all-reduce, or read from any peer's exclusion record in the DHT and verified here again) is excluded
@@ -21,7 +23,8 @@ from hivemind.utils import get_dht_time, get_logger
 
 from swarm.loops import PeriodicLoop
 from swarm.net.dht import DHT_CALL_FAILURES
-from swarm.net.exclusion_record import Evidence, excluded_peers, publish_evidence, read_evidence
+from swarm.net.exclusion_record import Item, excluded_peers, publish_evidence, read_evidence
+from swarm.net.outlier_evidence import ClipReport, OutlierEvidence, OutlierTally
 
 logger = get_logger(__name__)
 
@@ -39,12 +42,14 @@ class Exclusions:
     :param owner: this peer's ``[owner:...]`` tag, under which its record is signed (None: unsigned).
     """
 
-    def __init__(self, *, dht: hivemind.DHT, run_id: str, policy, owner: Optional[bytes] = None,
+    def __init__(self, *, dht: Optional[hivemind.DHT], run_id: str, policy, owner: Optional[bytes] = None,
                  refresh_period: float = 15.0):
         self.dht, self.run_id, self.policy, self.owner = dht, run_id, policy, owner
         self._lock = threading.Lock()
-        self._known: dict[bytes, Evidence] = {}  # digest -> verified evidence
-        self._mine: list[Evidence] = []  # what this peer found itself: it publishes these
+        self._known: dict[bytes, Item] = {}  # digest -> verified evidence
+        self._mine: list[Item] = []  # what this peer found itself: it publishes these
+        rounds = policy.outlier_rounds if policy is not None else None
+        self._tally = OutlierTally(rounds) if rounds is not None else None
         self._loop = PeriodicLoop(name="exclusions", iteration=self.refresh, period=refresh_period,
                                   retry_on=DHT_CALL_FAILURES, initial_wait=refresh_period)
 
@@ -58,7 +63,7 @@ class Exclusions:
     def shutdown(self, timeout: float = 2.0) -> None:
         self._loop.shutdown(timeout)
 
-    def add(self, items: list[Evidence], *, mine: bool = True) -> int:
+    def add(self, items: list[Item], *, mine: bool = True) -> int:
         """Remember each item that verifies; returns how many were new. ``mine``: this peer found them
         (it publishes them at once, and at every refresh while they exclude someone)."""
         new, before = [], self.excluded()
@@ -80,14 +85,25 @@ class Exclusions:
             if after.get(item.accused, {}).get("offences", 0) > before.get(item.accused, {}).get("offences", 0) \
                     or self.policy is None:
                 until = after.get(item.accused, {}).get("until")
-                logger.warning(f"reducer {item.accused} equivocated in round {item.round} (part {item.part}, proof "
-                               f"{'found here' if mine else 'read from the DHT'}); "
+                what = (f"member {item.accused} was clipped as an outlier by two reducers in each of rounds "
+                        f"{item.rounds} (proof" if isinstance(item, OutlierEvidence) else
+                        f"reducer {item.accused} equivocated in round {item.round} (part {item.part}, proof")
+                logger.warning(f"{what} {'found here' if mine else 'read from the DHT'}); "
                                + (f"excluded for {until - get_dht_time():.0f}s, offence "
                                   f"{after[item.accused]['offences']}" if until else "not excluded (ban: null)"))
                 before = after
         if new and mine:
             self._publish()
         return len(new)
+
+    def note_clips(self, reports: list[tuple[str, ClipReport]]) -> int:
+        """Count a round's verified clip reports (accused, report); evidence they complete is added (and
+        published). Returns how many new items that made."""
+        if self._tally is None:
+            return 0
+        found = [item for accused, report in reports
+                 if (item := self._tally.add(accused, report.signer(accused), report)) is not None]
+        return self.add(found) if found else 0
 
     def refusal(self, peer) -> Optional[str]:
         """``excluded`` while ``peer`` (a PeerID or its base58 text) is excluded, else None."""
@@ -100,7 +116,8 @@ class Exclusions:
             return {}
         with self._lock:
             items = list(self._known.values())
-        return excluded_peers(items, base=self.policy.base, cap=self.policy.cap, now=get_dht_time())
+        return excluded_peers(items, base=self.policy.base, cap=self.policy.cap, now=get_dht_time(),
+                              outlier_rounds=self.policy.outlier_rounds)
 
     def refresh(self) -> None:
         """Read every peer's record (each item verified again), and publish this peer's while it excludes someone."""
@@ -111,6 +128,6 @@ class Exclusions:
     def _publish(self) -> None:
         with self._lock:
             mine = list(self._mine)
-        if mine and self.policy is not None:
+        if mine and self.policy is not None and self.dht is not None:  # no DHT: it keeps what it found to itself
             ttl = min(self.policy.cap + 60.0, 86400.0)
             publish_evidence(self.dht, self.run_id, self.owner, mine, ttl=ttl)

@@ -152,13 +152,17 @@ class TrainingConfig(Section):
 
 
 class BanConfig(Section):
-    """Consequences of proven equivocation (:mod:`swarm.averaging.exclusions`): a reducer caught returning
-    different results to different members is excluded from groups for ``base x 2^(n-1)`` seconds at its
-    n-th offence, at most ``cap``. ``averaging.robust.ban: null``: the equivocated part is still dropped,
-    but no one is excluded."""
+    """Consequences of proven misbehaviour (:mod:`swarm.averaging.exclusions`): a reducer caught returning
+    different results to different members, or a member clipped as an outlier round after round, is
+    excluded from groups for ``base x 2^(n-1)`` seconds at its n-th offence, at most ``cap``.
+    ``averaging.robust.ban: null``: the equivocated part is still dropped and outliers clipped, but no one
+    is excluded."""
 
     base: float = Field(300.0, gt=0, le=86400, description="seconds the first offence excludes for")
     cap: float = Field(3600.0, gt=0, le=86400, description="the longest exclusion, in seconds, however many offences")
+    outlier_rounds: Optional[int] = Field(
+        3, ge=1, le=8, description="a member whose input two or more reducers clipped (signed reports) in this many "
+        "rounds is excluded like an equivocating reducer; null = outliers are only clipped, never excluded")
 
 
 class RobustConfig(Section):

@@ -1,4 +1,4 @@
-"""Equivocation evidence and the exclusion record that carries it (``keys.exclusions``).
+"""Equivocation evidence, and the exclusion record that carries it (``keys.exclusions``) with outlier evidence.
 
 A reducer signs, with its identity key, a *receipt* for the result it serves for its part of a
 round: ``(round, group id, phase, part, time, digest of the result's bytes)``
@@ -7,6 +7,9 @@ part)`` over different digests are :class:`Evidence` of equivocation: it gave di
 different results. Anyone can check it alone (:meth:`Evidence.verify`): the reducer's public key
 gives its peer id (:func:`swarm.net.identity.peer_id_of_public_key`), and both signatures are its own;
 no one's word is needed, so one record of it is enough to exclude the reducer.
+
+The record also carries :class:`~swarm.net.outlier_evidence.OutlierEvidence` (reducers' signed reports
+that they clipped a member, round after round), checked the same way.
 
 Each peer that holds evidence publishes it under ``{run_id}_exclusions``, in its own signed subkey
 (``[owner:<its RSA key>]``), as a list of at most :data:`MAX_EVIDENCE` items. Every DHT node checks
@@ -18,65 +21,36 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Optional
+from typing import Optional, Union
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
-from hivemind.utils.crypto import RSAPublicKey
 
 from swarm.net import keys
-from swarm.net.identity import peer_id_of_public_key
+from swarm.net.identity import public_key_of, signer_of
+from swarm.net.outlier_evidence import WIRE_TAG as OUTLIER_TAG
+from swarm.net.outlier_evidence import OutlierEvidence
 from swarm.net.signed_record import SignedRecordGuard, Verdict, peer_of_subkey
 
 logger = get_logger(__name__)
 
 RECEIPT_TAG = b"swarm-reduced-part-v1"  # domain separation: a receipt's signature signs nothing else
 DIGEST_BYTES = 32  # sha256
-MAX_KEY_BYTES = 1024  # an OpenSSH RSA public key: about 380 bytes for 2048 bits
-MAX_SIGNATURE_BYTES = 1024  # 256 bytes for RSA-2048
 MAX_GROUP_ID_BYTES = 64  # group ids are 16 random bytes
 MAX_ROUND = 2**53
 MAX_PARTS = 1 << 16
 MAX_EVIDENCE = 8  # items in one peer's record: the latest offences it saw
-# one item is about 1 kB (a key, two signatures, two digests); the record, signed, stays under this
-MAX_RECORD_BYTES = 12_288
+# an equivocation item is about 1 kB (a key, two signatures, two digests), an outlier item about 1.4 kB
+# per round it spans (two reports: a key and a signature each); the record, signed, stays under this
+MAX_RECORD_BYTES = 49_152
 
 
 def receipt_message(round_number: int, group_id: bytes, phase: int, part: int, time: float, digest: bytes) -> bytes:
     """What a reducer signs for the result it serves for ``part``."""
     return RECEIPT_TAG + MSGPackSerializer.dumps([int(round_number), bytes(group_id), int(phase), int(part),
                                                   float(time), bytes(digest)])
-
-
-@lru_cache(maxsize=1024)
-def _public_key(key: bytes) -> Optional[tuple[str, RSAPublicKey]]:
-    """(peer id, key) for an OpenSSH RSA public key, or None if it is not one. Cached: a group's few
-    reducers are parsed once, not at every receipt."""
-    peer_id = peer_id_of_public_key(key)
-    if peer_id is None:
-        return None
-    try:
-        return peer_id, RSAPublicKey.from_bytes(key)
-    except Exception:  # cryptography raises several types on a malformed key; all mean "not a key"
-        return None
-
-
-def signer_of(key: bytes, message: bytes, signature: bytes) -> Optional[str]:
-    """The peer id of ``key`` if ``signature`` is its valid signature of ``message``, else None."""
-    if not isinstance(key, bytes) or len(key) > MAX_KEY_BYTES or not isinstance(signature, bytes) \
-            or len(signature) > MAX_SIGNATURE_BYTES:
-        return None
-    parsed = _public_key(key)
-    if parsed is None:
-        return None
-    peer_id, public = parsed
-    try:
-        return peer_id if public.verify(message, signature) else None
-    except Exception:  # a malformed signature
-        return None
 
 
 @dataclass(frozen=True)
@@ -93,7 +67,7 @@ class Evidence:
 
     @property
     def accused(self) -> Optional[str]:
-        parsed = _public_key(self.key)
+        parsed = public_key_of(self.key)
         return parsed[0] if parsed is not None else None
 
     @property
@@ -155,31 +129,56 @@ def exclusion_seconds(offences: int, base: float, cap: float) -> float:
     return min(cap, base * 2.0 ** min(offences - 1, 64))
 
 
-def excluded_peers(items: list[Evidence], *, base: float, cap: float, now: float) -> dict[str, dict]:
-    """peer id -> {"until": DHT time, "offences": n} for each peer that ``items`` (verified evidence)
-    exclude at ``now``. An offence is one (round, group), however many parts or proofs show it; the
-    n-th excludes for :func:`exclusion_seconds` from the later time the offender signed in its receipts
-    (clamped to ``now``: a receipt dated ahead cannot lengthen the exclusion)."""
+Item = Union[Evidence, OutlierEvidence]
+
+
+def excluded_peers(items: list[Item], *, base: float, cap: float, now: float,
+                   outlier_rounds: Optional[int] = None) -> dict[str, dict]:
+    """peer id -> {"until": DHT time, "offences": n, "reason": ...} for each peer that ``items`` (verified evidence)
+    exclude at ``now``, with the ``reason`` ("equivocation", "outlier" or both). An equivocation offence is one (round, group), however many parts or proofs show
+    it; an outlier offence is ``outlier_rounds`` proven rounds (None: outlier evidence excludes no one),
+    and items over overlapping spans of rounds count once. The n-th offence excludes for
+    :func:`exclusion_seconds` from the later time the offender's accusers signed (clamped to ``now``:
+    a signature dated ahead cannot lengthen the exclusion)."""
     offences: dict[str, dict[tuple, float]] = {}
+    outliers: dict[str, list[OutlierEvidence]] = {}
     for item in items:
         accused = item.accused
         if accused is None:
             continue
+        if isinstance(item, OutlierEvidence):
+            if outlier_rounds is not None and len(item.rounds) >= outlier_rounds:
+                outliers.setdefault(accused, []).append(item)
+            continue
         times = offences.setdefault(accused, {})
         times[item.offence] = max(times.get(item.offence, 0.0), min(item.time, now))
+    for accused, found in outliers.items():
+        last = -1
+        for item in sorted(found, key=lambda item: item.rounds[-1]):
+            if item.rounds[0] > last:  # disjoint from the offence counted before
+                offences.setdefault(accused, {})[item.offence] = min(item.time, now)
+                last = item.rounds[-1]
     result = {}
     for peer, times in offences.items():
         until = max(times.values()) + exclusion_seconds(len(times), base, cap)
         if until > now:
-            result[peer] = {"until": until, "offences": len(times)}
+            kinds = sorted({"outlier" if offence[0] == OUTLIER_TAG else "equivocation" for offence in times})
+            result[peer] = {"until": until, "offences": len(times), "reason": " and ".join(kinds)}
     return result
 
 
-def decode_items(value) -> Optional[list[Evidence]]:
+def item_from_wire(item) -> Optional[Item]:
+    """An item of either kind from its decoded form, or None if its shape or types are wrong (not yet verified)."""
+    if isinstance(item, list) and item and isinstance(item[0], str):  # outlier items start with their tag
+        return OutlierEvidence.from_wire(item)
+    return Evidence.from_wire(item)
+
+
+def decode_items(value) -> Optional[list[Item]]:
     """A record's items, each verified; None if the record is malformed or any item fails."""
     if not isinstance(value, list) or len(value) > MAX_EVIDENCE:
         return None
-    items = [Evidence.from_wire(item) for item in value]
+    items = [item_from_wire(item) for item in value]
     if any(item is None or item.verify() is not None for item in items):
         return None
     return items
@@ -194,11 +193,11 @@ class ExclusionRecordGuard(SignedRecordGuard):
 
     def check_value(self, key: str, owner: str, value, record: DHTRecord) -> Verdict:
         if decode_items(value) is None:
-            return "forged", f"from {owner}: not {MAX_EVIDENCE} or fewer items of verified equivocation evidence"
+            return "forged", f"from {owner}: not {MAX_EVIDENCE} or fewer items of verified evidence"
         return None, ""
 
 
-def publish_evidence(dht: hivemind.DHT, run_id: str, owner: Optional[bytes], items: list[Evidence],
+def publish_evidence(dht: hivemind.DHT, run_id: str, owner: Optional[bytes], items: list[Item],
                      ttl: float = keys.EXCLUSION_TTL):
     """Store this peer's latest evidence (the last :data:`MAX_EVIDENCE` items) under its own subkey;
     returns the store's future (a caller on an event loop must not wait on the DHT)."""
@@ -207,7 +206,7 @@ def publish_evidence(dht: hivemind.DHT, run_id: str, owner: Optional[bytes], ite
                      return_future=True)
 
 
-def read_evidence(dht: hivemind.DHT, run_id: str, timeout: Optional[float] = None) -> list[Evidence]:
+def read_evidence(dht: hivemind.DHT, run_id: str, timeout: Optional[float] = None) -> list[Item]:
     """Every item of every peer's exclusion record, each verified here again (a node that does not run
     the guard may hand over anything); malformed records and items are skipped."""
     found = dht.get(keys.exclusions(run_id), latest=True, return_future=True).result(timeout)
@@ -219,7 +218,7 @@ def read_evidence(dht: hivemind.DHT, run_id: str, timeout: Optional[float] = Non
             continue
         raw = getattr(item, "value", None)
         for entry in raw if isinstance(raw, list) else []:
-            parsed = Evidence.from_wire(entry)
+            parsed = item_from_wire(entry)
             if parsed is not None and parsed.verify() is None:
                 evidence.append(parsed)
     return evidence

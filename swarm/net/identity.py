@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -28,7 +29,7 @@ from google.protobuf.message import DecodeError
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from swarm.errors import ConfigError
 from swarm.hivemind_private import rsa_private_key_from_der
@@ -133,3 +134,35 @@ def peer_id_of_public_key(ssh_key: bytes) -> Optional[str]:
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     return PeerID(_SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(encoded).digest()).to_base58()
+
+
+MAX_KEY_BYTES = 1024  # an OpenSSH RSA public key: about 380 bytes for 2048 bits
+MAX_SIGNATURE_BYTES = 1024  # 256 bytes for RSA-2048
+
+
+@lru_cache(maxsize=1024)
+def public_key_of(key: bytes) -> Optional[tuple[str, RSAPublicKey]]:
+    """(peer id, key) for an OpenSSH RSA public key, or None if it is not one. Cached: a group's few
+    reducers are parsed once, not at every receipt."""
+    peer_id = peer_id_of_public_key(key)
+    if peer_id is None:
+        return None
+    try:
+        return peer_id, RSAPublicKey.from_bytes(key)
+    except Exception:  # cryptography raises several types on a malformed key; all mean "not a key"
+        return None
+
+
+def signer_of(key: bytes, message: bytes, signature: bytes) -> Optional[str]:
+    """The peer id of ``key`` if ``signature`` is its valid signature of ``message``, else None."""
+    if not isinstance(key, bytes) or len(key) > MAX_KEY_BYTES or not isinstance(signature, bytes) \
+            or len(signature) > MAX_SIGNATURE_BYTES:
+        return None
+    parsed = public_key_of(key)
+    if parsed is None:
+        return None
+    peer_id, public = parsed
+    try:
+        return peer_id if public.verify(message, signature) else None
+    except Exception:  # a malformed signature
+        return None

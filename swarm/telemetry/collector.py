@@ -72,8 +72,8 @@ class SwarmView:
     flagged: list[dict] = field(default_factory=list)  # implausible records, each with "reasons"
     refused: dict = field(default_factory=dict)  # records this monitor's DHT node refused, by reason
     totals: dict = field(default_factory=dict)
-    # peers excluded now for proven equivocation (swarm.net.exclusion_record, each proof verified here):
-    # {"peer_id", "offences", "until" (DHT time)}, soonest to end last
+    # peers excluded now for proven equivocation or as persistent outliers (swarm.net.exclusion_record, each
+    # proof verified here): {"peer_id", "offences", "until" (DHT time), "reason"}, soonest to end last
     excluded: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -166,7 +166,8 @@ class Collector:
         (at most :data:`MAX_EXCLUDED_SHOWN`, those excluded longest first)."""
         if self.ban is None:
             return []
-        found = excluded_peers(evidence, base=self.ban.base, cap=self.ban.cap, now=now)
+        found = excluded_peers(evidence, base=self.ban.base, cap=self.ban.cap, now=now,
+                               outlier_rounds=self.ban.outlier_rounds)
         rows = [{"peer_id": peer, **entry} for peer, entry in found.items()]
         return sorted(rows, key=lambda row: (-row["until"], row["peer_id"]))[:MAX_EXCLUDED_SHOWN]
 

@@ -88,7 +88,7 @@ def _swarm_families(view: SwarmView) -> Iterator[Metric]:
     yield excluded
     until = GaugeMetricFamily("swarm_peer_excluded_until_timestamp_seconds", "When a peer's exclusion for proven "
                               "equivocation ends (DHT time, about Unix time)", labels=["peer"])
-    offences = GaugeMetricFamily("swarm_peer_exclusion_offences", "Proven equivocations of an excluded peer",
+    offences = GaugeMetricFamily("swarm_peer_exclusion_offences", "Proven offences (equivocation, persistent outlier) of an excluded peer",
                                  labels=["peer"])
     for peer in view.excluded:
         until.add_metric([peer["peer_id"]], peer["until"])

@@ -233,7 +233,8 @@ function drawView(info, peersInfo) {
   drawList("flagged", view.flagged.map((peer) =>
     `${peer.peer_id} (${peer.display_name || "no name"}): ${peer.reasons.join("; ")}`), "no record flagged");
   drawList("excluded", (view.excluded || []).map((peer) =>
-    `${peer.peer_id}: ${peer.offences} proven equivocation${peer.offences > 1 ? "s" : ""}, excluded until ` +
+    `${peer.peer_id}: ${peer.offences} proven offence${peer.offences > 1 ? "s" : ""} ` +
+    `(${peer.reason || "equivocation"}), excluded until ` +
     `${new Date(peer.until * 1000).toLocaleString()}`), "no peer excluded");
   drawList("left", info.left.map((peer) =>
     `${peer.display_name || peer.peer_id} (${peer.role}), last seen ${new Date(peer.last_seen * 1000).toLocaleString()}, ` +
