@@ -167,10 +167,10 @@ class DiLoCo(Collaboration, SharedState):
     def shutdown(self) -> None:
         self.tracker.shutdown()
         self.averager.shutdown()
-        if self._in_flight is not None:  # a signal mid-round: the averaging thread ends with the service
-            pending, self._in_flight = self._in_flight, None
-            if not pending.join(timeout=5.0):
-                logger.warning(f"left with round {pending.round_number}'s averaging still running")
+        # A signal mid-round: the averaging thread (a daemon) ends with the service. The round stays in flight,
+        # not landed: the checkpoint saved on the way out holds the outer state before it plus the local drift.
+        if self._in_flight is not None and not self._in_flight.join(timeout=2.0):
+            logger.warning(f"left with round {self._in_flight.round_number}'s averaging still running")
 
     # ---- rounds --------------------------------------------------------------------------
     def _partners(self) -> list[str]:
