@@ -90,6 +90,9 @@ def run_ddp(options: dict, samples: int, work: Path, timeout: float) -> dict:
 
 
 def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
+    """One swarm run: ``options`` gives ``mode``, ``compression`` and (DiLoCo) ``inner_steps``; optional:
+    ``robust`` (False: averaging.robust=null), ``rate`` (netlab link cap, e.g. "10mbit"; default uncapped),
+    ``sets`` (more ``--set`` items for every trainer)."""
     if options["mode"] == "sync":
         epochs = math.ceil(samples / EPOCH_SAMPLES)
         sets = ["averaging.mode=sync", f"averaging.compression={options['compression']}"]
@@ -99,9 +102,10 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
                 f"diloco.inner_steps={options['inner_steps']}"]
     sets += [f"training.max_epochs={epochs}", "checkpoint=null"] + ([] if KEEP_METRICS else ["metrics=null"])
     sets += [] if options.get("robust", True) else ["averaging.robust=null"]  # benchmarks/robust_overhead.py
+    sets += options.get("sets", [])  # e.g. benchmarks/overlap.py: diloco.overlap
     hosts = TRAINERS + 1  # host 0: the bootstrap peer
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
-    with Lab(hosts, rate=None) as lab:
+    with Lab(hosts, rate=options.get("rate")) as lab:
         sampler = Sampler(lab, list(range(hosts)), statuses)
         sampler.start()
         address = work / "address.json"
@@ -140,6 +144,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         loss_at_target=loss_at(curve, samples),
         own_payload=sum(s.get("averaging", {}).get("bytes_sent", 0) for s in final) if options["mode"] == "diloco" else None,
         averaging=[s.get("averaging", {}) for s in final],
+        utilization=[s.get("utilization") for s in final], time_split=[s.get("time_split", {}) for s in final],
     )
 
 

@@ -71,3 +71,26 @@ def test_diloco_survivors_of_a_killed_trainer_keep_rounds_going_and_agree(swarm)
     assert identical(final_models(swarm, ["a", "b"]))
     for name in "ab":
         assert swarm.status(name)["averaging"]["nonfinite_updates"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_overlapped_diloco_rounds_keep_one_outer_state(swarm):
+    """diloco.overlap: each round's all-reduce runs while the next round trains; the outer state (what
+    peers hash and serve) stays identical across members, and the final models with it."""
+    rounds = 4
+    _, address = swarm.bootstrap()
+    names = ["a", "b"]
+    trainers = [swarm.trainer(name, [address], *DILOCO, "diloco.overlap=true", f"training.max_epochs={rounds}",
+                              "data.num_shards=2", f"data.shard_index={index}") for index, name in enumerate(names)]
+    for trainer in trainers:
+        assert trainer.proc.wait(240) == 0, trainer.log_tail()
+    statuses = [swarm.status(name) for name in names]
+    assert [status["epoch"] for status in statuses] == [rounds] * 2
+    assert len({status["averaging"]["extra"]["state_hash"] for status in statuses}) == 1
+    assert identical(final_models(swarm, names))
+    for status in statuses:
+        assert status["heldout_loss"] < status["initial_heldout_loss"] - 1.0, status
+        assert status["averaging"]["rounds_ok"] >= 2, status["averaging"]
+        assert 0 < status["utilization"] <= 1, status
+        assert status["time_split"]["steps"] > 0
+    assert "averaging it in the background" in trainers[0].log_tail(10_000)

@@ -225,6 +225,11 @@ class DiLoCoConfig(Section):
     outer_lr: float = Field(0.7, gt=0)
     outer_momentum: float = Field(0.9, ge=0, lt=1)
     refresh_period: float = Field(1.0, gt=0, description="seconds between progress reports to the DHT")
+    overlap: bool = Field(
+        False, description="average a round's pseudo-gradient in the background while the next round's inner steps "
+        "run, and apply its outer step when it arrives, the progress made meanwhile kept (one-step-delayed, "
+        "'eager' DiLoCo): no training time lost to the all-reduce on slow links; every peer of a run sets it alike"
+    )
 
 
 class CheckpointConfig(Section):

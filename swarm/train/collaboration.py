@@ -67,6 +67,12 @@ class Collaboration(ABC):
         this peer's state meanwhile; give up at ``deadline`` (``time.monotonic()``) or on ``stop``.
         Returns whether every peer still in the run held this peer's state when it returned."""
 
+    def communication_seconds(self) -> Optional[float]:
+        """Seconds :meth:`step` has spent so far on anything but the local optimizer step: averaging,
+        waiting for it, state checks and downloads. None: not measured (sync mode, where one call of
+        hivemind's optimizer does both)."""
+        return None
+
     def check(self) -> None:
         """:raises BackgroundError: one of this collaboration's own background threads died. Called
         from the trainer's loop; hivemind's optimizer (sync mode) runs and watches its own."""

@@ -11,6 +11,10 @@ Agreement is checked, not assumed (:mod:`swarm.train.agreement`): after every ro
 publishes a hash of its outer state; a peer whose state is not the one the swarm agrees on downloads
 that state. This is how late joiners start, how a peer that missed a round catches up, and how two
 halves of a partitioned swarm become one again.
+
+With ``diloco.overlap`` a round's all-reduce runs in the background while the next round's inner steps
+go on, and its outer step lands one step later, the progress made meanwhile laid on top
+(:mod:`swarm.train.overlap`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from swarm.net.diloco_records import DEFAULT_BOUNDS, RecordBounds
 from swarm.net.signed_record import owner_tag
 from swarm.train.agreement import SharedState, State, StateAgreement, state_digest
 from swarm.train.collaboration import Collaboration, SwarmView
+from swarm.train.overlap import InFlight, carry_drift, snapshot
 from swarm.train.rounds import RoundTracker
 
 logger = get_logger(__name__)
@@ -61,6 +66,8 @@ class DiLoCo(Collaboration, SharedState):
         self.round, self.total_samples = 0, 0
         self._round_samples, self._round_started = 0, time.monotonic()
         self._check_seconds = 0.0  # spent this round in the per-step state check (logged with the round)
+        self._blocked = 0.0  # seconds step() spent on anything but the inner step, since the start
+        self._in_flight: Optional[InFlight] = None  # diloco.overlap: the round being averaged in the background
 
         owner = owner_tag(dht, private_key)  # this peer's records are signed under it (swarm.net.diloco_records)
         if owner is None:
@@ -86,13 +93,22 @@ class DiLoCo(Collaboration, SharedState):
 
     def step(self, batch_size: int) -> None:
         started = time.perf_counter()
-        self.agreement.catch_up()
+        if self._in_flight is None:  # a round in flight brings this peer to its partners' state (swarm.train.overlap)
+            self.agreement.catch_up()
         self._check_seconds += time.perf_counter() - started
+        inner_started = time.perf_counter()
         self.inner.step()
+        inner = time.perf_counter() - inner_started
         self._round_samples += batch_size
         self.tracker.report(self.round, self._round_samples)
+        if self._in_flight is not None and self._in_flight.done():
+            self._land()
         if self._round_closed():
             self._finish_round()
+        self._blocked += time.perf_counter() - started - inner
+
+    def communication_seconds(self) -> float:
+        return self._blocked
 
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)
@@ -113,8 +129,8 @@ class DiLoCo(Collaboration, SharedState):
         pass  # the role travels in the state record; choose_donor prefers institutions
 
     def state_dict(self) -> dict:
-        return {
-            "round": self.round,
+        return {  # of the outer state: a round in flight is not in it (resumed, its progress is local drift)
+            "round": self._outer_round(),
             "total_samples": self.total_samples,
             "outer_params": [p.clone() for p in self.outer_params],
             "momentum": [self.outer.state[p]["momentum_buffer"].clone() for p in self.outer_params],
@@ -138,7 +154,10 @@ class DiLoCo(Collaboration, SharedState):
 
     def finish(self, stop, deadline: float) -> bool:
         """Keep serving and comparing states until every peer still in the run holds this one's: a
-        peer whose last round failed adopts the swarm's state here, as it would have at its next step."""
+        peer whose last round failed adopts the swarm's state here, as it would have at its next step.
+        The last round, if still in flight, lands first."""
+        if self._in_flight is not None and not self._land(stop=stop):
+            return False
         return self.agreement.settle(peers_in_run=lambda: self.tracker.rounds_of_peers(), stop=stop, deadline=deadline)
 
     def check(self) -> None:
@@ -148,6 +167,10 @@ class DiLoCo(Collaboration, SharedState):
     def shutdown(self) -> None:
         self.tracker.shutdown()
         self.averager.shutdown()
+        # A signal mid-round: the averaging thread (a daemon) ends with the service. The round stays in flight,
+        # not landed: the checkpoint saved on the way out holds the outer state before it plus the local drift.
+        if self._in_flight is not None and not self._in_flight.join(timeout=2.0):
+            logger.warning(f"left with round {self._in_flight.round_number}'s averaging still running")
 
     # ---- rounds --------------------------------------------------------------------------
     def _partners(self) -> list[str]:
@@ -160,12 +183,27 @@ class DiLoCo(Collaboration, SharedState):
 
     def _round_closed(self) -> bool:
         swarm_samples = max(self.tracker.swarm_samples(self.round), self._round_samples)
-        return swarm_samples >= self._round_budget() or time.monotonic() - self._round_started >= self.config.round_timeout
+        if swarm_samples >= self._round_budget() or time.monotonic() - self._round_started >= self.config.round_timeout:
+            return True
+        # With overlap, a peer that closed this round reports the next one at once, so its samples no longer
+        # count towards this one: that it moved on is what says this round closed.
+        return self.config.overlap and any(r > self.round for r in self.tracker.rounds_of_peers().values())
+
+    def _outer_round(self) -> int:
+        """The round of the outer state: the round being trained, less the one in flight."""
+        return self.round - (1 if self._in_flight is not None else 0)
 
     def _finish_round(self) -> None:
         averaging_started = time.monotonic()
         trained, checks, here = averaging_started - self._round_started, self._check_seconds, self._round_samples
+        if self._in_flight is not None:  # the previous round's average is late: it lands before this one starts
+            self._land()
         deltas = [outer - local.detach().to("cpu", torch.float32) for outer, local in zip(self.outer_params, self.params)]
+        if self.config.overlap:
+            self._start_average(deltas)
+            logger.info(f"round {self.round - 1} closed, {here} samples here in {trained:.1f} s (state checks "
+                        f"{checks:.2f} s); averaging it in the background while round {self.round} trains")
+            return
         result = self.averager.average(self.round, deltas, weight=float(self._round_samples),
                                        expected=lambda: self.tracker.expected(self.round))
         self._outer_step(result.tensors)
@@ -181,11 +219,45 @@ class DiLoCo(Collaboration, SharedState):
                     f"in {trained + averaging:.1f} s: training {trained:.1f} s (state checks {checks:.2f} s), "
                     f"averaging {averaging:.1f} s; now round {self.round}")
 
-    def _outer_step(self, averaged: list[torch.Tensor]) -> None:
+    def _start_average(self, deltas: list[torch.Tensor]) -> None:
+        """Average this round in the background (diloco.overlap) and start the next one now."""
+        round_number, weight = self.round, float(self._round_samples)
+        # its members are training the next round by the time they meet: expected() counts them there
+        self._in_flight = InFlight(
+            round_number=round_number, snapshot=snapshot(self.params),
+            average=lambda: self.averager.average(round_number, deltas, weight=weight,
+                                                  expected=lambda: self.tracker.expected(round_number + 1)))
+        self.round += 1
+        self._start_round()
+
+    def _land(self, stop=None) -> bool:
+        """Apply the outer step of the round in flight (waits for its average; raises what averaging
+        raised), keeping the local progress made since it closed. With ``stop``: False, landing
+        nothing, if it is set first."""
+        pending = self._in_flight
+        waited = time.monotonic()
+        while stop is not None and not pending.wait(0.5):
+            if stop.is_set():
+                return False
+        result = pending.result()
+        self._in_flight = None
+        self._outer_step(result.tensors, before=pending.snapshot)
+        total = int(result.total_weight)
+        self.total_samples += total
+        self.agreement.publish()
+        logger.info(f"round {pending.round_number} landed with {result.group_size} peer(s), {total} samples "
+                    f"(waited {time.monotonic() - waited:.1f} s for it)")
+        return True
+
+    def _outer_step(self, averaged: list[torch.Tensor], before: Optional[list[torch.Tensor]] = None) -> None:
+        """The outer step, then the local parameters: the new outer ones, plus (overlap) the drift from ``before``."""
         for param, grad in zip(self.outer_params, averaged):
             param.grad = grad.to(param.dtype)
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
+        if before is not None:
+            carry_drift(self.params, self.outer_params, before)
+            return
         with torch.no_grad():
             for local, outer in zip(self.params, self.outer_params):
                 local.copy_(outer.to(local.device, local.dtype))
@@ -199,10 +271,10 @@ class DiLoCo(Collaboration, SharedState):
         return self.outer_params + [self.outer.state[p]["momentum_buffer"] for p in self.outer_params]
 
     def position(self) -> tuple[int, int]:
-        return self.round, self.total_samples
+        return self._outer_round(), self.total_samples
 
     def capture(self) -> State:
-        return {"round": self.round, "total": self.total_samples}, [t.clone() for t in self._state_tensors()]
+        return {"round": self._outer_round(), "total": self.total_samples}, [t.clone() for t in self._state_tensors()]
 
     def digest(self, state: State) -> str:
         header, tensors = state

@@ -4,6 +4,12 @@ Each local step samples a batch from this peer's shard, backpropagates, and call
 ``step()`` (see :mod:`swarm.train.collaboration`), which decides when the swarm advances. The loop
 evaluates held-out loss at every epoch change, saves checkpoints periodically, and reports a
 :class:`TrainingStatus` to a callback so the entry point can show or publish it.
+
+Utilization is the fraction of the training's wall time (from the first local step to the last, the
+wait for the others at the end not counted) spent computing local steps: forward, backward and the
+local optimizer step, not the time the collaboration's ``step()`` spent averaging, waiting for an
+average or checking and downloading state (:meth:`Collaboration.communication_seconds`), nor held-out
+evaluations, checkpoints and status updates. ``TrainingStatus.time_split`` shows where the rest went.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ class TrainingStatus:
     started_at: float = 0.0
     updated_at: float = 0.0
     finished: bool = False
+    # fraction of the training's wall time spent in local steps (see the module docstring); None: not measured
+    utilization: Optional[float] = None
+    time_split: dict = field(default_factory=dict)  # seconds: wall, steps, communication, evaluation
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +98,7 @@ class TrainingLoop:
         # a different stream of samples on every peer, reproducible for a given peer id and seed
         self.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(status.peer_id.encode()))
         self.heldout = dataset.heldout_batches(config.eval_batches, config.batch_size, seq_len)
+        self._clock = {"started": None, "steps": 0.0, "evaluation": 0.0}  # the training's wall time, for utilization
 
     def run(self, stop: threading.Event) -> TrainingStatus:
         status = self.status
@@ -97,10 +107,12 @@ class TrainingLoop:
         status.initial_heldout_loss = status.heldout_loss = self.evaluate()
         logger.info(f"start at epoch {status.epoch}, held-out loss {status.heldout_loss:.3f}")
         self._publish(force=True)
-        last_step_end = time.perf_counter()
+        last_step_end = self._clock["started"] = time.perf_counter()
         while not stop.is_set() and not self.reached_max_epochs():
+            step_started = time.perf_counter()
             loss = self.local_step()
             now = time.perf_counter()
+            self._clock["steps"] += now - step_started
             self._update_speed(now - last_step_end)
             last_step_end = now
             status.train_loss = loss if status.train_loss is None else 0.9 * status.train_loss + 0.1 * loss
@@ -109,6 +121,8 @@ class TrainingLoop:
             if self.opt.local_epoch != status.epoch:
                 self._on_new_epoch()
             self._publish(force=False)
+        self._update_utilization()
+        self._clock["started"] = None  # what follows (waiting for the others, settling) is not training
         if self.reached_max_epochs():
             deadline = time.monotonic() + self.config.finish_timeout
             self._wait_for_stragglers(stop, deadline)
@@ -169,7 +183,9 @@ class TrainingLoop:
         if self.opt.local_epoch > status.epoch + 1:
             logger.info(f"caught up with the swarm: epoch {status.epoch} -> {self.opt.local_epoch} (state from peers)")
         status.epoch = self.opt.local_epoch
+        started = time.perf_counter()
         status.heldout_loss = self.evaluate()
+        self._clock["evaluation"] += time.perf_counter() - started
         if not math.isfinite(status.heldout_loss):
             logger.warning(f"held-out loss is {status.heldout_loss} at epoch {status.epoch}")
         if self.save_checkpoint is not None and self.checkpoint_every and status.epoch % self.checkpoint_every == 0:
@@ -185,10 +201,21 @@ class TrainingLoop:
         previous = self.status.samples_per_second
         self.status.samples_per_second = speed if previous == 0 else 0.9 * previous + 0.1 * speed
 
+    def _update_utilization(self) -> None:
+        started, communication = self._clock["started"], self.opt.communication_seconds()
+        if started is None or communication is None:
+            return
+        wall = time.perf_counter() - started
+        steps = self._clock["steps"] - communication
+        self.status.time_split = {"wall": round(wall, 3), "steps": round(steps, 3), "communication": round(communication, 3),
+                                  "evaluation": round(self._clock["evaluation"], 3)}
+        self.status.utilization = round(steps / wall, 4) if wall > 0 else None
+
     def _publish(self, *, force: bool) -> None:
         now = time.time()
         if not force and now - self.status.updated_at < self.status_period:
             return
+        self._update_utilization()
         view = self.opt.swarm_view()
         self.status.swarm_peers, self.status.swarm_epoch = view.num_peers, view.epoch
         self.status.round_samples, self.status.round_target = view.samples, view.target
