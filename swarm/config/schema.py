@@ -12,7 +12,13 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from swarm.compression.registry import CODEC_NAMES, DEFAULT_ADAPTIVE_THRESHOLD
+from swarm.compression.registry import (
+    CODEC_NAMES,
+    DEFAULT_ADAPTIVE_THRESHOLD,
+    DEFAULT_SPARSE_BITS,
+    DEFAULT_SPARSE_FRACTION,
+    SPARSE_BITS,
+)
 from swarm.config.multiaddrs import parse_peer_multiaddr, split_peer_list
 
 
@@ -192,6 +198,13 @@ class AveragingConfig(Section):
         DEFAULT_ADAPTIVE_THRESHOLD, ge=2,
         description="compression: adaptive sends tensors below this many elements in fp16, larger in 8-bit"
     )
+    sparse_fraction: float = Field(
+        DEFAULT_SPARSE_FRACTION, gt=0, le=1,
+        description="compression: sparse sends this share of each part's values (the largest); error feedback "
+        "sends the rest in later rounds"
+    )
+    sparse_bits: Literal[SPARSE_BITS] = Field(DEFAULT_SPARSE_BITS, description="compression: sparse quantizes "
+                                              "each value it sends to this many bits (sign included)")
     chunk_timeout: float = Field(10.0, gt=0, description="silence after which a peer counts as gone mid-transfer "
                                  "(swarm's own averaging: DiLoCo rounds, state downloads, settling a sync run)")
     request_timeout: float = Field(3.0, gt=0, description="wait this long for a group leader's answer")
@@ -200,6 +213,13 @@ class AveragingConfig(Section):
     robust: Optional[RobustConfig] = Field(
         default_factory=RobustConfig, description="robust aggregation in DiLoCo's all-reduce (sync mode's hivemind "
         "averagers do not have it); null = the plain weighted mean, for runs whose peers all trust each other")
+
+    @model_validator(mode="after")
+    def _sparse_needs_diloco(self) -> AveragingConfig:
+        if self.compression == "sparse" and self.mode != "diloco":
+            raise ValueError("averaging.compression: sparse is swarm's own payload format, which only DiLoCo's "
+                             "all-reduce decodes (hivemind's sync averaging cannot): set averaging.mode: diloco")
+        return self
 
 
 class SyncConfig(Section):
