@@ -99,15 +99,14 @@ class SparseLowBit(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo = None, allow_inplace: bool = False
                  ) -> runtime_pb2.Tensor:
-        flat = tensor.detach().reshape(-1).float().cpu()
-        count = flat.numel()
+        flat = tensor.detach().reshape(-1).float().cpu().numpy()
+        count = flat.size
         kept = self.kept(count)
         if kept == count:
-            positions = torch.arange(count)
-        else:
-            positions = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
-        values = flat[positions].numpy().astype(np.float32, copy=False)
-        positions = positions.numpy().astype(np.int64, copy=False)
+            positions = np.arange(count, dtype=np.int64)
+        else:  # introselect, then sort the few kept (torch.topk + sort: 7x slower on 4M values)
+            positions = np.sort(np.argpartition(np.abs(flat), count - kept)[count - kept:]).astype(np.int64)
+        values = flat[positions]
         index_format = min((CHUNKED, BITMAP), key=lambda kind: index_bytes(count, kept, kind))
         scales, codes = _quantize(values, self.bits)
         header = np.array([kept], "<u4").tobytes() + bytes([self.bits, index_format, 0, 0])
