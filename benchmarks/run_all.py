@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile,scaling]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile,scaling,traffic]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -22,7 +22,10 @@
 9. ``scaling.py``: cost against the number of peers (2, 3, 4) and the model's size (0.87M and 10.9M
    parameters): step time and memory, all-reduce time, bytes, CPU and peak memory; a fitted model
    extrapolated to 100 peers and 1B parameters (docs/scaling.md; about 12 minutes, ``--quick`` too).
-Benchmarks 2-7 and 9 need root (network namespaces) and are skipped with a message without it. Each writes
+10. ``traffic.py``: bytes per sample of DiLoCo by H x codec (blockwise8, sparse) against sync, the control
+   traffic (DHT records, heartbeats) apart from the averaging payload, held-out loss vs sync (issue 14 goal 2;
+   about 15 minutes, ``--quick`` 8).
+Benchmarks 2-7, 9 and 10 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
 for the admission benchmark and about 4 (``--quick``: 2) for the robust one.
@@ -47,6 +50,7 @@ BENCHMARKS = {  # name -> (script, arguments for --quick)
     "nat": ("nat_relay", ["--quick"]),
     "hostile": ("hostile_training", ["--rounds", "4", "--attacks", "scale1000,signflip"]),
     "scaling": ("scaling", ["--quick"]),
+    "traffic": ("traffic", ["--quick"]),
 }
 
 

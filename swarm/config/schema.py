@@ -241,6 +241,18 @@ class DiLoCoConfig(Section):
     outer_lr: float = Field(0.7, gt=0)
     outer_momentum: float = Field(0.9, ge=0, lt=1)
     refresh_period: float = Field(1.0, gt=0, description="seconds between progress reports to the DHT")
+    idle_refresh_period: Optional[float] = Field(
+        None, gt=0, description="if set: seconds between progress reports while the round is far from closing "
+        "(every refresh_period from ~3 of them before its end); heartbeats are then judged against it, so a peer gone is noticed about "
+        "3 x this later. Each report costs ~26 KB across 3 peers: this cuts DiLoCo's control traffic"
+    )
+
+    @model_validator(mode="after")
+    def _idle_not_shorter(self) -> DiLoCoConfig:
+        if self.idle_refresh_period is not None and self.idle_refresh_period < self.refresh_period:
+            raise ValueError(f"diloco.idle_refresh_period ({self.idle_refresh_period}) must be at least "
+                             f"diloco.refresh_period ({self.refresh_period})")
+        return self
 
 
 class CheckpointConfig(Section):
