@@ -38,9 +38,10 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
+from swarm.compression.payloads import decode_payload
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.powersgd import PowerSGD
-from swarm.compression.registry import PER_TENSOR_CODEC_NAMES, make_codec
+from swarm.compression.registry import PER_TENSOR_CODEC_NAMES, make_codec, wire_codecs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "codecs.json"
 HIVEMIND_TYPES = {  # our name -> the hivemind CompressionType it is compared with
@@ -51,6 +52,7 @@ HIVEMIND_TYPES = {  # our name -> the hivemind CompressionType it is compared wi
     "quantile8": "QUANTILE_8BIT",
     "blockwise8": "BLOCKWISE_8BIT",
     "adaptive": "BLOCKWISE_8BIT",  # 4M values is above the threshold: blockwise 8-bit
+    "sparse": "BLOCKWISE_8BIT",  # swarm's own format (1 % of the values, 4 bits), next to what DiLoCo sent before
 }
 # /work/shared/BASELINES.md: hivemind 1.1.12 on 4M fp32 values, measured earlier on this kind of machine.
 EARLIER_MS = {"FLOAT16": 40.0, "UNIFORM_8BIT": 30.0, "QUANTILE_8BIT": 190.0, "BLOCKWISE_8BIT": 30.0}
@@ -73,8 +75,15 @@ def hivemind_run(type_name: str) -> Run:
     return run
 
 
+def decoder(name: str) -> Callable[[runtime_pb2.Tensor], torch.Tensor]:
+    """hivemind's decoder, except for swarm's own sparse format, which only swarm's decode_payload reads."""
+    if name != "sparse":
+        return deserialize_torch_tensor
+    return lambda payload: decode_payload(payload, accepted=wire_codecs(name))
+
+
 def swarm_run(name: str) -> Run:
-    codec = make_codec(name)
+    codec, deserialize_torch_tensor = make_codec(name), decoder(name)
 
     def run(x):
         start = time.perf_counter()
@@ -87,8 +96,7 @@ def swarm_run(name: str) -> Run:
 
 
 def error_feedback_run(name: str) -> Run:
-    plan = CompressionPlan(codec=name, error_feedback=True)
-    wire: dict = {}
+    plan, wire, deserialize_torch_tensor = CompressionPlan(codec=name, error_feedback=True), {}, decoder(name)
 
     def one_peer_allreduce(tensors, phase, choose_codec):
         payloads = [choose_codec(t).compress(t, CompressionInfo.from_tensor(t)) for t in tensors]

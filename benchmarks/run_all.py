@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile,scaling,overlap]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile,scaling,overlap,traffic]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -26,7 +26,10 @@
 10. ``overlap.py``: DiLoCo at H=50 with ``diloco.overlap`` off and on, links capped at 100 and 10 Mbit/s:
    compute utilization (fraction of training wall time in local steps), held-out loss on ÷ off at equal
    samples, wall time (about 15 minutes; ``--quick``: 2 rounds per arm).
-Benchmarks 2-7, 9 and 10 need root (network namespaces) and are skipped with a message without it. Each writes
+11. ``traffic.py``: bytes per sample of DiLoCo by H x codec (blockwise8, sparse) against sync, the control
+    traffic (DHT records, heartbeats) apart from the averaging payload, held-out loss vs sync (issue 14 goal 2;
+    about 15 minutes, ``--quick`` 8).
+Benchmarks 2-7 and 9-11 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
 for the admission benchmark and about 4 (``--quick``: 2) for the robust one.
@@ -52,6 +55,7 @@ BENCHMARKS = {  # name -> (script, arguments for --quick)
     "hostile": ("hostile_training", ["--rounds", "4", "--attacks", "scale1000,signflip"]),
     "scaling": ("scaling", ["--quick"]),
     "overlap": ("overlap", ["--rounds", "2"]),
+    "traffic": ("traffic", ["--quick"]),
 }
 
 

@@ -54,6 +54,8 @@ CONFIGS = {  # name -> (kind, options)
     "diloco H=10 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=10)),
     "diloco H=50 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=50)),
     "diloco H=100 8-bit": ("swarm", dict(mode="diloco", compression="blockwise8", inner_steps=100)),
+    "diloco H=50 sparse": ("swarm", dict(mode="diloco", compression="sparse", inner_steps=50)),
+    "diloco H=100 sparse": ("swarm", dict(mode="diloco", compression="sparse", inner_steps=100)),
 }
 
 
@@ -102,7 +104,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
                 f"diloco.inner_steps={options['inner_steps']}"]
     sets += [f"training.max_epochs={epochs}", "checkpoint=null"] + ([] if KEEP_METRICS else ["metrics=null"])
     sets += [] if options.get("robust", True) else ["averaging.robust=null"]  # benchmarks/robust_overhead.py
-    sets += options.get("sets", [])  # e.g. benchmarks/overlap.py: diloco.overlap
+    sets += list(options.get("sets", ()))  # any other overrides (benchmarks/overlap.py, benchmarks/traffic.py)
     hosts = TRAINERS + 1  # host 0: the bootstrap peer
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
     with Lab(hosts, rate=options.get("rate")) as lab:

@@ -31,7 +31,8 @@ from swarm.compression.registry import (
 
 @pytest.mark.timeout(10)
 def test_names_are_the_documented_ones():
-    assert CODEC_NAMES == ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8", "adaptive", "powersgd")
+    assert CODEC_NAMES == ("none", "fp16", "scaled-fp16", "uint8", "quantile8", "blockwise8", "adaptive", "sparse",
+                           "powersgd")
     assert set(RELATIVE_ERROR_BOUND) == set(PER_TENSOR_CODEC_NAMES)
     assert all(is_per_tensor(name) for name in PER_TENSOR_CODEC_NAMES) and not is_per_tensor("powersgd")
 
@@ -84,6 +85,10 @@ def test_degenerate_tensors_round_trip(name, tensor):
     (blockwise8 decodes a constant -3 as -2.979: bitsandbytes' code reaches +1.0 but only -0.993.)"""
     decoded = over_the_wire(encode(make_codec(name), tensor))
     assert decoded.shape == tensor.shape and check_finite([decoded])
+    if name == "sparse":  # sends 1 % of the values (at least one): those come back exact, the others as zero
+        sent = decoded != 0
+        assert int(sent.sum()) == (0 if not tensor.any() else max(1, -(-tensor.numel() // 100)))
+        tensor = torch.where(sent, tensor, torch.zeros_like(tensor))
     assert torch.allclose(decoded, tensor, rtol=0.01, atol=1e-3)
 
 

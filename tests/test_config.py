@@ -142,6 +142,8 @@ def test_config_accepts_exactly_the_registry_codec_names():
     from swarm.compression.registry import CODEC_NAMES
 
     for name in CODEC_NAMES:
-        assert load_config(None, [f"averaging.compression={name}"], environ={}).averaging.compression == name
+        mode = "diloco" if name == "sparse" else "sync"  # sparse: swarm's own all-reduce only
+        assert load_config(None, [f"averaging.compression={name}", f"averaging.mode={mode}"],
+                           environ={}).averaging.compression == name
     with pytest.raises(ConfigError, match="averaging.compression"):
         load_config(None, ["averaging.compression=zstd"], environ={})

@@ -99,7 +99,8 @@ FUZZ = textwrap.dedent("""
     from hivemind.compression import CompressionInfo
 
     rng = random.Random(int(sys.argv[1]))
-    accepted = set(runtime_pb2.CompressionType.keys())
+    from swarm.compression.sparse import SPARSE_WIRE
+    accepted = set(runtime_pb2.CompressionType.keys()) | {"SPARSE_LOWBIT"}
     genuine = []
     for name in PER_TENSOR_CODEC_NAMES:
         for shape in [(7,), (300,), (5000,), (20, 30)]:
@@ -118,7 +119,7 @@ FUZZ = textwrap.dedent("""
             elif kind == 1:  # cut or extend
                 buffer = buffer[:rng.randrange(len(buffer) + 1)] if rng.random() < 0.5 else buffer + bytes(rng.randrange(64))
             elif kind == 2:  # another codec's name on this layout
-                payload.compression = rng.choice(list(runtime_pb2.CompressionType.values()))
+                payload.compression = rng.choice([*runtime_pb2.CompressionType.values(), SPARSE_WIRE])
             elif kind == 3:  # another shape
                 del payload.size[:]
                 payload.size.extend(rng.choice([[], [0], [1], [rng.randrange(1, 10**6)], [2, rng.randrange(10**4)], [2**31, 2**31]]))
@@ -132,7 +133,7 @@ FUZZ = textwrap.dedent("""
 
     def random_payload():
         size = [rng.randrange(0, 300) for _ in range(rng.randint(0, 3))]
-        return runtime_pb2.Tensor(compression=rng.choice(list(runtime_pb2.CompressionType.values())),
+        return runtime_pb2.Tensor(compression=rng.choice([*runtime_pb2.CompressionType.values(), SPARSE_WIRE]),
                                   buffer=bytes(rng.randrange(256) for _ in range(rng.randrange(0, 600))),
                                   size=size, dtype=rng.choice(["float32", "float16", "int64", "bogus"]))
 

@@ -100,3 +100,21 @@ def test_swarm_samples_extrapolate_a_training_peer_by_one_refresh_at_most(dht):
     assert tracker.swarm_samples(2) == 160
     tracker._merge(progress_read(PEERS[0], 3, 16, now - 0.5))  # a new round: no rate carried over
     assert tracker.swarm_samples(3) == 16 and tracker.swarm_samples(2) == 0
+
+
+def test_idle_period_reports_often_only_near_the_round_end(dht):
+    """With idle_period (diloco.idle_refresh_period), the tracker refreshes every idle_period until the
+    trainer says the round is about to close, and judges heartbeats against the idle period."""
+    tracker = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5, idle_period=10.0)
+    assert tracker._loop.period == 10.0 and tracker._tolerance() == 30.0
+    beat = get_dht_time() - 20  # a partner that reports every 10 s, 20 s ago: still there
+    tracker._merge(read_of((PEERS[0], 1, beat)))
+    tracker._read_at = get_dht_time()
+    assert PEERS[0] in tracker.rounds_of_peers()
+    tracker.hurry(True)
+    assert tracker._loop.period == 0.5 and tracker._loop._wakeup.is_set(), "near the end: report now, then often"
+    tracker.hurry(False)
+    assert tracker._loop.period == 10.0
+    plain = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5)
+    plain.hurry(False)
+    assert plain._loop.period == 0.5 and plain._tolerance() == 5.0

@@ -113,6 +113,14 @@ def _compress(codec: CompressionBase, tensor: torch.Tensor) -> runtime_pb2.Tenso
     return codec.compress(tensor, CompressionInfo.from_tensor(tensor, role=TensorRole.GRADIENT))
 
 
+def _reduced_codec(codec: CompressionBase, contributors: int) -> CompressionBase:
+    """The codec of a reducer's result: the inputs' own, except for a sparse codec, whose result keeps the
+    union of the inputs' values (:meth:`swarm.compression.sparse.SparseLowBit.for_reduced`): re-sparsifying it
+    to one input's count would drop what no residual remembers (a reducer keeps none)."""
+    for_reduced = getattr(codec, "for_reduced", None)
+    return for_reduced(contributors) if for_reduced is not None else codec
+
+
 def _decode(payload: runtime_pb2.Tensor, numel: int, accepted: Collection[str]) -> Optional[torch.Tensor]:
     """The decoded part, or None if it is malformed (a codec not accepted, a layout that does not match,
     a wrong size) or holds NaN/Inf. Nothing reaches a decoder before its lengths are checked."""
@@ -292,7 +300,8 @@ class _Run:
             inputs.append((index, decoded, float(peer_weight)))
         self.contributors = len(inputs)
         averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
-        reduced = [_compress(codec, part) for codec, part in zip(self.buckets.codecs, averaged)]
+        reduced = [_compress(_reduced_codec(codec, self.contributors), part)
+                   for codec, part in zip(self.buckets.codecs, averaged)]
         header = {"contributors": self.contributors}
         if self.accountability is not None:  # a digest of the part and signatures: off the event loop
             header["receipt"] = self.receipts[me] = await asyncio.get_running_loop().run_in_executor(

@@ -62,7 +62,8 @@ class Averager:
         self.aggregator = make_aggregator(averaging.robust, max_weight=max_weight)
         self.plan = CompressionPlan(codec=averaging.compression, error_feedback=averaging.error_feedback,
                                     powersgd_rank=averaging.powersgd_rank,
-                                    adaptive_threshold=averaging.adaptive_threshold)
+                                    adaptive_threshold=averaging.adaptive_threshold,
+                                    sparse_fraction=averaging.sparse_fraction, sparse_bits=averaging.sparse_bits)
         self.exclusions: Optional[Exclusions] = None
         if private_key is not None:
             ban = averaging.robust.ban if averaging.robust is not None else None

@@ -5,7 +5,8 @@ lengths inside it: bitsandbytes' blockwise kernel reads out of bounds when the a
 lengths do not match the data, so an 84-byte payload crashes the process (SIGSEGV) before any check
 after decoding could run. :func:`decode_payload` accepts only the codecs the caller accepts and only a
 buffer whose layout is exactly what that codec writes for the announced shape; anything else raises
-:class:`PayloadError`. ``tests/test_payload_fuzz.py`` sends thousands of random and mutated payloads
+:class:`PayloadError`. Swarm's own ``sparse`` format is checked likewise, by
+:func:`swarm.compression.sparse.check_layout`. ``tests/test_payloads.py`` sends thousands of random and mutated payloads
 through it in a separate process.
 """
 
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from hivemind.compression import deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
+
+from swarm.compression import sparse
 
 MAX_DIMS = 8
 BLOCKWISE_BLOCK = 4096  # hivemind 1.1.12's _BLOCKWISE_QUANTIZATION_BLOCKSIZE
@@ -34,6 +37,8 @@ class PayloadError(ValueError):
 
 
 def codec_of(payload: runtime_pb2.Tensor) -> str:
+    if payload.compression == sparse.SPARSE_WIRE:
+        return sparse.SPARSE_WIRE_NAME
     return _TYPES.Name(payload.compression) if payload.compression in _TYPES.values() else f"#{payload.compression}"
 
 
@@ -58,6 +63,8 @@ def decode_payload(payload: runtime_pb2.Tensor, *, accepted: Collection[str], nu
     dtypes = RAW_DTYPES if codec == "NONE" else FLOAT_DTYPES
     if payload.dtype not in dtypes:
         raise PayloadError(f"dtype {payload.dtype[:20]!r} is not accepted with codec {codec}")
+    if codec == sparse.SPARSE_WIRE_NAME:  # swarm's own format: checked and decoded by its module
+        return sparse.decode(payload, sparse.check_layout(payload))
     expected = _expected_bytes(codec, payload, size, count)
     if len(payload.buffer) != expected:
         raise PayloadError(f"{len(payload.buffer)} bytes where codec {codec} writes {expected} for shape {size}")

@@ -15,7 +15,13 @@ import torch
 from hivemind.compression import CompressionBase
 
 from swarm.compression.powersgd import PowerSGD
-from swarm.compression.registry import DEFAULT_ADAPTIVE_THRESHOLD, codec_chooser, validate_codec_name
+from swarm.compression.registry import (
+    DEFAULT_ADAPTIVE_THRESHOLD,
+    DEFAULT_SPARSE_BITS,
+    DEFAULT_SPARSE_FRACTION,
+    codec_chooser,
+    validate_codec_name,
+)
 from swarm.compression.residuals import make_residual_memory
 
 # allreduce(tensors, phase, choose_codec) -> (averaged tensors, this peer's contribution as others decode it)
@@ -28,14 +34,17 @@ class CompressionPlan:
     :param error_feedback: keep what compression dropped and add it to the next contribution (not for
       ``none``, which drops nothing; ``powersgd`` keeps its own, see :class:`PowerSGD`).
     :param powersgd_rank: rank of PowerSGD's factors (``codec: powersgd`` only).
-    :param adaptive_threshold: ``codec: adaptive`` sends tensors under this many values in fp16."""
+    :param adaptive_threshold: ``codec: adaptive`` sends tensors under this many values in fp16.
+    :param sparse_fraction, sparse_bits: ``codec: sparse``: share of values sent and their bits."""
 
     def __init__(self, *, codec: str, error_feedback: bool = True, powersgd_rank: int = 4,
-                 adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD):
+                 adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD,
+                 sparse_fraction: float = DEFAULT_SPARSE_FRACTION, sparse_bits: int = DEFAULT_SPARSE_BITS):
         self.name = validate_codec_name(codec)
         self._uncompressed = codec_chooser("none")
         self._powersgd = PowerSGD(rank=powersgd_rank, error_feedback=error_feedback) if codec == "powersgd" else None
-        self.choose_codec = codec_chooser(codec, adaptive_threshold=adaptive_threshold) if self._powersgd is None \
+        self.choose_codec = codec_chooser(codec, adaptive_threshold=adaptive_threshold,
+                                          sparse_fraction=sparse_fraction, sparse_bits=sparse_bits) if self._powersgd is None \
             else self._uncompressed
         self.residuals = make_residual_memory(error_feedback and codec not in ("none", "powersgd"))
 

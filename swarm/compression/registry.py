@@ -11,7 +11,9 @@ tensors through two all-reduce rounds, see :class:`swarm.compression.powersgd.Po
 Sizes on the wire (payload bytes, fp32 input of n values; measured by ``benchmarks/codecs.py``):
 ``none`` 4n, ``fp16`` and ``scaled-fp16`` 2n (scaled-fp16 adds 8 bytes per row of the last axis),
 ``uint8`` and ``quantile8`` n + 1 KiB (a 256-entry fp32 codebook), ``blockwise8`` n + 1 KiB +
-4 bytes per block of 4096 values. An 8-bit codec therefore makes tensors of fewer than about 350
+4 bytes per block of 4096 values, ``sparse`` (the top ``sparse_fraction`` f of the values, ``sparse_bits``
+b bits each, see :mod:`swarm.compression.sparse`) about f n (2 + b / 8) + 8 f n / 256 bytes (positions as
+16-bit offsets; n / 8 bytes of bitmap instead once f is over about 1/16). An 8-bit codec therefore makes tensors of fewer than about 350
 values *larger* than raw fp32: that is what ``adaptive`` is for.
 """
 
@@ -40,14 +42,18 @@ _PER_TENSOR: dict[str, str] = {
     "blockwise8": "BlockwiseQuantization",
 }
 
+SPARSE_WIRE_NAME = "SPARSE_LOWBIT"  # swarm's own payload format, not one of hivemind's (see swarm.compression.sparse)
+DEFAULT_SPARSE_FRACTION, DEFAULT_SPARSE_BITS = 0.01, 4
+SPARSE_BITS = (2, 4, 8)
+
 # the payload formats (hivemind ``CompressionType`` names) each codec writes; NONE for tensors too small to compress
 _WIRE: dict[str, str] = {"none": "NONE", "fp16": "FLOAT16", "scaled-fp16": "MEANSTD_16BIT", "uint8": "UNIFORM_8BIT",
-                         "quantile8": "QUANTILE_8BIT", "blockwise8": "BLOCKWISE_8BIT"}
+                         "quantile8": "QUANTILE_8BIT", "blockwise8": "BLOCKWISE_8BIT", "sparse": SPARSE_WIRE_NAME}
 
 # ``adaptive``: tensors under the threshold keep fp16 precision, larger ones go 8-bit
 ADAPTIVE_SMALL, ADAPTIVE_LARGE = "fp16", "blockwise8"
 
-PER_TENSOR_CODEC_NAMES: tuple[str, ...] = (*_PER_TENSOR, "adaptive")
+PER_TENSOR_CODEC_NAMES: tuple[str, ...] = (*_PER_TENSOR, "adaptive", "sparse")
 """Names :func:`make_codec` builds: each compresses one tensor into one hivemind payload."""
 
 LOW_RANK_CODEC_NAMES: tuple[str, ...] = ("powersgd",)
@@ -77,7 +83,9 @@ def is_per_tensor(name: str) -> bool:
     return validate_codec_name(name) in PER_TENSOR_CODEC_NAMES
 
 
-def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD) -> CompressionBase:
+def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD,
+               sparse_fraction: float = DEFAULT_SPARSE_FRACTION, sparse_bits: int = DEFAULT_SPARSE_BITS
+               ) -> CompressionBase:
     """Build the per-tensor codec called ``name`` (one of :data:`PER_TENSOR_CODEC_NAMES`).
 
     :param adaptive_threshold: for ``adaptive`` only: tensors with fewer values than this go fp16,
@@ -85,6 +93,10 @@ def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOL
       vocabulary) should keep fp16 precision; lower it to squeeze more bytes out of mid-sized ones.
       Note that inside hivemind's all-reduce the choice is made on the size of the whole tensor,
       not of the part being sent.
+    :param sparse_fraction: for ``sparse`` only: the share of each part's values sent (the largest);
+      the rest waits in the error-feedback residual. ``sparse`` is swarm's own payload format: only
+      swarm's all-reduce (DiLoCo) decodes it, hivemind's (sync mode) cannot.
+    :param sparse_bits: for ``sparse`` only: bits a kept value (2, 4 or 8).
     :raises ValueError: the name is unknown (the message lists the accepted names), or it is
       ``powersgd``, which is not a per-tensor codec.
     """
@@ -97,6 +109,10 @@ def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOL
         )
     if adaptive_threshold < MIN_VALUES_TO_COMPRESS:
         raise ValueError(f"adaptive_threshold must be at least {MIN_VALUES_TO_COMPRESS}, got {adaptive_threshold}")
+    if name == "sparse":  # handles tensors of any size itself (one value or none: sent whole)
+        from swarm.compression.sparse import SparseLowBit
+
+        return SparseLowBit(fraction=sparse_fraction, bits=sparse_bits)
     from hivemind import compression
 
     if name == "none":
@@ -110,7 +126,8 @@ def make_codec(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOL
         threshold=MIN_VALUES_TO_COMPRESS, less=compression.NoCompression(), greater_equal=lossy)
 
 
-def codec_chooser(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD
+def codec_chooser(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRESHOLD,
+                  sparse_fraction: float = DEFAULT_SPARSE_FRACTION, sparse_bits: int = DEFAULT_SPARSE_BITS
                   ) -> Callable[[torch.Tensor], CompressionBase]:
     """For swarm's own all-reduce, which cuts every tensor into parts: tensor -> its codec.
 
@@ -121,7 +138,7 @@ def codec_chooser(name: str, *, adaptive_threshold: int = DEFAULT_ADAPTIVE_THRES
     if name == "adaptive":
         small, large = make_codec(ADAPTIVE_SMALL), make_codec(ADAPTIVE_LARGE)
         return lambda tensor: small if tensor.numel() < adaptive_threshold else large
-    codec = make_codec(name)
+    codec = make_codec(name, sparse_fraction=sparse_fraction, sparse_bits=sparse_bits)
     return lambda tensor: codec
 
 

@@ -78,7 +78,7 @@ class DiLoCo(Collaboration, SharedState):
                                  max_weight=float(bounds.max_round_samples),
                                  private_key=private_key if owner is not None else None)
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
-                                    bounds=bounds, admission=admission)
+                                    bounds=bounds, admission=admission, idle_period=config.idle_refresh_period)
         self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,
                                         load_state_timeout=averaging.load_state_timeout, partners=self._partners,
                                         watch=watch)
@@ -182,8 +182,14 @@ class DiLoCo(Collaboration, SharedState):
         return self.config.round_samples or self.config.inner_steps * self.batch_size * len(self.tracker.expected(self.round))
 
     def _round_closed(self) -> bool:
-        swarm_samples = max(self.tracker.swarm_samples(self.round), self._round_samples)
-        if swarm_samples >= self._round_budget() or time.monotonic() - self._round_started >= self.config.round_timeout:
+        swarm_samples, budget = max(self.tracker.swarm_samples(self.round), self._round_samples), self._round_budget()
+        elapsed = time.monotonic() - self._round_started
+        if self.config.idle_refresh_period is not None:  # report often only when the round is about to close
+            # the others' records may be an idle period old, without a rate yet: also count them at this peer's pace
+            near = max(swarm_samples, self._round_samples * len(self.tracker.expected(self.round)))
+            left = min(elapsed * max(budget - near, 0) / max(near, 1), self.config.round_timeout - elapsed)
+            self.tracker.hurry(left < 3 * self.config.refresh_period)  # the switch refreshes at once
+        if swarm_samples >= budget or elapsed >= self.config.round_timeout:
             return True
         # With overlap, a peer that closed this round reports the next one at once, so its samples no longer
         # count towards this one: that it moved on is what says this round closed.

@@ -13,6 +13,14 @@ stopped waited). So a record of a peer still training is extrapolated at the rat
 of the round show, over the time since it was stamped and never further than one refresh cycle ahead
 (:meth:`RoundTracker.swarm_samples`): a peer that stopped is overestimated by one cycle at most.
 
+Control traffic: each refresh (a signed store to the nodes nearest the key and a read of every peer's
+record from them) costs the swarm about 26 KB per peer (measured: 98 KB/s of non-averaging traffic for 3
+DiLoCo trainers at one refresh a second, 36 KB/s at one every 5 s, ``benchmarks/traffic.py``): more than
+a sparse round's payload. With ``idle_period`` set, the tracker refreshes every ``refresh_period`` only
+while the round is close to closing (:meth:`RoundTracker.hurry`, called by the trainer) and every
+``idle_period`` otherwise; a new state is pushed at once either way. Heartbeats and extrapolation are
+then judged against ``idle_period``: a peer gone is noticed about three idle periods later.
+
 A progress record doubles as a heartbeat: a peer whose record has not been renewed for a while is
 taken for gone. "A while" is measured against this peer's own reads, not the wall clock: when the DHT
 is slow (a node of it unreachable, so every lookup waits out a timeout) or a read fails, silence is
@@ -52,6 +60,9 @@ class RoundTracker:
 
     :param refresh_period: seconds between refreshes (one store and one get). Heartbeats are judged
       against it: a peer is taken for gone after about three missed refreshes (see :meth:`_tolerance`).
+    :param idle_period: if set (at least ``refresh_period``), seconds between refreshes while the round
+      is far from closing (see :meth:`hurry`); heartbeats are then judged against it. Every peer of a run
+      must use the same value (it comes from the run's config).
     :param owner: this peer's ``[owner:<RSA key>]`` tag (:func:`swarm.net.signed_record.owner_tag`):
       its record is stored under it and signed by the DHT; None: under the plain peer id, unsigned
       (accepted only by DHT nodes that check nothing).
@@ -62,8 +73,11 @@ class RoundTracker:
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, refresh_period: float, owner: Optional[bytes] = None,
-                 bounds: RecordBounds = DEFAULT_BOUNDS, admission: Optional[Admission] = None):
+                 bounds: RecordBounds = DEFAULT_BOUNDS, admission: Optional[Admission] = None,
+                 idle_period: Optional[float] = None):
         self.dht, self.run_id, self.refresh_period = dht, run_id, refresh_period
+        self.slowest_period = max(refresh_period, idle_period or refresh_period)  # the longest between refreshes
+        self._hurrying = idle_period is None
         self.owner, self.bounds, self.admission = owner, bounds, admission
         self.peer_id: PeerID = dht.peer_id
         self.me = self.peer_id.to_base58()
@@ -80,7 +94,7 @@ class RoundTracker:
         # The DHT fails in many ways (timeouts, a node gone, a daemon error, a call's coroutine destroyed in
         # the DHT process); each is retried at the next period, and the heartbeat tolerance above decides
         # when silence means a peer is gone.
-        self._loop = PeriodicLoop(name="round-tracker", iteration=self.refresh, period=refresh_period,
+        self._loop = PeriodicLoop(name="round-tracker", iteration=self.refresh, period=self.slowest_period,
                                   startup=self.refresh, retry_on=(Exception, *DHT_CALL_FAILURES))
 
     # ---- called by the trainer ---------------------------------------------------------------
@@ -99,6 +113,16 @@ class RoundTracker:
         with self._lock:
             self._mine = Progress(round_number, samples, get_dht_time())
 
+    def hurry(self, close: bool) -> None:
+        """``close``: the round is about to close (refresh every ``refresh_period``, starting now), or not
+        (every ``idle_period``). Nothing changes without ``idle_period``."""
+        if self._hurrying == close or self.slowest_period == self.refresh_period:
+            return
+        self._hurrying = close
+        self._loop.period = self.refresh_period if close else self.slowest_period
+        if close:
+            self._loop.wake()
+
     def publish_state(self, record: StateRecord) -> None:
         """Set this peer's state record and push it out now (not at the next period)."""
         with self._lock:
@@ -110,7 +134,7 @@ class RoundTracker:
         (see the module's docstring); each other peer's count at most ``bounds.max_round_samples``."""
         with self._lock:
             now = get_dht_time()
-            ahead = self.refresh_period + self._recent_cycle(now)  # how stale a record may be by now
+            ahead = self.slowest_period + self._recent_cycle(now)  # how stale a record may be by now
             others = sum(min(p.samples + self._rates.get(peer, 0.0) * min(max(0.0, now - p.time), ahead),
                              self.bounds.max_round_samples)
                          for peer, p in self._fresh_progress().items() if p.round == round_number and peer != self.me)
@@ -152,7 +176,7 @@ class RoundTracker:
         """How old a heartbeat may be, as of this peer's last read: three missed refreshes of a peer
         whose DHT calls take as long as this peer's, and never under 5 s. "As long" is the slowest of the
         refresh in flight and of the recent ones that still count (:meth:`_count_cycle`)."""
-        return max(5.0, 3 * (self.refresh_period + self._recent_cycle(get_dht_time())))
+        return max(5.0, 3 * (self.slowest_period + self._recent_cycle(get_dht_time())))
 
     def _recent_cycle(self, now: float) -> float:
         """Seconds of the slowest of the refresh in flight and of the recent ones that still count."""
@@ -160,7 +184,7 @@ class RoundTracker:
         return max([cycle] + [seconds for ended, seconds in self._cycles if self._counts(ended, seconds, now)])
 
     def _counts(self, ended: float, seconds: float, now: float) -> bool:
-        return now - ended < 3 * (self.refresh_period + seconds)
+        return now - ended < 3 * (self.slowest_period + seconds)
 
     def _count_cycle(self, ended: float, seconds: float) -> None:
         """A refresh counts for as long as the heartbeats it held back may still be the latest seen. When
