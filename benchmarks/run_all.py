@@ -24,7 +24,7 @@
    extrapolated to 100 peers and 1B parameters (docs/scaling.md; about 12 minutes, ``--quick`` too).
 10. ``overlap.py``: DiLoCo at H=50 with ``diloco.overlap`` off and on, links capped at 100 and 10 Mbit/s:
    compute utilization (fraction of training wall time in local steps), held-out loss on ÷ off at equal
-   samples, wall time (about 15 minutes; ``--quick``: 2 rounds per arm).
+   samples, wall time (about 8 minutes, load 6-8; ``--quick``: 2 rounds per arm).
 Benchmarks 2-7, 9 and 10 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
