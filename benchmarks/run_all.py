@@ -25,7 +25,7 @@
    extrapolated to 100 peers and 1B parameters (docs/scaling.md; about 12 minutes, ``--quick`` too).
 10. ``overlap.py``: DiLoCo at H=50 with ``diloco.overlap`` off and on, links capped at 100 and 10 Mbit/s:
    compute utilization (fraction of training wall time in local steps), held-out loss on ÷ off at equal
-   samples, wall time (about 15 minutes; ``--quick``: 2 rounds per arm).
+   samples, wall time (about 8 minutes, load 6-8; ``--quick``: 2 rounds per arm).
 11. ``traffic.py``: bytes per sample of DiLoCo by H x codec (blockwise8, sparse) against sync, the control
     traffic (DHT records, heartbeats) apart from the averaging payload, held-out loss vs sync (issue 14 goal 2;
     about 15 minutes, ``--quick`` 8).

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from hivemind.compression import CompressionBase
+from hivemind.compression import CompressionBase, CompressionInfo
 
 from swarm.compression.powersgd import PowerSGD
 from swarm.compression.registry import (
@@ -57,6 +57,19 @@ class CompressionPlan:
         for index, (contribution, decoded) in enumerate(zip(contributions, sent)):
             self.residuals.update(index, contribution, decoded)
         return averaged
+
+    def warm_up(self, tensors: list[torch.Tensor], values: int = 4096) -> None:
+        """Compress and decode a piece of each codec these tensors get, once: a codec's first call loads
+        its backend (bitsandbytes: seconds, more on a loaded machine), which would otherwise fall in the
+        first round's all-reduce (with ``diloco.overlap``, competing with the inner steps for the CPU)."""
+        seen = set()
+        for tensor in tensors:
+            codec = self.choose_codec(tensor)
+            if type(codec) in seen:
+                continue
+            seen.add(type(codec))
+            piece = tensor.detach().flatten()[:values].to("cpu", torch.float32)
+            codec.extract(codec.compress(piece, CompressionInfo.from_tensor(piece)))
 
     def forget_residuals(self) -> None:
         """After adopting another state or averaging alone, old residuals no longer apply."""

@@ -77,6 +77,7 @@ class DiLoCo(Collaboration, SharedState):
                                  admit=admission.refusal if admission is not None else None,
                                  max_weight=float(bounds.max_round_samples),
                                  private_key=private_key if owner is not None else None)
+        self.averager.plan.warm_up(self.outer_params)  # not in the first round's all-reduce
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
                                     bounds=bounds, admission=admission, idle_period=config.idle_refresh_period)
         self.agreement = StateAgreement(state=self, service=self.averager.service, tracker=self.tracker, role=role,
