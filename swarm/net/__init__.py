@@ -4,7 +4,8 @@ Owns: ``identity`` (one RSA key: peer id and record signatures), ``dht``
 (start with retries, shutdown, reachability), ``rejoin`` (the loop that pings the initial peers
 to find the way back after a partition), ``keys`` (every DHT key, one table of who
 writes and reads it), and one module per record kind with its schema and validators
-(``metrics_record``, ``diloco_records``, ``refusals``), what signed kinds share (``signed_record``),
+(``metrics_record``, ``diloco_records``, ``refusals``, ``exclusion_record`` with the evidence it carries:
+equivocation, and ``outlier_evidence``), what signed kinds share (``signed_record``),
 the list of validators every node of a run runs (``validators``); ``manifest`` (a run's owner-signed
 settings and a peer's config checked against them) and ``manifest_record`` (signing, its DHT record);
 ``certificate`` (the owner's signed admission of one peer id, with a role) and ``certificate_record``
