@@ -188,14 +188,14 @@ def test_heartbeats_alone_are_cut_at_the_patience():
     started = time.monotonic()
     with pytest.raises(wire.Stalled):
         read(heartbeats(0.05), patience=0.5)
-    assert 0.5 <= time.monotonic() - started < 1.5
+    assert 0.5 <= time.monotonic() - started < 4.0  # cut at the patience, not at a round's timeout (generous: CI is loaded)
 
 
 def test_a_slow_heartbeat_does_not_stretch_the_patience():
     started = time.monotonic()
     with pytest.raises(wire.Stalled):
         read(heartbeats(5.0), patience=0.5)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 4.0  # before the first 5 s heartbeat could have reset anything
 
 
 def test_data_within_the_patience_is_read():

