@@ -274,8 +274,9 @@ def test_every_honest_member_proves_a_persistent_outlier_and_excludes_it():
         for index, result in enumerate(results):
             if index == 2:
                 continue
-            assert {accused for accused, _ in result.clip_reports} == {attacker}
-            assert len({report.signer(attacker) for _, report in result.clip_reports}) == 3
+            assert {accused for accused, _, _ in result.clip_reports} == {attacker}
+            assert len({report.signer(attacker) for _, _, report in result.clip_reports}) == 3
+            assert all(report.signer(attacker) == reducer for _, reducer, report in result.clip_reports)
             assert exclusions[index].note_clips(result.clip_reports) == (1 if round_number == 2 else 0)
     for index in (0, 1, 3):
         assert exclusions[index].refusal(attacker) == EXCLUDED

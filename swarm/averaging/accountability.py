@@ -80,8 +80,8 @@ class Accountability:
 
     @staticmethod
     def check_clips(reports, receipt: list, members: list[str], round_number: int, group_id: bytes, phase: int,
-                    part: int) -> list[tuple[str, ClipReport]]:
-        """(accused, report) for each valid report in ``reports`` (a part's header: untrusted) by the
+                    part: int) -> list[tuple[str, str, ClipReport]]:
+        """(accused, reducer, report) for each valid report in ``reports`` (a part's header: untrusted) by the
         reducer whose checked ``receipt`` came with them, against another member of the group, dated
         within :data:`RECEIPT_SLACK` of the receipt. Anything else is ignored."""
         if not isinstance(reports, list) or len(reports) >= len(members):
@@ -94,7 +94,7 @@ class Accountability:
                 continue
             report = ClipReport(key, round_number, group_id, phase, part, float(item[1]), item[2])
             if report.signer(item[0]) == reducer:
-                found.append((item[0], report))
+                found.append((item[0], reducer, report))
         return found
 
     @staticmethod

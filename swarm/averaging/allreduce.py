@@ -75,8 +75,8 @@ class AllreduceResult:
     repaired_parts: list[int] = field(default_factory=list)  # lost with their reducer, fetched from another member
     # proof that a reducer returned different results to different members (its part is dropped here)
     evidence: list[Evidence] = field(default_factory=list)
-    # reducers' signed reports that they clipped a member's input: (accused, report), for Exclusions
-    clip_reports: list[tuple[str, ClipReport]] = field(default_factory=list)
+    # reducers' signed reports that they clipped a member's input: (accused, reducer, report), for Exclusions
+    clip_reports: list[tuple[str, str, ClipReport]] = field(default_factory=list)
 
 
 @dataclass
@@ -217,7 +217,7 @@ class _Run:
         self.began = get_dht_time()  # receipts of this all-reduce are signed after it (see Accountability.check)
         self.receipts: dict[int, list] = {}  # part -> its reducer's receipt for what this peer holds
         self.evidence: list[Evidence] = []
-        self.clip_reports: list[tuple[str, ClipReport]] = []  # (accused, report) by this round's reducers
+        self.clip_reports: list[tuple[str, str, ClipReport]] = []  # (accused, reducer, report), each checked
         self.equivocated: set[int] = set()  # parts whose reducer was caught returning different results
 
     async def fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:

@@ -96,13 +96,14 @@ class Exclusions:
             self._publish()
         return len(new)
 
-    def note_clips(self, reports: list[tuple[str, ClipReport]]) -> int:
-        """Count a round's verified clip reports (accused, report); evidence they complete is added (and
-        published). Returns how many new items that made."""
+    def note_clips(self, reports: list[tuple[str, str, ClipReport]]) -> int:
+        """Count a round's clip reports (accused, reducer, report), each already checked to be the reducer's
+        (:meth:`~swarm.averaging.accountability.Accountability.check_clips`); evidence they complete is added
+        (verified again there, and published). Returns how many new items that made."""
         if self._tally is None:
             return 0
-        found = [item for accused, report in reports
-                 if (item := self._tally.add(accused, report.signer(accused), report)) is not None]
+        found = [item for accused, reducer, report in reports
+                 if (item := self._tally.add(accused, reducer, report)) is not None]
         return self.add(found) if found else 0
 
     def refusal(self, peer) -> Optional[str]:

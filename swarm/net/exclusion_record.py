@@ -31,16 +31,13 @@ from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
 from swarm.net import keys
 from swarm.net.identity import public_key_of, signer_of
 from swarm.net.outlier_evidence import WIRE_TAG as OUTLIER_TAG
-from swarm.net.outlier_evidence import OutlierEvidence
+from swarm.net.outlier_evidence import OutlierEvidence, place_in_bounds
 from swarm.net.signed_record import SignedRecordGuard, Verdict, peer_of_subkey
 
 logger = get_logger(__name__)
 
 RECEIPT_TAG = b"swarm-reduced-part-v1"  # domain separation: a receipt's signature signs nothing else
 DIGEST_BYTES = 32  # sha256
-MAX_GROUP_ID_BYTES = 64  # group ids are 16 random bytes
-MAX_ROUND = 2**53
-MAX_PARTS = 1 << 16
 MAX_EVIDENCE = 8  # items in one peer's record: the latest offences it saw
 # an equivocation item is about 1 kB (a key, two signatures, two digests), an outlier item about 1.4 kB
 # per round it spans (two reports: a key and a signature each); the record, signed, stays under this
@@ -82,8 +79,7 @@ class Evidence:
 
     def verify(self) -> Optional[str]:
         """None if this is proof of equivocation, else why not. Checks sizes before any decoding."""
-        if not (0 <= self.round <= MAX_ROUND and 0 <= self.phase < 16 and 0 <= self.part < MAX_PARTS
-                and 0 < len(self.group_id) <= MAX_GROUP_ID_BYTES):
+        if not place_in_bounds(self.round, self.group_id, self.phase, self.part):
             return "out of bounds"
         d1, d2 = self.first[1], self.second[1]
         if len(d1) != DIGEST_BYTES or len(d2) != DIGEST_BYTES:

@@ -28,7 +28,18 @@ WIRE_TAG = "outlier"
 MIN_SIGNERS = 2  # distinct reducers that must report a member in a round for the round to count
 MAX_REPORTS = 16  # reports in one item: enough for 8 rounds of 2 reducers
 MAX_PEER_ID_CHARS = 64  # base58 of a 34-byte multihash is 46
+# Bounds on where in a run a signed statement (a clip report here, a receipt in swarm.net.exclusion_record,
+# which imports them from this module, the lower of the two) can place itself
+MAX_GROUP_ID_BYTES = 64  # group ids are 16 random bytes
 MAX_ROUND = 2**53
+MAX_PARTS = 1 << 16
+MAX_PHASES = 16
+
+
+def place_in_bounds(round_number: int, group_id: bytes, phase: int, part: int) -> bool:
+    """Whether (round, group, phase, part) is within the bounds above: checked before any signature."""
+    return (0 <= round_number <= MAX_ROUND and 0 <= phase < MAX_PHASES and 0 <= part < MAX_PARTS
+            and 0 < len(group_id) <= MAX_GROUP_ID_BYTES)
 
 
 def clip_message(round_number: int, group_id: bytes, phase: int, part: int, accused: str, time: float) -> bytes:
@@ -98,10 +109,8 @@ class OutlierEvidence:
             return "malformed accused"
         if not 0 < len(self.reports) <= MAX_REPORTS:
             return "too many or no reports"
-        for report in self.reports:
-            if not (0 <= report.round <= MAX_ROUND and 0 <= report.phase < 16 and 0 <= report.part < 1 << 16
-                    and 0 < len(report.group_id) <= 64):
-                return "out of bounds"
+        if not all(place_in_bounds(report.round, report.group_id, report.phase, report.part) for report in self.reports):
+            return "out of bounds"
         signers: dict[tuple, set[str]] = {}
         for report in self.reports:
             signer = report.signer(self.accused)
