@@ -23,8 +23,9 @@ round by round (round r plays the (r mod count)-th). ``--shared S`` makes the pe
 similar, as gradients of one model are: S times a direction all share, plus each one's own noise.
 ``--no-robust`` turns robust aggregation off (``averaging.robust: null``).
 ``--equivocate`` plays a reducer that returns different results to different members (harness/hostile.py);
-``--no-accountability`` turns off the defence (reducers' signed receipts, compared in the commit, and the
-exclusion of a reducer caught equivocating).
+``--garbage`` plays a reducer that returns everyone the same noise at 100x its true result's norm;
+``--no-accountability`` turns off the defences (reducers' signed receipts, compared in the commit, their signed
+result norms held to the members' signed input norms, and the exclusion of a reducer caught).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ from swarm.averaging.group import RoundMissed
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.registry import wire_codecs
 from swarm.config.schema import AveragingConfig, NetworkConfig
+from swarm.net.bound_evidence import BoundEvidence
 from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
+from swarm.net.exclusion_record import Evidence
 from swarm.net.identity import load_identity
 from swarm.train.rounds import RoundTracker
 
@@ -123,6 +126,8 @@ def _parse_args() -> argparse.Namespace:
                         help="drop every part any member reports missing (the defence against --veto turned off)")
     parser.add_argument("--equivocate", action="store_true",
                         help="as a reducer, return a different (validly signed) result to half the members")
+    parser.add_argument("--garbage", action="store_true",
+                        help="as a reducer, serve everyone noise at 100x the true result's norm, validly signed")
     parser.add_argument("--no-accountability", action="store_true",
                         help="neither sign nor check reduced parts (the defence against --equivocate turned off)")
     return parser.parse_args()
@@ -183,7 +188,8 @@ def main() -> None:
                         fetch_observer=fetches.observe,
                         drop_reported=args.drop_reported,
                         private_key=None if args.no_accountability else identity.private_key)
-    make_hostile(averager.service, veto=args.veto, stall=args.stall, equivocate=args.equivocate)
+    make_hostile(averager.service, veto=args.veto, stall=args.stall, equivocate=args.equivocate,
+                 garbage=args.garbage)
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -257,8 +263,13 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         farthest=result.farthest if result else 0.0,
         repaired_parts=result.repaired_parts if result else [],
         gone=[_index_of(group.members[index]) for index in result.gone] if result else [],
-        # reducers this peer caught equivocating in this round, and every peer it excludes after it
-        equivocators=sorted({item.accused[-6:] for item in result.evidence}) if result else [],
+        # reducers this peer caught equivocating, or returning a result out of bounds, in this round, and every
+        # peer it excludes after it
+        equivocators=sorted({item.accused[-6:] for item in result.evidence if isinstance(item, Evidence)})
+        if result else [],
+        oversized=sorted({item.accused[-6:] for item in result.evidence if isinstance(item, BoundEvidence)})
+        if result else [],
+        norm=float(averaged.norm()),
         excluded=sorted(peer[-6:] for peer in averager.exclusions.excluded()) if averager.exclusions else [],
     )
     if args.snoop:

@@ -9,8 +9,8 @@
   the group and another result (the true one x -10, validly signed if it signs at all) to those at odd
   positions. Without reducer accountability the members then end the round with different models.
 - ``garbage``: as a reducer, it serves everyone the same wrong result for its part (Gaussian noise at
-  100 times the norm of the true result), validly signed: receipts agree, so accountability does not
-  catch it (docs/robust-averaging.md, "What it does not catch").
+  100 times the norm of the true result), validly signed (receipt and statement of its norm): receipts
+  agree, so only the bound on results catches it (:mod:`swarm.net.bound_evidence`).
 
 In every other way the peer is honest: it fetches, reduces and applies what it receives.
 """
@@ -64,12 +64,12 @@ def make_hostile(service: AveragingService, *, veto: bool = False, stall: bool =
         allreduce = service.allreduce
 
         def garbage_allreduce(group, *args, aggregator, **kwargs):
-            return allreduce(group, *args, aggregator=_Garbage(aggregator, seed=group.round), **kwargs)
+            return allreduce(group, *args, aggregator=Garbage(aggregator, seed=group.round), **kwargs)
 
         service.allreduce = garbage_allreduce
 
 
-class _Garbage:
+class Garbage:
     """An aggregator that computes the true result and returns noise of ``GARBAGE_SCALE`` times its norm."""
 
     def __init__(self, honest, seed: int):
@@ -105,7 +105,12 @@ def _equivocate(service: AveragingService) -> None:
                     for payload in entry.payloads]
         header = dict(entry.header)
         if service.accountability is not None:
-            header["receipt"] = service.accountability.receipt(rounds.get(group_id, -1), group_id, phase, index, payloads)
+            round_number, names = rounds.get(group_id, -1), [member.to_base58() for member in members]
+            header["receipt"] = service.accountability.receipt(round_number, group_id, phase, index, payloads)
+            norm = float(torch.linalg.vector_norm(torch.cat([deserialize_torch_tensor(p).reshape(-1).float()
+                                                             for p in payloads]), dtype=torch.float64))
+            header["norm"] = service.accountability.sign_norms(round_number, group_id, phase, names, index,
+                                                               [norm]).to_wire()
         else:
             header.pop("receipt", None)
         for message in wire.tensor_messages(payloads, **header):

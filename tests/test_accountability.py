@@ -24,15 +24,17 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from harness.hostile import GARBAGE_SCALE, Garbage
 from peers.status import format_table
 from swarm.averaging.accountability import Accountability, find_equivocation, part_digest
 from swarm.averaging.allreduce import run_allreduce
 from swarm.averaging.exclusions import EXCLUDED, Exclusions
 from swarm.averaging.group import Group
 from swarm.averaging.outbox import Outbox
-from swarm.averaging.robust import CenteredClip
+from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.config.schema import BanConfig
 from swarm.net import keys
+from swarm.net.bound_evidence import BoundEvidence, find_oversized
 from swarm.net.exclusion_record import (
     MAX_EVIDENCE,
     Evidence,
@@ -44,7 +46,8 @@ from swarm.net.exclusion_record import (
     receipt_message,
 )
 from swarm.net.identity import peer_id_of_public_key
-from swarm.net.outlier_evidence import ClipReport, OutlierEvidence, OutlierTally
+from swarm.net.norm_claims import INPUTS, NormClaim
+from swarm.net.outlier_evidence import Clip, ClipReport, OutlierEvidence, OutlierTally, RoundProof, clip_message
 from swarm.net.validators import run_validators
 from swarm.telemetry.collector import Collector
 from swarm.telemetry.prometheus import SwarmCollector, exposition, make_registry
@@ -130,7 +133,7 @@ def test_dht_nodes_keep_verified_evidence_and_refuse_forged_or_oversized_records
     assert guard.check(forged)[0] == "forged"
     node = CompositeValidator(run_validators("run", KEYS[2]))  # what every swarm DHT node runs
     assert node.validate(genuine) and not node.validate(forged)
-    guard, padded = _record([evidence().to_wire() + [b"x" * 60_000]], KEYS[3])
+    guard, padded = _record([evidence().to_wire() + [b"x" * 70_000]], KEYS[3])
     assert guard.check(padded)[0] == "oversized"
 
 
@@ -210,16 +213,34 @@ def test_status_and_prometheus_show_who_is_excluded_until_when():
 
 
 # ---- persistent outliers ---------------------------------------------------------------------------
-def clip_report(reducer: RSAPrivateKey, accused: str, round_number: int, part: int = 1) -> ClipReport:
-    group_id = bytes([round_number]) * 16
-    _, time, signature = Accountability(reducer).clip_reports(round_number, group_id, 0, part, [accused])[0]
-    return ClipReport(reducer.get_public_key().to_bytes(), round_number, group_id, 0, part, time, signature)
+NAMES = [peer_of(key) for key in KEYS]  # a group in part order: KEYS[i] reduces part i
 
 
-def outlier_evidence(rounds=(1, 2, 3), reducers=(KEYS[1], KEYS[2]), accused: str = None) -> OutlierEvidence:
-    accused = accused or peer_of(KEYS[0])
-    return OutlierEvidence(accused, tuple(clip_report(key, accused, r, part=i + 1)
-                                          for r in rounds for i, key in enumerate(reducers)))
+def group_of(round_number: int) -> bytes:
+    return bytes([round_number]) * 16
+
+
+def input_claim(key: RSAPrivateKey, round_number: int, members=NAMES, norms=(1.0, 1.0, 1.0, 1.0)) -> NormClaim:
+    return Accountability(key).sign_norms(round_number, group_of(round_number), 0, list(members), INPUTS, list(norms))
+
+
+def clip_report(reducer: RSAPrivateKey, accused: str, round_number: int, part: int) -> ClipReport:
+    claim = input_claim(KEYS[NAMES.index(accused)], round_number) if accused in NAMES else input_claim(KEYS[0], 0)
+    _, time, signature, _ = Accountability(reducer).clip_reports(round_number, group_of(round_number), 0, part,
+                                                                 [(accused, claim)])[0]
+    return ClipReport(reducer.get_public_key().to_bytes(), round_number, group_of(round_number), 0, part, time,
+                      signature)
+
+
+def round_proof(round_number: int, reducers=(1, 2), accused: int = 0, members=NAMES, claimant=None) -> RoundProof:
+    """Reports by KEYS[r] (reducer of part r) against member ``accused``, with ``claimant``'s claim (its own)."""
+    claim = input_claim(KEYS[accused if claimant is None else claimant], round_number, members)
+    return RoundProof(tuple(members), claim, tuple(clip_report(KEYS[r], members[accused], round_number, part=r)
+                                                   for r in reducers))
+
+
+def outlier_evidence(rounds=(1, 2, 3), reducers=(1, 2), accused: int = 0) -> OutlierEvidence:
+    return OutlierEvidence(NAMES[accused], tuple(round_proof(r, reducers, accused) for r in rounds))
 
 
 def test_reports_of_two_reducers_a_round_prove_an_outlier_and_nothing_less_does():
@@ -227,14 +248,32 @@ def test_reports_of_two_reducers_a_round_prove_an_outlier_and_nothing_less_does(
     assert item.verify() is None
     again = item_from_wire(MSGPackSerializer.loads(MSGPackSerializer.dumps(item.to_wire())))
     assert again == item and again.verify() is None
-    assert "fewer than 2" in outlier_evidence(reducers=(KEYS[1],)).verify()  # one hostile reducer cannot frame
-    assert outlier_evidence(reducers=(KEYS[1], KEYS[1])).verify() is not None  # nor by signing twice
-    assert outlier_evidence(reducers=(KEYS[0], KEYS[1])).verify() is not None  # a member does not report itself
-    moved = OutlierEvidence(peer_of(KEYS[3]), item.reports)  # the reports name another member
-    assert moved.verify() == "a report does not verify"
+    assert "fewer than 2" in outlier_evidence(reducers=(1,)).verify()  # one hostile reducer cannot frame
+    assert outlier_evidence(reducers=(1, 1)).verify() is not None  # nor by signing twice
+    assert outlier_evidence(reducers=(0, 1)).verify() is not None  # a member does not report itself
+    moved = OutlierEvidence(NAMES[3], item.proofs)  # the reports name another member
+    assert moved.verify() is not None
     assert decode_items([item.to_wire(), evidence().to_wire()]) is not None
     assert decode_items([moved.to_wire()]) is None
     assert item_from_wire(["outlier", "x", [[b"k", 1]]]) is None
+
+
+def test_reducers_cannot_frame_a_peer_they_were_never_grouped_with():
+    """Two identities sign clip reports against a peer, in a "group" it never joined: without the
+    accused's own claim over that member list there is no proof (before, two made-up keys could exclude
+    any peer of an open run); with a claim over another group, or by someone else, neither."""
+    outsiders = [RSAPrivateKey(), RSAPrivateKey()]
+    made_up = [NAMES[0], peer_of(outsiders[0]), peer_of(outsiders[1]), NAMES[3]]
+    claim_elsewhere = input_claim(KEYS[0], 1)  # its real claim, over its real group (NAMES)
+    reports = tuple(ClipReport(key.get_public_key().to_bytes(), 1, group_of(1), 0, part, 0.0,
+                               key.sign(clip_message(1, group_of(1), 0, part, NAMES[0], 0.0)))
+                    for part, key in ((1, outsiders[0]), (2, outsiders[1])))
+    for members, claim in ((made_up, claim_elsewhere), (NAMES, claim_elsewhere)):
+        forged = OutlierEvidence(NAMES[0], (RoundProof(tuple(members), claim, reports),))
+        assert forged.verify() is not None
+    assert OutlierEvidence(NAMES[0], (round_proof(1, claimant=3),)).verify() == \
+        "no claim of the accused over this group"
+    assert OutlierEvidence(NAMES[0], (round_proof(1),)).verify() is None
 
 
 def test_an_outlier_is_excluded_after_the_policys_rounds_and_overlapping_proofs_count_once():
@@ -255,11 +294,12 @@ def test_an_outlier_is_excluded_after_the_policys_rounds_and_overlapping_proofs_
 
 
 def test_a_tally_makes_evidence_once_two_reducers_reported_a_member_in_enough_rounds():
-    tally, accused = OutlierTally(rounds=3), peer_of(KEYS[0])
-    made = []
+    tally, made = OutlierTally(rounds=3), []
     for round_number in (1, 2, 3):
-        assert tally.add(accused, peer_of(KEYS[1]), clip_report(KEYS[1], accused, round_number)) is None
-        made.append(tally.add(accused, peer_of(KEYS[2]), clip_report(KEYS[2], accused, round_number, part=2)))
+        proof = round_proof(round_number)
+        clips = [Clip(NAMES[0], NAMES[r], report, proof.claim, tuple(NAMES)) for r, report in zip((1, 2), proof.reports)]
+        assert tally.add(clips[0]) is None
+        made.append(tally.add(clips[1]))
     assert made[:2] == [None, None] and made[2].verify() is None and made[2].rounds == [1, 2, 3]
 
 
@@ -268,20 +308,23 @@ def test_every_honest_member_proves_a_persistent_outlier_and_excludes_it():
     honest member holds reports by the three honest reducers and, after the third round, excludes it."""
     exclusions = [Exclusions(dht=None, run_id="run", policy=BanConfig(base=60, cap=3600, outlier_rounds=3))
                   for _ in range(4)]
+    off = Exclusions(dht=None, run_id="run", policy=BanConfig(base=60, cap=3600, outlier_rounds=None))
     for round_number in range(3):
         members, results = run_group(accountable=True, equivocator=-1, outlier=2, round_number=round_number)
         attacker = members[2].to_base58()
         for index, result in enumerate(results):
             if index == 2:
                 continue
-            assert {accused for accused, _, _ in result.clip_reports} == {attacker}
-            assert len({report.signer(attacker) for _, _, report in result.clip_reports}) == 3
-            assert all(report.signer(attacker) == reducer for _, reducer, report in result.clip_reports)
+            assert {clip.accused for clip in result.clip_reports} == {attacker}
+            assert len({clip.report.signer(attacker) for clip in result.clip_reports}) == 3
+            assert all(clip.report.signer(attacker) == clip.reducer for clip in result.clip_reports)
             assert exclusions[index].note_clips(result.clip_reports) == (1 if round_number == 2 else 0)
+            assert off.note_clips(result.clip_reports) == 0  # outlier_rounds: null: clipped, never excluded
     for index in (0, 1, 3):
         assert exclusions[index].refusal(attacker) == EXCLUDED
         assert exclusions[index].excluded()[attacker]["reason"] == "outlier"
         assert all(exclusions[index].refusal(members[other]) is None for other in (0, 1, 3))
+    assert off.refusal(attacker) is None and off.excluded() == {}
 
 
 # ---- the all-reduce --------------------------------------------------------------------------------
@@ -299,13 +342,16 @@ class FramingOutbox(Outbox):
         super().put(key, entry)
 
 
-def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1, outlier: int = -1, round_number: int = 0):
+def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1, outlier: int = -1, round_number: int = 0,
+              garbage: int = -1, robust: bool = False):
     """Four members with real identities; ``equivocator`` serves its part x -10 (validly signed) to the
     members at odd positions; ``framer`` claims in its commit a receipt for part 0 that it made up;
-    ``outlier`` sends its update x1000 (reducers aggregate with CenteredClip).
+    ``outlier`` sends its update x1000 (reducers aggregate with CenteredClip, as with ``robust``);
+    ``garbage`` serves everyone noise at 100x its true result's norm (validly signed).
     Returns the members and each one's AllreduceResult."""
     by_peer = {PeerID.from_base58(peer_of(key)): key for key in KEYS}
     members = tuple(sorted(by_peer, key=lambda peer: peer.to_bytes()))
+    names = [member.to_base58() for member in members]
     accounts = [Accountability(by_peer[peer]) for peer in members]
     group_id = os.urandom(16)
     outboxes = [FramingOutbox(accounts[index]) if index == framer else Outbox() for index in range(4)]
@@ -320,9 +366,16 @@ def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1, outl
                 raise TimeoutError(f"member {owner} never offered {key[2:]}")
             if owner == equivocator and key[2] == "out" and key[3] == owner and asker % 2 == 1:
                 other = [serialize_torch_tensor(deserialize_torch_tensor(p) * -10) for p in entry.payloads]
-                return {"receipt": accounts[owner].receipt(round_number, group_id, key[1], owner, other)}, other
+                norm = float(deserialize_torch_tensor(other[0]).norm())
+                return {"receipt": accounts[owner].receipt(round_number, group_id, key[1], owner, other),
+                        "norm": accounts[owner].sign_norms(round_number, group_id, key[1], names, owner,
+                                                           [norm]).to_wire()}, other
             return entry.header, entry.payloads
         return fetch
+
+    def aggregator(index: int):
+        chosen = CenteredClip() if robust or outlier >= 0 else WeightedMean()
+        return Garbage(chosen, seed=round_number) if index == garbage else chosen
 
     async def everyone():
         return await asyncio.gather(*(
@@ -331,7 +384,7 @@ def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1, outl
                            * (1000 if index == outlier else 1)], weight=1.0,
                           phase=0, outbox=outboxes[index], fetch=fetch_for(index),
                           accountability=accounts[index] if accountable else None,
-                          **({"aggregator": CenteredClip()} if outlier >= 0 else {}))
+                          aggregator=aggregator(index))
             for index in range(4)))
 
     return members, asyncio.run(everyone())
@@ -360,3 +413,58 @@ def test_a_member_cannot_frame_an_honest_reducer():
     members, results = run_group(accountable=True, equivocator=-1, framer=2)
     assert not any(result.evidence or result.missing_parts for result in results)
     assert all(torch.equal(result.tensors[0], results[0].tensors[0]) for result in results)
+
+
+# ---- results out of bounds --------------------------------------------------------------------------
+def result_statement(round_number: int, part: int, norm: float, members=NAMES) -> NormClaim:
+    return Accountability(KEYS[part]).sign_norms(round_number, group_of(round_number), 0, list(members), part, [norm])
+
+
+def test_a_result_far_beyond_a_majority_of_its_members_claims_is_proof_and_nothing_less_is():
+    claims = {NAMES[i]: input_claim(KEYS[i], 1, norms=(1.0, 2.0, 1.5, 1.0)) for i in range(4)}
+    found = find_oversized(NAMES, result_statement(1, 3, 100.0), claims)
+    assert found is not None and found.verify() is None and found.accused == NAMES[3]
+    assert len(found.claims) == 2 and NAMES[3] not in {claim.signer() for claim in found.claims}
+    again = item_from_wire(MSGPackSerializer.loads(MSGPackSerializer.dumps(found.to_wire())))
+    assert again == found and decode_items([found.to_wire()]) is not None
+    assert find_oversized(NAMES, result_statement(1, 3, 7.9), claims) is None  # within RATIO x the claims
+    # one member's inflated claim does not shield the reducer: the smallest majority is used
+    shielded = dict(claims, **{NAMES[0]: input_claim(KEYS[0], 1, norms=(1.0, 1.0, 1.0, 1e6))})
+    assert find_oversized(NAMES, result_statement(1, 3, 100.0), shielded) is not None
+    # one member claiming tiny inputs cannot frame an honest reducer: a majority is needed
+    tiny = BoundEvidence(tuple(NAMES), result_statement(1, 3, 3.0),
+                         (input_claim(KEYS[0], 1, norms=(1.0, 1.0, 1.0, 1e-3)),))
+    assert "not a majority" in tiny.verify()
+    # claims by the reducer itself, twice by one member, over another group, or a statement of another key
+    assert BoundEvidence(tuple(NAMES), result_statement(1, 3, 100.0), (claims[NAMES[3]], claims[NAMES[0]])).verify()
+    assert BoundEvidence(tuple(NAMES), result_statement(1, 3, 100.0), (claims[NAMES[0]], claims[NAMES[0]])).verify()
+    other = [NAMES[1], NAMES[0], NAMES[2], NAMES[3]]
+    assert BoundEvidence(tuple(other), result_statement(1, 3, 100.0), (claims[NAMES[0]], claims[NAMES[1]])).verify()
+    forged = Accountability(KEYS[2]).sign_norms(1, group_of(1), 0, NAMES, 3, [100.0])
+    assert BoundEvidence(tuple(NAMES), forged, (claims[NAMES[0]], claims[NAMES[1]])).verify()
+    now = get_dht_time()
+    assert excluded_peers([found], base=60, cap=3600, now=now)[NAMES[3]]["reason"] == "oversized result"
+
+
+def test_every_member_catches_a_garbage_reducer_and_drops_its_part_alike():
+    """A reducer serves everyone the same noise at 100x its true result's norm, validly signed: receipts
+    agree, the result's signed norm is far beyond what the members signed they sent."""
+    members, results = run_group(accountable=True, equivocator=-1, garbage=1, robust=True)
+    honest = [result for index, result in enumerate(results) if index != 1]
+    for result in honest:
+        assert [(type(item), item.accused) for item in result.evidence] == [(BoundEvidence, members[1].to_base58())]
+        assert all(item.verify() is None for item in result.evidence)
+        assert result.missing_parts == [1] and 1 in result.gone
+    assert all(torch.equal(result.tensors[0], honest[0].tensors[0]) for result in honest)
+    exclusions = Exclusions(dht=None, run_id="run", policy=BanConfig(base=60, cap=3600))
+    assert exclusions.add(honest[0].evidence) == 1 and exclusions.refusal(members[1]) == EXCLUDED
+
+
+def test_without_the_bound_a_garbage_reducer_s_noise_goes_into_everyones_model():
+    for accountable, robust in ((False, True), (True, False)):  # unsigned, or the plain mean (no bound applies)
+        _, results = run_group(accountable=accountable, equivocator=-1, garbage=1, robust=robust)
+        assert not any(result.evidence or result.missing_parts for result in results)
+        bounds = slice(NUMEL // 4, NUMEL // 2)  # part 1
+        honest_mean = torch.stack([torch.randn(NUMEL, generator=torch.Generator().manual_seed(i))
+                                   for i in range(4)]).mean(0)[bounds]
+        assert results[0].tensors[0][bounds].norm() > GARBAGE_SCALE / 4 * honest_mean.norm()

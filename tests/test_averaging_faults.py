@@ -278,3 +278,37 @@ def test_a_reducer_returning_different_results_is_caught_and_excluded(averagers,
         assert len({record["hash"] for record in later}) == 1, f"honest members disagree in round {round_number}"
         alone = averagers.records(equivocator).get(round_number, {})
         assert not alone.get("ok") or alone["group_size"] == 1, alone
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("defended", [True, False], ids=["defended", "defence-off"])
+def test_a_reducer_returning_garbage_to_everyone_is_caught_and_excluded(averagers, defended):
+    """A member (a real process, ``--garbage``) serves every member the same noise at 100x the norm of its
+    part's true result, validly signed: the receipts all agree. Its signed statement of the result's norm
+    is far beyond what the other members signed they sent (robust aggregation is on), which is proof: every
+    honest member drops that part alike, stays identical to the others and finite at the honest scale, and
+    excludes the reducer from the next rounds. With the defence off (``--no-accountability`` on the honest
+    members) the noise goes into every honest member's model (its norm about 25x the honest average's)."""
+    attacker, honest = 3, [0, 1, 2]
+    extra_for = lambda index: ["--garbage"] if index == attacker else ([] if defended else ["--no-accountability"])  # noqa: E731
+    peers = averagers.swarm(4, "--expect", "4", "--rounds", "3" if defended else "1", "--megabytes", "1",
+                            "--round-timeout", "10", extra_for=extra_for)
+    for index in honest:
+        assert peers[index].proc.wait(200) == 0, peers[index].log_tail()
+    assert peers[attacker].proc.wait(120) == 0, peers[attacker].log_tail()
+    accused = averagers.records(attacker)[0]["me"]
+    first = [averagers.records(index)[0] for index in honest]
+    assert all(record["ok"] and record["group_size"] == 4 and record["finite"] for record in first), first
+    assert len({record["hash"] for record in first}) == 1, "honest members disagree"
+    scale = first[0]["numel"] ** 0.5  # the norm of one member's N(0, 1) update; the honest average's is half
+    if not defended:
+        assert all(record["norm"] > 5 * scale and not record["oversized"] for record in first), first
+        return
+    for record in first:
+        assert record["oversized"] == [accused] and accused in record["excluded"], record
+        assert record["missing_parts"] == [record["members"].index(accused)] and record["norm"] < scale, record
+    for round_number in (1, 2):
+        later = [averagers.records(index)[round_number] for index in honest]
+        assert all(record["ok"] and accused not in record["members"] and record["group_size"] == 3
+                   and record["finite"] and record["missing_parts"] == [] for record in later), later
+        assert len({record["hash"] for record in later}) == 1, f"honest members disagree in round {round_number}"

@@ -39,7 +39,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.net.exclusion_record import DIGEST_BYTES, Evidence, receipt_message
 from swarm.net.identity import signer_of
-from swarm.net.outlier_evidence import ClipReport, clip_message
+from swarm.net.norm_claims import INPUTS, NormClaim, claim_from_header
+from swarm.net.outlier_evidence import Clip, ClipReport, clip_message
 
 RECEIPT_SLACK = 30.0  # seconds a receipt's time may differ from this peer's clock (DHT time), as for DHT records
 
@@ -72,29 +73,37 @@ class Accountability:
         signature = self.private_key.sign(receipt_message(round_number, group_id, phase, part, time, digest))
         return [self.public_key, time, digest, signature]
 
-    def clip_reports(self, round_number: int, group_id: bytes, phase: int, part: int, accused: list[str]) -> list:
-        """[[accused, time, signature], ...]: this peer, reducer of ``part``, clipped their inputs."""
+    def sign_norms(self, round_number: int, group_id: bytes, phase: int, members: list[str], part: int,
+                   norms: list[float]) -> NormClaim:
+        """This peer's signed input norms (``part`` INPUTS) or result norm (its ``part``) for this round."""
+        return NormClaim.sign(self.private_key, round_number, group_id, phase, members, part, get_dht_time(), norms)
+
+    def clip_reports(self, round_number: int, group_id: bytes, phase: int, part: int,
+                     accused: list[tuple[str, NormClaim]]) -> list:
+        """[[accused, time, signature, its claim], ...]: this peer, reducer of ``part``, clipped their inputs;
+        each report passes on the accused's own input claim (its word that it was in this group)."""
         time = get_dht_time()
-        return [[peer, time, self.private_key.sign(clip_message(round_number, group_id, phase, part, peer, time))]
-                for peer in accused]
+        return [[peer, time, self.private_key.sign(clip_message(round_number, group_id, phase, part, peer, time)),
+                 claim.to_wire()] for peer, claim in accused]
 
     @staticmethod
     def check_clips(reports, receipt: list, members: list[str], round_number: int, group_id: bytes, phase: int,
-                    part: int) -> list[tuple[str, str, ClipReport]]:
-        """(accused, reducer, report) for each valid report in ``reports`` (a part's header: untrusted) by the
-        reducer whose checked ``receipt`` came with them, against another member of the group, dated
-        within :data:`RECEIPT_SLACK` of the receipt. Anything else is ignored."""
+                    part: int) -> list[Clip]:
+        """Each valid report in ``reports`` (a part's header: untrusted) by the reducer whose checked
+        ``receipt`` came with them, against another member of the group that signed its input claim over
+        this group, dated within :data:`RECEIPT_SLACK` of the receipt. Anything else is ignored."""
         if not isinstance(reports, list) or len(reports) >= len(members):
             return []
         reducer, key, found = members[part], receipt[0], []
         for item in reports:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and item[0] in members
+            if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and item[0] in members
                     and item[0] != reducer and type(item[1]) in (int, float) and isinstance(item[2], bytes)
                     and abs(item[1] - receipt[1]) <= RECEIPT_SLACK):
                 continue
+            claim = claim_from_header(item[3], item[0], round_number, group_id, phase, members, INPUTS)
             report = ClipReport(key, round_number, group_id, phase, part, float(item[1]), item[2])
-            if report.signer(item[0]) == reducer:
-                found.append((item[0], reducer, report))
+            if claim is not None and report.signer(item[0]) == reducer:
+                found.append(Clip(item[0], reducer, report, claim, tuple(members)))
         return found
 
     @staticmethod

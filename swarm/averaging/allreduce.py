@@ -31,6 +31,7 @@ heartbeats is cut). Parts with non-finite values are refused when sent and when 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Collection, Optional, Sequence
@@ -46,8 +47,10 @@ from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
 from swarm.averaging.outbox import Entry, Outbox
 from swarm.averaging.robust import Aggregate, CenteredClip, WeightedMean
 from swarm.compression.payloads import PayloadError, decode_payload
+from swarm.net.bound_evidence import BoundEvidence, find_oversized
 from swarm.net.exclusion_record import Evidence
-from swarm.net.outlier_evidence import ClipReport
+from swarm.net.norm_claims import INPUTS, NormClaim, claim_from_header, close_norms
+from swarm.net.outlier_evidence import Clip
 
 logger = get_logger(__name__)
 
@@ -73,10 +76,11 @@ class AllreduceResult:
     seconds: float = 0.0
     sent: list[torch.Tensor] = field(default_factory=list)  # this peer's contribution as others decode it
     repaired_parts: list[int] = field(default_factory=list)  # lost with their reducer, fetched from another member
-    # proof that a reducer returned different results to different members (its part is dropped here)
-    evidence: list[Evidence] = field(default_factory=list)
-    # reducers' signed reports that they clipped a member's input: (accused, reducer, report), for Exclusions
-    clip_reports: list[tuple[str, str, ClipReport]] = field(default_factory=list)
+    # proof that a reducer returned different results to different members, or a result far beyond its
+    # members' signed input norms (its part is dropped here)
+    evidence: list[Evidence | BoundEvidence] = field(default_factory=list)
+    # reducers' signed reports that they clipped a member's input, each checked, for Exclusions
+    clip_reports: list[Clip] = field(default_factory=list)
 
 
 @dataclass
@@ -119,6 +123,11 @@ def _reduced_codec(codec: CompressionBase, contributors: int) -> CompressionBase
     to one input's count would drop what no residual remembers (a reducer keeps none)."""
     for_reduced = getattr(codec, "for_reduced", None)
     return for_reduced(contributors) if for_reduced is not None else codec
+
+
+def _norm(pieces: Sequence[torch.Tensor]) -> float:
+    """The L2 norm of a part given as pieces (one per bucket), summed in float64."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2 for piece in pieces))
 
 
 def _decode(payload: runtime_pb2.Tensor, numel: int, accepted: Collection[str]) -> Optional[torch.Tensor]:
@@ -216,9 +225,14 @@ class _Run:
         self.accountability = accountability
         self.began = get_dht_time()  # receipts of this all-reduce are signed after it (see Accountability.check)
         self.receipts: dict[int, list] = {}  # part -> its reducer's receipt for what this peer holds
-        self.evidence: list[Evidence] = []
-        self.clip_reports: list[tuple[str, str, ClipReport]] = []  # (accused, reducer, report), each checked
-        self.equivocated: set[int] = set()  # parts whose reducer was caught returning different results
+        self.evidence: list[Evidence | BoundEvidence] = []
+        self.clip_reports: list[Clip] = []  # each checked
+        self.convicted: set[int] = set()  # parts whose reducer was proven to equivocate or to be out of bounds
+        self.member_ids = [member.to_base58() for member in group.members]
+        self.claims: dict[int, NormClaim] = {}  # member -> its checked input claim (with its input or commit)
+        self.statements: dict[int, NormClaim] = {}  # part -> its reducer's checked statement of the result's norm
+        # results are held to the members' input norms only under robust aggregation (swarm.net.bound_evidence)
+        self.bounded = accountability is not None and isinstance(aggregator, CenteredClip)
 
     async def fetch(self, peer: PeerID, key: tuple, max_bytes: int) -> tuple[dict, list[runtime_pb2.Tensor]]:
         """``peer``'s entry ``key``. The entry may take as long again to be ready as this peer has spent in
@@ -250,24 +264,42 @@ class _Run:
             payloads = [[_compress(codec, vector[bounds[j][0]:bounds[j][1]]) for codec, vector, bounds in
                          zip(buckets.codecs, buckets.vectors, self.bounds)] for j in range(n)]
             if not check:
-                return payloads, [vector.clone() for vector in buckets.vectors]
+                decoded = [[vector[bounds[j][0]:bounds[j][1]] for vector, bounds in zip(buckets.vectors, self.bounds)]
+                           for j in range(n)]
+                return payloads, [vector.clone() for vector in buckets.vectors], self.claim_norms(decoded)
             decoded = [self.decode_all(payloads[j], j) for j in range(n)]
             if any(parts is None for parts in decoded):
-                return payloads, None
-            return payloads, [torch.cat([decoded[j][k] for j in range(n)]) for k in range(len(buckets.vectors))]
+                return payloads, None, None
+            sent = [torch.cat([decoded[j][k] for j in range(n)]) for k in range(len(buckets.vectors))]
+            return payloads, sent, self.claim_norms(decoded)
 
-        payloads, sent = await asyncio.get_running_loop().run_in_executor(None, compress)
+        payloads, sent, claim = await asyncio.get_running_loop().run_in_executor(None, compress)
         self.finite = sent is not None
         if not self.finite:
             logger.warning(f"round {self.group.round}: this peer's update holds NaN/Inf; it abstains from averaging")
             sent = [vector.clone() for vector in buckets.vectors]
         self.weight = weight if self.finite else 0.0
+        if claim is not None:
+            self.claims[self.group.my_index] = claim
         for j in range(n):
             header = {"weight": self.weight} if self.finite else {"weight": 0.0, "abstain": True}
+            if claim is not None:
+                header["claim"] = claim.to_wire()
             self.outbox.put(self.key("in", j), Entry(payloads[j] if self.finite else [], header))
             if self.finite and j != self.group.my_index:
                 self.bytes_sent += sum(len(payload.buffer) for payload in payloads[j])
         return sent
+
+    def claim_norms(self, decoded: list[list[torch.Tensor]]) -> Optional[NormClaim]:
+        """This peer's signed claim of its inputs' norms, one per part as its reducer decodes it (None
+        without accountability, or if a norm is not finite)."""
+        if self.accountability is None:
+            return None
+        norms = [_norm(pieces) for pieces in decoded]
+        if not all(math.isfinite(norm) for norm in norms):
+            return None
+        return self.accountability.sign_norms(self.group.round, self.group.group_id, self.phase, self.member_ids,
+                                              INPUTS, norms)
 
     async def reduce_my_part(self) -> None:
         """Combine my part of my own input and of every input that arrives (``aggregator``), and offer the result."""
@@ -297,28 +329,47 @@ class _Run:
                 self.refused += 1
                 logger.warning(f"round {self.group.round}: refused an input (NaN/Inf, wrong size or bad weight)")
                 continue
+            if self.accountability is not None:
+                claim = claim_from_header(header.get("claim"), self.member_ids[index], self.group.round,
+                                          self.group.group_id, self.phase, self.member_ids, INPUTS)
+                if claim is None or not close_norms(claim.norms[me], _norm(decoded)):
+                    self.refused += 1
+                    logger.warning(f"round {self.group.round}: refused the input of member {index} (no signed "
+                                   f"claim of its norms over this group, or one that does not match the input)")
+                    continue
+                self.claims[index] = claim
             inputs.append((index, decoded, float(peer_weight)))
         self.contributors = len(inputs)
         averaged = await asyncio.get_running_loop().run_in_executor(None, self.combine, inputs)
         reduced = [_compress(_reduced_codec(codec, self.contributors), part)
                    for codec, part in zip(self.buckets.codecs, averaged)]
+        own = self.decode_all(reduced, me)  # used as the others will decode it
         header = {"contributors": self.contributors}
         if self.accountability is not None:  # a digest of the part and signatures: off the event loop
-            header["receipt"] = self.receipts[me] = await asyncio.get_running_loop().run_in_executor(
-                None, self.accountability.receipt, self.group.round, self.group.group_id, self.phase, me, reduced)
-            if self.clipped:
-                accused = [self.group.members[index].to_base58() for index in self.clipped]
-                header["clips"] = await asyncio.get_running_loop().run_in_executor(
-                    None, self.accountability.clip_reports, self.group.round, self.group.group_id, self.phase, me,
-                    accused)
-                self.note_clips(header, me)
+            header.update(await asyncio.get_running_loop().run_in_executor(None, self.sign_result, reduced, own))
+            self.note_clips(header, me)
         self.outbox.put(self.key("out", me), Entry(reduced, header))
         self.bytes_sent += sum(len(payload.buffer) for payload in reduced) * (self.group.size - 1)
-        own = self.decode_all(reduced, me)  # used as the others will decode it
         if own is None:
             self.missing.add(me)
         else:
             self.results[me] = own
+
+    def sign_result(self, reduced: list[runtime_pb2.Tensor], own: Optional[list[torch.Tensor]]) -> dict:
+        """What this reducer signs about its result: the receipt, the statement of its norm, and a clip
+        report for each member it clipped (with that member's claim)."""
+        group, me, account = self.group, self.group.my_index, self.accountability
+        signed = {"receipt": account.receipt(group.round, group.group_id, self.phase, me, reduced)}
+        self.receipts[me] = signed["receipt"]
+        if own is not None:
+            self.statements[me] = account.sign_norms(group.round, group.group_id, self.phase, self.member_ids, me,
+                                                     [_norm(own)])
+            signed["norm"] = self.statements[me].to_wire()
+        accused = [(self.member_ids[index], self.claims[index]) for index in self.clipped
+                   if index != me and index in self.claims]
+        if accused:
+            signed["clips"] = account.clip_reports(group.round, group.group_id, self.phase, me, accused)
+        return signed
 
     def max_part_bytes(self, index: int) -> int:
         return 8 * sum(self.numels(index)) + 4096
@@ -372,10 +423,11 @@ class _Run:
                 self.gone.add(index)
                 return index, None, None
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
-            if not await self.receipt_holds(header, index, payloads, f"from its reducer {index}"):
+            decoded = await self.checked_result(header, index, payloads, f"from its reducer {index}")
+            if decoded is None:
                 return index, None, None
             self.note_clips(header, index)
-            return index, self.decode_all(payloads, index), Entry(payloads, self.relayed_header(header))
+            return index, decoded, Entry(payloads, self.relayed_header(header))
 
         for index, decoded, entry in await asyncio.gather(*(fetch_output(i, peer) for i, peer in self.group.others())):
             if decoded is None:
@@ -383,6 +435,26 @@ class _Run:
             else:
                 self.results[index] = decoded
                 self.outbox.put(self.key("out", index), entry)
+
+    async def checked_result(self, header: dict, part: int, payloads: list[runtime_pb2.Tensor],
+                             source: str) -> Optional[list[torch.Tensor]]:
+        """Part ``part`` decoded, or None if it is malformed, or (with accountability) ``header`` lacks its
+        reducer's valid receipt for ``payloads`` or its signed statement of the decoded part's norm (both
+        are kept, for the commit)."""
+        if not await self.receipt_holds(header, part, payloads, source):
+            return None
+        decoded = self.decode_all(payloads, part)
+        if decoded is None or self.accountability is None:
+            return decoded
+        statement = claim_from_header(header.get("norm"), self.member_ids[part], self.group.round,
+                                      self.group.group_id, self.phase, self.member_ids, part)
+        if statement is None or not close_norms(statement.norms[0], _norm(decoded)):
+            self.refused += 1
+            logger.warning(f"round {self.group.round}: refused part {part} {source} (no signed statement of its "
+                           f"norm, or one that does not match it)")
+            return None
+        self.statements[part] = statement
+        return decoded
 
     async def receipt_holds(self, header: dict, part: int, payloads: list[runtime_pb2.Tensor], source: str) -> bool:
         """True if accountability is off, or ``header`` carries part ``part``'s reducer's valid receipt for
@@ -409,8 +481,8 @@ class _Run:
                 self.group.round, self.group.group_id, self.phase, part)
 
     def relayed_header(self, header: dict) -> dict:
-        """What a relay of a part carries: its reducer's receipt, and nothing else of its header."""
-        return {"receipt": header["receipt"]} if self.accountability is not None else {}
+        """What a relay of a part carries: its reducer's receipt and statement of its norm, nothing else."""
+        return {"receipt": header["receipt"], "norm": header.get("norm")} if self.accountability is not None else {}
 
     async def commit(self) -> None:
         """Tell the others which parts this peer lacks and learn theirs: a member's report says whom not to
@@ -421,8 +493,11 @@ class _Run:
         header = {"missing": sorted(self.missing)}
         if self.accountability is not None:
             header["receipts"] = [[part, receipt] for part, receipt in sorted(self.receipts.items())]
+            if self.group.my_index in self.claims:
+                header["claim"] = self.claims[self.group.my_index].to_wire()
         self.outbox.put(self.key("commit", 0), Entry([], header))
         received: dict[int, list] = {}
+        claims: dict[int, object] = {}
 
         async def fetch_commit(index: int, peer: PeerID) -> None:
             try:
@@ -432,7 +507,7 @@ class _Run:
             except Exception:  # a member gone by now is not asked for parts
                 self.gone.add(index)
                 return
-            received[index] = receipts
+            received[index], claims[index] = receipts, header.get("claim")
             self.lacking[index] = lacking
             if lacking:
                 logger.info(f"round {self.group.round}: member {index} reports lacking parts {sorted(lacking)}")
@@ -441,6 +516,8 @@ class _Run:
         await asyncio.gather(*(fetch_commit(index, peer) for index, peer in members))
         if self.accountability is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.compare_receipts, received)
+            if self.bounded:
+                await asyncio.get_running_loop().run_in_executor(None, self.check_bounds, claims)
         if self.drop_reported:  # the old rule: any member's report drops a part for everyone
             self.missing.update(*self.lacking.values())
 
@@ -467,12 +544,40 @@ class _Run:
                 continue
             logger.warning(f"round {group.round}: reducer {group.members[part]} returned different results for "
                            f"part {part} to different members (signed proof); its part is dropped")
-            self.evidence.append(evidence)
-            self.equivocated.add(part)
-            self.missing.add(part)
-            self.results.pop(part, None)
-            if part != group.my_index:
-                self.gone.add(part)
+            self.convict(part, evidence)
+
+    def check_bounds(self, claims: dict[int, object]) -> None:
+        """Each part's result against its members' signed input norms (those that came with their inputs
+        to this peer's part, and those in the commits): a result far beyond a majority of them is proof
+        that its reducer returned garbage (:mod:`swarm.net.bound_evidence`). Its part is dropped here."""
+        group = self.group
+        for index, value in claims.items():
+            if index not in self.claims:
+                claim = claim_from_header(value, self.member_ids[index], group.round, group.group_id, self.phase,
+                                          self.member_ids, INPUTS)
+                if claim is not None:
+                    self.claims[index] = claim
+        by_signer = {self.member_ids[index]: claim for index, claim in self.claims.items()}
+        for part, statement in sorted(self.statements.items()):
+            if part == group.my_index or part in self.convicted:
+                continue
+            evidence = find_oversized(self.member_ids, statement, by_signer)
+            if evidence is None:
+                continue
+            largest = max(claim.norms[part] for claim in evidence.claims)
+            logger.warning(f"round {group.round}: reducer {group.members[part]} returned a result of norm "
+                           f"{statement.norms[0]:.3g} for part {part}, over {statement.norms[0] / max(largest, 1e-30):.0f}"
+                           f"x its members' signed input norms (signed proof); its part is dropped")
+            self.convict(part, evidence)
+
+    def convict(self, part: int, evidence: Evidence | BoundEvidence) -> None:
+        """Drop ``part`` (proven bad), count its reducer as gone, and keep the proof for Exclusions."""
+        self.evidence.append(evidence)
+        self.convicted.add(part)
+        self.missing.add(part)
+        self.results.pop(part, None)
+        if part != self.group.my_index:
+            self.gone.add(part)
 
     async def repair(self) -> None:
         """Fetch each part this peer lacks from a member whose commit says it holds that part (not from
@@ -480,7 +585,7 @@ class _Run:
         can hold). A holder that fails to deliver counts as gone. What no holder delivers is dropped here."""
         me, n = self.group.my_index, self.group.size
         if not self.drop_reported:
-            lacking = sorted(self.missing - {me} - self.equivocated)
+            lacking = sorted(self.missing - {me} - self.convicted)
             repaired = await asyncio.gather(*(self._repair_part(part) for part in lacking))
             for part, decoded in repaired:
                 if decoded is not None:
@@ -505,9 +610,7 @@ class _Run:
                 self.gone.add(index)
                 continue
             self.bytes_received += sum(len(payload.buffer) for payload in payloads)
-            if not await self.receipt_holds(header, part, payloads, f"relayed by member {index}"):
-                continue
-            decoded = self.decode_all(payloads, part)
+            decoded = await self.checked_result(header, part, payloads, f"relayed by member {index}")
             if decoded is not None:
                 logger.info(f"round {self.group.round}: part {part}, not delivered here by its reducer, "
                             f"fetched from member {index}")

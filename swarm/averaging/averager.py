@@ -25,6 +25,8 @@ from swarm.averaging.service import AveragingService
 from swarm.compression.finite import check_finite
 from swarm.compression.plan import CompressionPlan
 from swarm.compression.registry import wire_codecs
+from swarm.net.bound_evidence import BoundEvidence
+from swarm.net.exclusion_record import Evidence
 
 logger = get_logger(__name__)
 
@@ -138,7 +140,9 @@ class Averager:
         counters.peak_distance_ratio = max(counters.peak_distance_ratio, round(result.farthest, 3))
         counters.dropped_parts += len(result.missing_parts)
         if result.evidence:
-            counters.equivocations += len({item.accused for item in result.evidence})
+            counters.equivocations += len({item.accused for item in result.evidence if isinstance(item, Evidence)})
+            counters.oversized_results += len({item.accused for item in result.evidence
+                                               if isinstance(item, BoundEvidence)})
             if self.exclusions is not None:
                 self.exclusions.add(result.evidence)
         if result.clip_reports and self.exclusions is not None:

@@ -21,6 +21,8 @@ class Counters:
     refused_requests: dict = field(default_factory=dict)  # requests of others this peer refused, by reason
     # reducers caught returning different results to different members (signed proof; swarm.averaging.accountability)
     equivocations: int = 0
+    # reducers caught returning a result far beyond their members' signed input norms (swarm.net.bound_evidence)
+    oversized_results: int = 0
     dropped_parts: int = 0  # parts set to zero here: their reducer failed and no member reached held them
     state_downloads: int = 0
     bytes_sent: int = 0

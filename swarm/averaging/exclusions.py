@@ -1,4 +1,5 @@
-"""Who this peer does not average with, and until when: consequences of proven equivocation, and of
+"""Who this peer does not average with, and until when: consequences of proven equivocation, of a
+reducer's result proven far out of its members' bounds (:mod:`swarm.net.bound_evidence`), and of
 being proven an outlier (reports by two reducers a round that they clipped a member's input, in
 ``averaging.robust.ban.outlier_rounds`` rounds: :mod:`swarm.net.outlier_evidence`).
 
@@ -22,9 +23,10 @@ import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
 from swarm.loops import PeriodicLoop
+from swarm.net.bound_evidence import BoundEvidence
 from swarm.net.dht import DHT_CALL_FAILURES
 from swarm.net.exclusion_record import Item, excluded_peers, publish_evidence, read_evidence
-from swarm.net.outlier_evidence import ClipReport, OutlierEvidence, OutlierTally
+from swarm.net.outlier_evidence import Clip, OutlierEvidence, OutlierTally
 
 logger = get_logger(__name__)
 
@@ -85,9 +87,14 @@ class Exclusions:
             if after.get(item.accused, {}).get("offences", 0) > before.get(item.accused, {}).get("offences", 0) \
                     or self.policy is None:
                 until = after.get(item.accused, {}).get("until")
-                what = (f"member {item.accused} was clipped as an outlier by two reducers in each of rounds "
-                        f"{item.rounds} (proof" if isinstance(item, OutlierEvidence) else
-                        f"reducer {item.accused} equivocated in round {item.round} (part {item.part}, proof")
+                if isinstance(item, OutlierEvidence):
+                    what = (f"member {item.accused} was clipped as an outlier by two reducers in each of rounds "
+                            f"{item.rounds} (proof")
+                elif isinstance(item, BoundEvidence):
+                    what = (f"reducer {item.accused} returned a result far larger than its members' inputs in round "
+                            f"{item.round} (part {item.part}, proof")
+                else:
+                    what = f"reducer {item.accused} equivocated in round {item.round} (part {item.part}, proof"
                 logger.warning(f"{what} {'found here' if mine else 'read from the DHT'}); "
                                + (f"excluded for {until - get_dht_time():.0f}s, offence "
                                   f"{after[item.accused]['offences']}" if until else "not excluded (ban: null)"))
@@ -96,14 +103,13 @@ class Exclusions:
             self._publish()
         return len(new)
 
-    def note_clips(self, reports: list[tuple[str, str, ClipReport]]) -> int:
-        """Count a round's clip reports (accused, reducer, report), each already checked to be the reducer's
+    def note_clips(self, clips: list[Clip]) -> int:
+        """Count a round's clip reports, each already checked
         (:meth:`~swarm.averaging.accountability.Accountability.check_clips`); evidence they complete is added
         (verified again there, and published). Returns how many new items that made."""
         if self._tally is None:
             return 0
-        found = [item for accused, reducer, report in reports
-                 if (item := self._tally.add(accused, reducer, report)) is not None]
+        found = [item for clip in clips if (item := self._tally.add(clip)) is not None]
         return self.add(found) if found else 0
 
     def refusal(self, peer) -> Optional[str]:

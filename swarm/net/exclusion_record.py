@@ -29,9 +29,12 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time, get_logger
 
 from swarm.net import keys
+from swarm.net.bound_evidence import WIRE_TAG as BOUND_TAG
+from swarm.net.bound_evidence import BoundEvidence
 from swarm.net.identity import public_key_of, signer_of
+from swarm.net.norm_claims import place_in_bounds
 from swarm.net.outlier_evidence import WIRE_TAG as OUTLIER_TAG
-from swarm.net.outlier_evidence import OutlierEvidence, place_in_bounds
+from swarm.net.outlier_evidence import OutlierEvidence
 from swarm.net.signed_record import SignedRecordGuard, Verdict, peer_of_subkey
 
 logger = get_logger(__name__)
@@ -41,7 +44,8 @@ DIGEST_BYTES = 32  # sha256
 MAX_EVIDENCE = 8  # items in one peer's record: the latest offences it saw
 # an equivocation item is about 1 kB (a key, two signatures, two digests), an outlier item about 1.4 kB
 # per round it spans (two reports: a key and a signature each); the record, signed, stays under this
-MAX_RECORD_BYTES = 49_152
+MAX_RECORD_BYTES = 65_536
+VALUE_BUDGET = MAX_RECORD_BYTES - 4096  # what this peer's items may take, leaving room for the signature
 
 
 def receipt_message(round_number: int, group_id: bytes, phase: int, part: int, time: float, digest: bytes) -> bytes:
@@ -125,19 +129,21 @@ def exclusion_seconds(offences: int, base: float, cap: float) -> float:
     return min(cap, base * 2.0 ** min(offences - 1, 64))
 
 
-Item = Union[Evidence, OutlierEvidence]
+Item = Union[Evidence, OutlierEvidence, BoundEvidence]
+REASONS = {Evidence: "equivocation", OutlierEvidence: "outlier", BoundEvidence: "oversized result"}
 
 
 def excluded_peers(items: list[Item], *, base: float, cap: float, now: float,
                    outlier_rounds: Optional[int] = None) -> dict[str, dict]:
     """peer id -> {"until": DHT time, "offences": n, "reason": ...} for each peer that ``items`` (verified evidence)
-    exclude at ``now``, with the ``reason`` ("equivocation", "outlier" or both). An equivocation offence is one (round, group), however many parts or proofs show
+    exclude at ``now``, with the ``reason`` (:data:`REASONS`, joined by "and"). An equivocation offence is one (round, group), however many parts or proofs show
     it; an outlier offence is ``outlier_rounds`` proven rounds (None: outlier evidence excludes no one),
     and items over overlapping spans of rounds count once. The n-th offence excludes for
     :func:`exclusion_seconds` from the later time the offender's accusers signed (clamped to ``now``:
     a signature dated ahead cannot lengthen the exclusion)."""
     offences: dict[str, dict[tuple, float]] = {}
     outliers: dict[str, list[OutlierEvidence]] = {}
+    reasons: dict[str, set[str]] = {}
     for item in items:
         accused = item.accused
         if accused is None:
@@ -146,6 +152,7 @@ def excluded_peers(items: list[Item], *, base: float, cap: float, now: float,
             if outlier_rounds is not None and len(item.rounds) >= outlier_rounds:
                 outliers.setdefault(accused, []).append(item)
             continue
+        reasons.setdefault(accused, set()).add(REASONS[type(item)])
         times = offences.setdefault(accused, {})
         times[item.offence] = max(times.get(item.offence, 0.0), min(item.time, now))
     for accused, found in outliers.items():
@@ -153,20 +160,21 @@ def excluded_peers(items: list[Item], *, base: float, cap: float, now: float,
         for item in sorted(found, key=lambda item: item.rounds[-1]):
             if item.rounds[0] > last:  # disjoint from the offence counted before
                 offences.setdefault(accused, {})[item.offence] = min(item.time, now)
+                reasons.setdefault(accused, set()).add(REASONS[OutlierEvidence])
                 last = item.rounds[-1]
     result = {}
     for peer, times in offences.items():
         until = max(times.values()) + exclusion_seconds(len(times), base, cap)
         if until > now:
-            kinds = sorted({"outlier" if offence[0] == OUTLIER_TAG else "equivocation" for offence in times})
-            result[peer] = {"until": until, "offences": len(times), "reason": " and ".join(kinds)}
+            result[peer] = {"until": until, "offences": len(times), "reason": " and ".join(sorted(reasons[peer]))}
     return result
 
 
 def item_from_wire(item) -> Optional[Item]:
     """An item of either kind from its decoded form, or None if its shape or types are wrong (not yet verified)."""
-    if isinstance(item, list) and item and isinstance(item[0], str):  # outlier items start with their tag
-        return OutlierEvidence.from_wire(item)
+    if isinstance(item, list) and item and isinstance(item[0], str):  # outlier and bound items start with their tag
+        return {OUTLIER_TAG: OutlierEvidence.from_wire, BOUND_TAG: BoundEvidence.from_wire}.get(
+            item[0], lambda _: None)(item)
     return Evidence.from_wire(item)
 
 
@@ -195,9 +203,12 @@ class ExclusionRecordGuard(SignedRecordGuard):
 
 def publish_evidence(dht: hivemind.DHT, run_id: str, owner: Optional[bytes], items: list[Item],
                      ttl: float = keys.EXCLUSION_TTL):
-    """Store this peer's latest evidence (the last :data:`MAX_EVIDENCE` items) under its own subkey;
-    returns the store's future (a caller on an event loop must not wait on the DHT)."""
+    """Store this peer's latest evidence (the last :data:`MAX_EVIDENCE` items, fewer if they would not fit
+    in :data:`VALUE_BUDGET`) under its own subkey; returns the store's future (a caller on an event loop
+    must not wait on the DHT)."""
     value = [item.to_wire() for item in items[-MAX_EVIDENCE:]]
+    while len(value) > 1 and len(MSGPackSerializer.dumps(value)) > VALUE_BUDGET:
+        value.pop(0)
     return dht.store(keys.exclusions(run_id), value, get_dht_time() + ttl, subkey=owner or dht.peer_id.to_base58(),
                      return_future=True)
 

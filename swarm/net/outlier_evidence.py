@@ -4,10 +4,18 @@ Robust aggregation bounds what one hostile input does to a round; this is what m
 clipped round after round leave the groups. A reducer that clipped a member's input signs a *clip
 report* ``(round, group id, phase, part, accused, time)`` (:func:`clip_message`) and serves it with its
 part, next to its receipt (:mod:`swarm.averaging.accountability`). :class:`OutlierEvidence` against a
-member gathers such reports from several rounds: it verifies alone (every signature is its reducer's
-own, no reducer accuses itself) and only if each round it names holds reports by at least
-:data:`MIN_SIGNERS` distinct reducers, so one hostile reducer cannot frame a member. How many rounds
-make an offence is the run's policy (``averaging.robust.ban.outlier_rounds``), applied by each reader.
+member gathers such reports from several rounds (:class:`RoundProof` each): it verifies alone and only
+if each round holds
+
+- the accused's own signed input claim (:class:`~swarm.net.norm_claims.NormClaim`, which a reducer
+  requires with every input, and passes on with its report) over the group's member list: its word
+  that it was in that group. Without it, two made-up identities could sign reports about a group that
+  never met and exclude any peer of an open run;
+- reports by at least :data:`MIN_SIGNERS` distinct reducers of that group (each signed by the member
+  that reduces the part it names, none by the accused), so one hostile reducer cannot frame a member.
+
+How many rounds make an offence is the run's policy (``averaging.robust.ban.outlier_rounds``),
+applied by each reader.
 
 It travels in the same exclusion record as equivocation evidence (:mod:`swarm.net.exclusion_record`),
 tagged ``"outlier"`` on the wire.
@@ -22,24 +30,13 @@ from typing import Optional
 from hivemind.utils import MSGPackSerializer
 
 from swarm.net.identity import signer_of
+from swarm.net.norm_claims import INPUTS, MAX_PEER_ID_CHARS, NormClaim, members_in_bounds, place_in_bounds
 
 CLIP_TAG = b"swarm-clipped-input-v1"  # domain separation from receipts and DHT records
 WIRE_TAG = "outlier"
 MIN_SIGNERS = 2  # distinct reducers that must report a member in a round for the round to count
-MAX_REPORTS = 16  # reports in one item: enough for 8 rounds of 2 reducers
-MAX_PEER_ID_CHARS = 64  # base58 of a 34-byte multihash is 46
-# Bounds on where in a run a signed statement (a clip report here, a receipt in swarm.net.exclusion_record,
-# which imports them from this module, the lower of the two) can place itself
-MAX_GROUP_ID_BYTES = 64  # group ids are 16 random bytes
-MAX_ROUND = 2**53
-MAX_PARTS = 1 << 16
-MAX_PHASES = 16
-
-
-def place_in_bounds(round_number: int, group_id: bytes, phase: int, part: int) -> bool:
-    """Whether (round, group, phase, part) is within the bounds above: checked before any signature."""
-    return (0 <= round_number <= MAX_ROUND and 0 <= phase < MAX_PHASES and 0 <= part < MAX_PARTS
-            and 0 < len(group_id) <= MAX_GROUP_ID_BYTES)
+MAX_ROUNDS = 8  # rounds in one item (the policy's outlier_rounds is at most 8)
+MAX_REPORTS_PER_ROUND = 4  # two are needed
 
 
 def clip_message(round_number: int, group_id: bytes, phase: int, part: int, accused: str, time: float) -> bytes:
@@ -82,15 +79,77 @@ class ClipReport:
 
 
 @dataclass(frozen=True)
-class OutlierEvidence:
-    """Reports that reducers clipped ``accused`` in several rounds."""
+class Clip:
+    """A checked clip report as a member received it: who was clipped, by which reducer, the reducer's
+    report, the accused's input claim the reducer passed on, and the group's members (in part order)."""
 
-    accused: str  # the member's peer id (base58)
+    accused: str
+    reducer: str
+    report: ClipReport
+    claim: NormClaim
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoundProof:
+    """One round in which at least two reducers clipped the accused: the group's members (in part
+    order), the accused's own signed input claim over that member list (its word that it was in that
+    group: no one can make up a group around it), and the reducers' reports."""
+
+    members: tuple[str, ...]
+    claim: NormClaim
     reports: tuple[ClipReport, ...]
 
     @property
+    def round(self) -> int:
+        return self.claim.round
+
+    def verify(self, accused: str) -> Optional[str]:
+        if not members_in_bounds(self.members) or accused not in self.members:
+            return "malformed members"
+        if not 0 < len(self.reports) <= MAX_REPORTS_PER_ROUND:
+            return "too many or no reports"
+        claim = self.claim
+        if not claim.about(claim.round, claim.group_id, claim.phase, self.members, INPUTS) or claim.signer() != accused:
+            return "no claim of the accused over this group"
+        signers = set()
+        for report in self.reports:
+            if (report.round, report.group_id) != (claim.round, claim.group_id) \
+                    or not place_in_bounds(report.round, report.group_id, report.phase, report.part):
+                return "a report about another round or group"
+            signer = report.signer(accused)
+            if signer is None or signer == accused or signer not in self.members \
+                    or self.members.index(signer) != report.part:
+                return "a report does not verify, or not by the part's reducer"
+            signers.add(signer)
+        if len(signers) < MIN_SIGNERS:
+            return f"a round with fewer than {MIN_SIGNERS} reducers' reports"
+        return None
+
+    def to_wire(self) -> list:
+        return [list(self.members), self.claim.to_wire(), [report.to_wire() for report in self.reports]]
+
+    @classmethod
+    def from_wire(cls, item) -> Optional["RoundProof"]:
+        if not (isinstance(item, list) and len(item) == 3 and members_in_bounds(item[0]) and isinstance(item[2], list)
+                and len(item[2]) <= MAX_REPORTS_PER_ROUND):
+            return None
+        claim, reports = NormClaim.from_wire(item[1]), [ClipReport.from_wire(report) for report in item[2]]
+        if claim is None or any(report is None for report in reports):
+            return None
+        return cls(tuple(item[0]), claim, tuple(reports))
+
+
+@dataclass(frozen=True)
+class OutlierEvidence:
+    """Rounds in which reducers clipped ``accused``: one :class:`RoundProof` per round."""
+
+    accused: str  # the member's peer id (base58)
+    proofs: tuple[RoundProof, ...]
+
+    @property
     def rounds(self) -> list[int]:
-        return sorted({report.round for report in self.reports})
+        return sorted({proof.round for proof in self.proofs})
 
     @property
     def offence(self) -> tuple:
@@ -100,41 +159,34 @@ class OutlierEvidence:
 
     @property
     def time(self) -> float:
-        return max(report.time for report in self.reports)
+        return max(report.time for proof in self.proofs for report in proof.reports)
 
     def verify(self) -> Optional[str]:
-        """None if every report is valid and each round holds reports of MIN_SIGNERS distinct reducers,
-        else why not. Sizes are checked before any signature."""
+        """None if every round's proof holds (distinct rounds), else why not. Sizes before any signature."""
         if not isinstance(self.accused, str) or not 0 < len(self.accused) <= MAX_PEER_ID_CHARS:
             return "malformed accused"
-        if not 0 < len(self.reports) <= MAX_REPORTS:
-            return "too many or no reports"
-        if not all(place_in_bounds(report.round, report.group_id, report.phase, report.part) for report in self.reports):
-            return "out of bounds"
-        signers: dict[tuple, set[str]] = {}
-        for report in self.reports:
-            signer = report.signer(self.accused)
-            if signer is None or signer == self.accused:
-                return "a report does not verify"
-            signers.setdefault((report.round, report.group_id), set()).add(signer)
-        if len({round_number for round_number, _ in signers}) != len(signers):
-            return "two groups in one round"
-        if any(len(names) < MIN_SIGNERS for names in signers.values()):
-            return f"a round with fewer than {MIN_SIGNERS} reducers' reports"
+        if not 0 < len(self.proofs) <= MAX_ROUNDS:
+            return "too many or no rounds"
+        if len(self.rounds) != len(self.proofs):
+            return "two proofs of one round"
+        for proof in self.proofs:
+            why = proof.verify(self.accused)
+            if why is not None:
+                return why
         return None
 
     def to_wire(self) -> list:
-        return [WIRE_TAG, self.accused, [report.to_wire() for report in self.reports]]
+        return [WIRE_TAG, self.accused, [proof.to_wire() for proof in self.proofs]]
 
     @classmethod
     def from_wire(cls, item) -> Optional["OutlierEvidence"]:
         if not isinstance(item, list) or len(item) != 3 or item[0] != WIRE_TAG or not isinstance(item[1], str) \
-                or not isinstance(item[2], list) or len(item[2]) > MAX_REPORTS:
+                or not isinstance(item[2], list) or len(item[2]) > MAX_ROUNDS:
             return None
-        reports = [ClipReport.from_wire(report) for report in item[2]]
-        if any(report is None for report in reports):
+        proofs = [RoundProof.from_wire(proof) for proof in item[2]]
+        if any(proof is None for proof in proofs):
             return None
-        return cls(item[1], tuple(reports))
+        return cls(item[1], tuple(proofs))
 
     def digest(self) -> bytes:
         return hashlib.sha256(MSGPackSerializer.dumps(self.to_wire())).digest()
@@ -148,18 +200,22 @@ class OutlierTally:
 
     def __init__(self, rounds: int, max_members: int = 256):
         self.rounds, self.max_members = rounds, max_members
-        self._seen: dict[str, dict[tuple, dict[str, ClipReport]]] = {}  # accused -> (round, group) -> signer -> report
+        # accused -> (round, group) -> (members, the accused's claim, signer -> report)
+        self._seen: dict[str, dict[tuple, tuple[tuple, NormClaim, dict[str, ClipReport]]]] = {}
 
-    def add(self, accused: str, signer: str, report: ClipReport) -> Optional[OutlierEvidence]:
-        """Count a verified report; returns evidence once ``accused`` has ``rounds`` proven rounds (and
-        starts counting it afresh)."""
+    def add(self, clip: Clip) -> Optional[OutlierEvidence]:
+        """Count a checked report; returns evidence once its accused has ``rounds`` proven rounds (and starts
+        counting it afresh)."""
+        accused, report = clip.accused, clip.report
         if accused not in self._seen and len(self._seen) >= self.max_members:
             self._seen.pop(next(iter(self._seen)))  # bounded memory: the oldest accused is forgotten
         rounds = self._seen.setdefault(accused, {})
-        rounds.setdefault((report.round, report.group_id), {}).setdefault(signer, report)
-        proven = [(key, reports) for key, reports in sorted(rounds.items()) if len(reports) >= MIN_SIGNERS]
+        _, _, reports = rounds.setdefault((report.round, report.group_id), (tuple(clip.members), clip.claim, {}))
+        reports.setdefault(clip.reducer, report)
+        proven = [(key, entry) for key, entry in sorted(rounds.items()) if len(entry[2]) >= MIN_SIGNERS]
         if len(proven) < self.rounds:
             return None
         del self._seen[accused]
-        chosen = [report for _, reports in proven[-self.rounds:] for report in list(reports.values())[:MIN_SIGNERS]]
-        return OutlierEvidence(accused, tuple(chosen[:MAX_REPORTS]))
+        return OutlierEvidence(accused, tuple(
+            RoundProof(members, claim, tuple(list(reports.values())[:MIN_SIGNERS]))
+            for _, (members, claim, reports) in proven[-self.rounds:]))
