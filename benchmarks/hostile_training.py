@@ -77,6 +77,7 @@ def run_arm(work: Path, rounds: int, attack: str | None, robust: bool, timeout: 
                 rounds=[status.get("epoch") for status in honest],
                 one_state=len(hashes) == 1 and None not in hashes,
                 clipped=total("clipped_inputs"), equivocations=total("equivocations"),
+                oversized=total("oversized_results"),
                 dropped_parts=total("dropped_parts"), alone=total("rounds_failed"),
                 excluded_refusals=sum(status.get("averaging", {}).get("refused_requests", {}).get("excluded", 0)
                                       for status in honest))
@@ -106,10 +107,11 @@ def main() -> int:
         loss = _mean(result["losses"])
         rows.append([result["attack"], "on" if result["robust"] else "off", loss,
                      loss / clean if loss is not None and clean else None, result["one_state"],
-                     result["clipped"], result["equivocations"], result["dropped_parts"],
+                     result["clipped"], result["equivocations"], result.get("oversized"), result["dropped_parts"],
                      result["excluded_refusals"], result["alone"], "/".join(str(r) for r in result["rounds"])])
     print(markdown_table(["attack", "robust", "held-out loss (honest mean)", "vs clean", "honest agree",
-                          "inputs clipped", "equivocations caught", "parts dropped", "refused as excluded",
+                          "inputs clipped", "equivocations caught", "oversized results caught", "parts dropped",
+                          "refused as excluded",
                           "rounds alone", "rounds done"], rows))
     write_json("hostile_training.json", {"environment": environment(), "rounds": args.rounds, "results": results})
     return 0
