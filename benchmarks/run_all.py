@@ -1,6 +1,6 @@
 """Run every benchmark in turn and keep their tables in one report.
 
-    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile,scaling,overlap,traffic]
+    sudo .venv/bin/python -m benchmarks.run_all [--quick] [--only codecs,allreduce,training,kill,admission,robust,nat,hostile,scaling,overlap,traffic,control]
     make bench            # the same (BENCH_ARGS=--quick for the short version)
 
 1. ``codecs.py``: compression ratio, error and speed of every codec next to hivemind's (no root needed);
@@ -29,7 +29,9 @@
 11. ``traffic.py``: bytes per sample of DiLoCo by H x codec (blockwise8, sparse) against sync, the control
     traffic (DHT records, heartbeats) apart from the averaging payload, held-out loss vs sync (issue 14 goal 2;
     about 15 minutes, ``--quick`` 8).
-Benchmarks 2-7 and 9-11 need root (network namespaces) and are skipped with a message without it. Each writes
+12. ``control_traffic.py``: the control traffic of an idle DiLoCo swarm (no averaging in the window) with its
+    sources switched off one at a time: progress reports every second, every 10 s, rejoin pings off.
+Benchmarks 2-7 and 9-12 need root (network namespaces) and are skipped with a message without it. Each writes
 its JSON under ``benchmarks/results/``; this runner also writes ``benchmarks/results/report.md`` with
 every table. Measured here: 13-17 minutes on 2 shared cores (``--quick``: about 6-7), plus 3-7 minutes
 for the admission benchmark and about 4 (``--quick``: 2) for the robust one.
@@ -56,6 +58,7 @@ BENCHMARKS = {  # name -> (script, arguments for --quick)
     "scaling": ("scaling", ["--quick"]),
     "overlap": ("overlap", ["--rounds", "2"]),
     "traffic": ("traffic", ["--quick"]),
+    "control": ("control_traffic", ["--window", "20"]),
 }
 
 

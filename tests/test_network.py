@@ -155,3 +155,15 @@ def test_dial_back_tells_a_peer_whether_the_swarm_can_connect_to_it_and_refuses_
         if second is not None:
             shutdown_dht(second)
         shutdown_dht(first)
+
+
+def test_a_refusal_that_is_not_about_clocks_is_not_blamed_on_the_clock():
+    """hivemind raises DHTValidationError for clocks that differ (with both times) and for other refusals:
+    only the first is reported as a clock problem, the others with hivemind's own words."""
+    from hivemind.dht.protocol import ValidationError as DHTValidationError
+
+    from swarm.net.dht import _clock_message
+    clock = _clock_message(DHTValidationError("local time is off (local: 1000.5, peer: 990.0)"))
+    assert "clock is +10.5 s off" in clock
+    other = _clock_message(DHTValidationError("some other refusal"))
+    assert "clock" not in other and "some other refusal" in other

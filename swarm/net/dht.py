@@ -117,7 +117,7 @@ def _connect(config: NetworkConfig, *, relay: bool, identity: Identity, record_v
                     authorizer=authorizer,
                     **network,
                 )
-        except DHTValidationError as e:  # an initial peer's clock disagrees with this one's
+        except DHTValidationError as e:  # an initial peer refused this one (its clock differs, or another reason)
             raise NetworkError(_clock_message(e)) from None
         except (P2PDaemonError, RuntimeError) as e:
             if "already taken" in str(e):
@@ -141,7 +141,9 @@ def _connect(config: NetworkConfig, *, relay: bool, identity: Identity, record_v
 
 def _clock_message(error: Exception) -> str:
     times = re.search(r"local: ([0-9.]+), peer: ([0-9.]+)", str(error))
-    off = f"{float(times[1]) - float(times[2]):+.1f} s " if times else ""
+    if times is None:  # hivemind refused the initial peer for another reason: say which
+        return f"an initial peer was refused by hivemind's DHT: {error}"
+    off = f"{float(times[1]) - float(times[2]):+.1f} s "
     return (f"this machine's clock is {off}off an initial peer's, beyond the 3 s hivemind's DHT accepts: "
             f"sync it (NTP, e.g. `timedatectl set-ntp true`); `swarm doctor` measures it")
 
