@@ -243,6 +243,21 @@ def test_a_member_that_only_heartbeats_is_cut_and_left_out_of_the_next_round(ave
     left_out = averagers.records(staller).get(1, {})
     assert not left_out.get("ok") or left_out["group_size"] == 1, left_out
 
+def _hostile_reducer_round(averagers, attack: str, defended: bool) -> tuple[str, list[dict]]:
+    """Four processes, member 3 playing ``attack`` as a reducer (3 rounds defended, else 1, with
+    ``--no-accountability`` on the honest members); returns the attacker's id and the honest members'
+    round-0 records, each checked to be a full, finite round."""
+    attacker, honest = 3, [0, 1, 2]
+    extra_for = lambda index: [attack] if index == attacker else ([] if defended else ["--no-accountability"])  # noqa: E731
+    peers = averagers.swarm(4, "--expect", "4", "--rounds", "3" if defended else "1", "--megabytes", "1",
+                            "--round-timeout", "10", extra_for=extra_for)
+    for index in honest:
+        assert peers[index].proc.wait(200) == 0, peers[index].log_tail()
+    assert peers[attacker].proc.wait(120) == 0, peers[attacker].log_tail()
+    first = [averagers.records(index)[0] for index in honest]
+    assert all(record["ok"] and record["group_size"] == 4 and record["finite"] for record in first), first
+    return averagers.records(attacker)[0]["me"], first
+
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("defended", [True, False], ids=["defended", "defence-off"])
@@ -254,16 +269,8 @@ def test_a_reducer_returning_different_results_is_caught_and_excluded(averagers,
     (refused at matchmaking and in every RPC) from the next rounds, beyond the one round a member that
     failed to answer is left out. With the defence off (``--no-accountability`` on the honest members)
     the same reducer leaves the honest members with different models."""
-    equivocator, honest = 3, [0, 1, 2]
-    extra_for = lambda index: ["--equivocate"] if index == equivocator else ([] if defended else ["--no-accountability"])  # noqa: E731
-    peers = averagers.swarm(4, "--expect", "4", "--rounds", "3" if defended else "1", "--megabytes", "1",
-                            "--round-timeout", "10", extra_for=extra_for)
-    for index in honest:
-        assert peers[index].proc.wait(200) == 0, peers[index].log_tail()
-    assert peers[equivocator].proc.wait(120) == 0, peers[equivocator].log_tail()
-    accused = averagers.records(equivocator)[0]["me"]
-    first = [averagers.records(index)[0] for index in honest]
-    assert all(record["ok"] and record["group_size"] == 4 and record["finite"] for record in first), first
+    honest = [0, 1, 2]
+    accused, first = _hostile_reducer_round(averagers, "--equivocate", defended)
     if not defended:
         assert len({record["hash"] for record in first}) > 1, "the equivocation did not split the honest members"
         return
@@ -276,7 +283,7 @@ def test_a_reducer_returning_different_results_is_caught_and_excluded(averagers,
         assert all(record["ok"] and accused not in record["members"] and record["group_size"] == 3
                    and record["finite"] and record["missing_parts"] == [] for record in later), later
         assert len({record["hash"] for record in later}) == 1, f"honest members disagree in round {round_number}"
-        alone = averagers.records(equivocator).get(round_number, {})
+        alone = averagers.records(3).get(round_number, {})
         assert not alone.get("ok") or alone["group_size"] == 1, alone
 
 
@@ -289,16 +296,8 @@ def test_a_reducer_returning_garbage_to_everyone_is_caught_and_excluded(averager
     honest member drops that part alike, stays identical to the others and finite at the honest scale, and
     excludes the reducer from the next rounds. With the defence off (``--no-accountability`` on the honest
     members) the noise goes into every honest member's model (its norm about 25x the honest average's)."""
-    attacker, honest = 3, [0, 1, 2]
-    extra_for = lambda index: ["--garbage"] if index == attacker else ([] if defended else ["--no-accountability"])  # noqa: E731
-    peers = averagers.swarm(4, "--expect", "4", "--rounds", "3" if defended else "1", "--megabytes", "1",
-                            "--round-timeout", "10", extra_for=extra_for)
-    for index in honest:
-        assert peers[index].proc.wait(200) == 0, peers[index].log_tail()
-    assert peers[attacker].proc.wait(120) == 0, peers[attacker].log_tail()
-    accused = averagers.records(attacker)[0]["me"]
-    first = [averagers.records(index)[0] for index in honest]
-    assert all(record["ok"] and record["group_size"] == 4 and record["finite"] for record in first), first
+    honest = [0, 1, 2]
+    accused, first = _hostile_reducer_round(averagers, "--garbage", defended)
     assert len({record["hash"] for record in first}) == 1, "honest members disagree"
     scale = first[0]["numel"] ** 0.5  # the norm of one member's N(0, 1) update; the honest average's is half
     if not defended:
