@@ -548,7 +548,7 @@ class _Run:
 
     def check_bounds(self, claims: dict[int, object]) -> None:
         """Each part's result against its members' signed input norms (those that came with their inputs
-        to this peer's part, and those in the commits): a result far beyond a majority of them is proof
+        to this peer's part, and those in the commits): a result far beyond all the others' claims is proof
         that its reducer returned garbage (:mod:`swarm.net.bound_evidence`). Its part is dropped here."""
         group = self.group
         for index, value in claims.items():

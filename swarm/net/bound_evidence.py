@@ -10,10 +10,12 @@ of their inputs' norms is proof anyone can check alone:
 
 - the statement is the reducer's own signature (its peer id is ``members[part]``); each claim is a
   member's own signature over the same round, group and member list;
-- it holds the claims of a majority of the reducer's fellow members (``(n - 1) // 2 + 1``): with
-  fewer than half of them hostile, at least one claim is an honest member's, so no coalition of a
-  minority can frame an honest reducer by claiming tiny inputs;
-- the result's norm exceeds :data:`RATIO` times the largest of those claims for its part.
+- it holds the claims of every other member of a group of at least 3, and the result's norm exceeds
+  :data:`RATIO` times the largest of them for its part. Every other member, not a majority: honest
+  inputs can be tiny (a member with no samples this round sends zeros), and with a majority of tiny
+  claims an honest reducer whose own input is large would be framed; with all of them, its own input
+  is the lone outlier that CenteredClip clips (in a group of 2 nothing is clipped: no evidence there).
+  The price: one hostile member's inflated claim shields a garbage reducer (two colluders of a group).
 
 What it does not catch: a wrong result within that bound (a bias, or noise at up to RATIO x the inputs'
 norm, in 1/n of the update): spot re-computation would (docs/robust-averaging.md). Readers apply it
@@ -37,7 +39,7 @@ RATIO = 8.0  # an honest CenteredClip result is within about 3x its largest hone
 
 @dataclass(frozen=True)
 class BoundEvidence:
-    """A reducer's result statement and a majority of its fellow members' input claims, out of bounds."""
+    """A reducer's result statement and every other member's input claim, out of bounds."""
 
     members: tuple[str, ...]  # the group, in part order
     result: NormClaim  # the reducer's statement of its result's norm (result.part is its part)
@@ -72,9 +74,8 @@ class BoundEvidence:
         n, result = len(self.members), self.result
         if not 0 <= result.part < n or not result.in_bounds():
             return "out of bounds"
-        need = (n - 1) // 2 + 1
-        if not need <= len(self.claims) <= n - 1:
-            return f"{len(self.claims)} claims, not a majority of the {n - 1} other members"
+        if n < 3 or len(self.claims) != n - 1:
+            return f"{len(self.claims)} claims, not those of all {n - 1} other members (of at least 2)"
         reducer = self.members[result.part]
         if not result.about(result.round, result.group_id, result.phase, self.members, result.part) \
                 or result.signer() != reducer:
@@ -111,14 +112,11 @@ class BoundEvidence:
 
 def find_oversized(members: Sequence[str], result: NormClaim, claims: dict[str, NormClaim]) -> Optional[BoundEvidence]:
     """Evidence that ``result`` (its reducer's checked statement) is out of bounds, from ``claims`` (member ->
-    its checked input claim for this round), or None. It uses the majority of the reducer's fellow members
-    with the smallest claims for that part (a hostile member's inflated claim cannot shield the reducer)."""
+    its checked input claim for this round), or None: it needs every other member's claim."""
     n, part = len(members), result.part
     reducer = members[part]
-    others = sorted((claim for signer, claim in claims.items() if signer != reducer and signer in members),
-                    key=lambda claim: claim.norms[part])
-    chosen = others[:(n - 1) // 2 + 1]
-    if len(chosen) < (n - 1) // 2 + 1 or not result.norms[0] > RATIO * max(claim.norms[part] for claim in chosen):
+    chosen = [claims[member] for member in members if member != reducer and member in claims]
+    if n < 3 or len(chosen) != n - 1 or not result.norms[0] > RATIO * max(claim.norms[part] for claim in chosen):
         return None
     evidence = BoundEvidence(tuple(members), result, tuple(chosen))
     return evidence if evidence.verify() is None else None
