@@ -25,6 +25,7 @@ import torch
 from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
 
 from swarm.averaging import wire
+from swarm.averaging.accountability import part_norm
 from swarm.averaging.outbox import Entry, Outbox
 from swarm.averaging.service import AveragingService
 
@@ -107,8 +108,7 @@ def _equivocate(service: AveragingService) -> None:
         if service.accountability is not None:
             round_number, names = rounds.get(group_id, -1), [member.to_base58() for member in members]
             header["receipt"] = service.accountability.receipt(round_number, group_id, phase, index, payloads)
-            norm = float(torch.linalg.vector_norm(torch.cat([deserialize_torch_tensor(p).reshape(-1).float()
-                                                             for p in payloads]), dtype=torch.float64))
+            norm = part_norm([deserialize_torch_tensor(payload) for payload in payloads])
             header["norm"] = service.accountability.sign_norms(round_number, group_id, phase, names, index,
                                                                [norm]).to_wire()
         else:

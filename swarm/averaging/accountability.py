@@ -31,8 +31,10 @@ receipt then agrees. The check that would catch it is spot re-computation (see d
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Optional
 
+import torch
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -54,6 +56,12 @@ def part_digest(payloads: list[runtime_pb2.Tensor]) -> bytes:
         digest.update(header.encode())
         digest.update(payload.buffer)
     return digest.digest()
+
+
+def part_norm(pieces) -> float:
+    """The L2 norm of a decoded part given as pieces (one per bucket), summed in float64: what members sign
+    of their inputs and reducers of their results (:class:`swarm.net.norm_claims.NormClaim`)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2 for piece in pieces))
 
 
 class Accountability:

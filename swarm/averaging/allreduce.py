@@ -42,7 +42,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time, get_logger
 
-from swarm.averaging.accountability import Accountability, find_equivocation
+from swarm.averaging.accountability import Accountability, find_equivocation, part_norm
 from swarm.averaging.group import MAX_WEIGHT, Group, slice_bounds
 from swarm.averaging.outbox import Entry, Outbox
 from swarm.averaging.robust import Aggregate, CenteredClip, WeightedMean
@@ -123,11 +123,6 @@ def _reduced_codec(codec: CompressionBase, contributors: int) -> CompressionBase
     to one input's count would drop what no residual remembers (a reducer keeps none)."""
     for_reduced = getattr(codec, "for_reduced", None)
     return for_reduced(contributors) if for_reduced is not None else codec
-
-
-def _norm(pieces: Sequence[torch.Tensor]) -> float:
-    """The L2 norm of a part given as pieces (one per bucket), summed in float64."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2 for piece in pieces))
 
 
 def _decode(payload: runtime_pb2.Tensor, numel: int, accepted: Collection[str]) -> Optional[torch.Tensor]:
@@ -295,7 +290,7 @@ class _Run:
         without accountability, or if a norm is not finite)."""
         if self.accountability is None:
             return None
-        norms = [_norm(pieces) for pieces in decoded]
+        norms = [part_norm(pieces) for pieces in decoded]
         if not all(math.isfinite(norm) for norm in norms):
             return None
         return self.accountability.sign_norms(self.group.round, self.group.group_id, self.phase, self.member_ids,
@@ -332,7 +327,7 @@ class _Run:
             if self.accountability is not None:
                 claim = claim_from_header(header.get("claim"), self.member_ids[index], self.group.round,
                                           self.group.group_id, self.phase, self.member_ids, INPUTS)
-                if claim is None or not close_norms(claim.norms[me], _norm(decoded)):
+                if claim is None or not close_norms(claim.norms[me], part_norm(decoded)):
                     self.refused += 1
                     logger.warning(f"round {self.group.round}: refused the input of member {index} (no signed "
                                    f"claim of its norms over this group, or one that does not match the input)")
@@ -363,7 +358,7 @@ class _Run:
         self.receipts[me] = signed["receipt"]
         if own is not None:
             self.statements[me] = account.sign_norms(group.round, group.group_id, self.phase, self.member_ids, me,
-                                                     [_norm(own)])
+                                                     [part_norm(own)])
             signed["norm"] = self.statements[me].to_wire()
         accused = [(self.member_ids[index], self.claims[index]) for index in self.clipped
                    if index != me and index in self.claims]
@@ -448,7 +443,7 @@ class _Run:
             return decoded
         statement = claim_from_header(header.get("norm"), self.member_ids[part], self.group.round,
                                       self.group.group_id, self.phase, self.member_ids, part)
-        if statement is None or not close_norms(statement.norms[0], _norm(decoded)):
+        if statement is None or not close_norms(statement.norms[0], part_norm(decoded)):
             self.refused += 1
             logger.warning(f"round {self.group.round}: refused part {part} {source} (no signed statement of its "
                            f"norm, or one that does not match it)")

@@ -42,8 +42,9 @@ logger = get_logger(__name__)
 RECEIPT_TAG = b"swarm-reduced-part-v1"  # domain separation: a receipt's signature signs nothing else
 DIGEST_BYTES = 32  # sha256
 MAX_EVIDENCE = 8  # items in one peer's record: the latest offences it saw
-# an equivocation item is about 1 kB (a key, two signatures, two digests), an outlier item about 1.4 kB
-# per round it spans (two reports: a key and a signature each); the record, signed, stays under this
+# an equivocation item is about 1.2 kB (a key, two signatures, two digests), a bound item 2.7 kB in a group
+# of 4, an outlier item about 2.5 kB per round it spans (members, the accused's claim, two reports); a
+# peer publishes its newest items that fit (publish_evidence), and the record, signed, stays under this
 MAX_RECORD_BYTES = 65_536
 VALUE_BUDGET = MAX_RECORD_BYTES - 4096  # what this peer's items may take, leaving room for the signature
 
