@@ -8,16 +8,20 @@ measurement, so no all-reduce happens: every byte in the window is control traff
 lookups, heartbeats, libp2p). After every trainer reports training, the kernel's counters of every host's
 interface are read, then again ``--window`` seconds later. Arms:
 
-- ``default``: the defaults (progress reports every ``diloco.refresh_period`` = 1 s);
-- ``idle 10s``: ``diloco.idle_refresh_period=10``;
-- ``idle 10s + no rejoin``: also ``network.rejoin_period`` long (the rejoin loop pings the initial peers);
+- ``reports 1 s``: ``diloco.idle_refresh_period=null``: a progress report every ``diloco.refresh_period`` = 1 s
+  (the default until 2026-12-03);
+- ``default``: the defaults (a report every ``diloco.idle_refresh_period`` = 10 s while no round nears its end);
+- ``default + bootstrap metrics off``: also ``metrics=null`` on the bootstrap peer, whose signed metrics records
+  (every ``metrics.period`` = 2 s in the debug config, 10 s in ``configs/default.yaml``) the monitor shows;
+- ``default + no rejoin``: also ``network.rejoin_period`` long (the rejoin loop pings the initial peers).
 
+The trainers' own metrics records are off in every arm (``metrics=null``): they cost what the bootstrap's do, each.
 (An arm of four bare bootstrap peers was tried as hivemind's floor: 49 KB/s, more than the idle trainers,
 because each bootstrap peer signs and publishes its own manifest; it measures something else, so it is not
 here.)
 
 Columns: bytes per second sent by all hosts together, by the trainers, by the bootstrap peer; and the
-share of the default arm's. Writes ``benchmarks/results/control_traffic.json``.
+share of the ``reports 1 s`` arm's. Writes ``benchmarks/results/control_traffic.json``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,17 @@ from benchmarks.training import CONFIG
 from harness.netlab import Lab, available, kill_group, load_average, wait_for_file
 
 TRAINERS = 3
-IDLE = ["diloco.idle_refresh_period=10"]
-ARMS = {
-    "default": IDLE[:0],
-    "idle 10s": IDLE,
-    "idle 10s + no rejoin": IDLE + ["network.rejoin_period=3600"],
+EVERY_SECOND = ["diloco.idle_refresh_period=null"]
+ARMS = {  # name -> (--set items of every trainer, --set items of the bootstrap peer)
+    "reports 1 s": (EVERY_SECOND, []),
+    "default": ([], []),
+    "default + bootstrap metrics off": ([], ["metrics=null"]),
+    "default + no rejoin": (["network.rejoin_period=3600"], []),
 }
+
+
+def _sets(items) -> list[str]:
+    return [word for item in items for word in ("--set", item)]
 
 
 def _training(status: Path) -> bool:
@@ -52,14 +61,15 @@ def _training(status: Path) -> bool:
     return state.get("samples", 0) > 0
 
 
-def run_arm(sets, work: Path, window: float, timeout: float) -> dict:
+def run_arm(arm, work: Path, window: float, timeout: float) -> dict:
+    sets, bootstrap_sets = arm
     hosts = TRAINERS + 1
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
     with Lab(hosts, rate=None) as lab:
         address = work / "address.json"
         procs = [lab.popen(0, [sys.executable, "-m", "peers", "bootstrap", "--config", str(CONFIG), "--identity",
                                str(work / "bootstrap.key"), "--address-file", str(address), "--set",
-                               f"network.listen_host={lab.ip(0)}"], log=work / "bootstrap.log")]
+                               f"network.listen_host={lab.ip(0)}", *_sets(bootstrap_sets)], log=work / "bootstrap.log")]
         try:
             started = wait_for_file(address, procs[0], 90)
             if started is None:
@@ -70,8 +80,7 @@ def run_arm(sets, work: Path, window: float, timeout: float) -> dict:
                            "--status-file", str(statuses[host - 1]), "--set", f"network.listen_host={lab.ip(host)}",
                            "--set", "averaging.mode=diloco", "--set", "diloco.inner_steps=1000000",
                            "--set", "metrics=null", "--set", "checkpoint=null"]
-                for item in sets:
-                    command += ["--set", item]
+                command += _sets(sets)
                 procs.append(lab.popen(host, command, log=work / f"peer{host}.log"))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -123,12 +132,12 @@ def main() -> int:
             work.mkdir()
             results[name] = run_arm(ARMS[name], work, args.window, args.timeout)
             print(f"{name}: {results[name]}", flush=True)
-    base = results.get("default", {}).get("total")
+    base = results.get("reports 1 s", {}).get("total")
     rows = [[name] + (["-"] * 4 + [r["error"]] if "error" in r else
                       [f"{r['total'] / 1e3:.1f}", f"{r['trainers'] / 1e3:.1f}", f"{r['bootstrap'] / 1e3:.1f}",
                        f"{r['total'] / base:.2f}" if base else "-", f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"])
             for name, r in results.items()]
-    print(markdown_table(["arm", "all hosts, KB/s sent", "3 trainers", "bootstrap", "vs default", "load"], rows))
+    print(markdown_table(["arm", "all hosts, KB/s sent", "3 trainers", "bootstrap", "vs reports 1 s", "load"], rows))
     write_json("control_traffic.json", {"environment": environment(), "window": args.window, "results": results})
     return 0
 

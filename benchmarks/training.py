@@ -113,7 +113,8 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         address = work / "address.json"
         bootstrap = lab.popen(0, [
             sys.executable, "-m", "peers", "bootstrap", "--config", str(CONFIG), "--identity", str(work / "bootstrap.key"),
-            "--address-file", str(address), "--set", f"network.listen_host={lab.ip(0)}"], log=work / "bootstrap.log")
+            "--address-file", str(address), "--set", f"network.listen_host={lab.ip(0)}",
+            *([] if KEEP_METRICS else ["--set", "metrics=null"])], log=work / "bootstrap.log")
         started = wait_for_file(address, bootstrap, 90)
         if started is None:
             sampler.finish()

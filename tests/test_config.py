@@ -10,7 +10,7 @@ import torch
 from conftest import REPO
 from peers.cli import build_parser
 from swarm.config.loading import dump_config, load_config
-from swarm.config.schema import SwarmConfig
+from swarm.config.schema import DiLoCoConfig, SwarmConfig
 from swarm.errors import ConfigError
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -89,6 +89,19 @@ def test_errors_name_the_key(override, fragment):
         load_config(overrides=[override], environ={})
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_progress_reports_idle_every_ten_seconds_unless_set_otherwise():
+    """diloco.idle_refresh_period defaults to 10 s; the default yields to a longer refresh_period, a value the
+    user set does not (it names both keys), and null means a report every refresh_period."""
+    diloco = DiLoCoConfig()
+    assert (diloco.refresh_period, diloco.idle_refresh_period) == (1.0, 10.0)
+    assert DiLoCoConfig(refresh_period=20).refresh_period == 20
+    assert DiLoCoConfig(idle_refresh_period=None).idle_refresh_period is None
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=["diloco.refresh_period=20", "diloco.idle_refresh_period=5"], environ={})
+    assert "diloco.idle_refresh_period (5.0) must be at least diloco.refresh_period (20.0)" in str(error.value)
+    assert load_config(overrides=["diloco.idle_refresh_period=null"], environ={}).diloco.idle_refresh_period is None
 
 
 def test_cli_options_are_frozen():
