@@ -13,13 +13,16 @@ stopped waited). So a record of a peer still training is extrapolated at the rat
 of the round show, over the time since it was stamped and never further than one refresh cycle ahead
 (:meth:`RoundTracker.swarm_samples`): a peer that stopped is overestimated by one cycle at most.
 
-Control traffic: each refresh (a signed store to the nodes nearest the key and a read of every peer's
-record from them) costs the swarm about 26 KB per peer (measured: 98 KB/s of non-averaging traffic for 3
-DiLoCo trainers at one refresh a second, 36 KB/s at one every 5 s, ``benchmarks/traffic.py``): more than
-a sparse round's payload. With ``idle_period`` set, the tracker refreshes every ``refresh_period`` only
-while the round is close to closing (:meth:`RoundTracker.hurry`, called by the trainer) and every
-``idle_period`` otherwise; a new state is pushed at once either way. Heartbeats and extrapolation are
-then judged against ``idle_period``: a peer gone is noticed about three idle periods later.
+Control traffic: each refresh is a signed store and a read of the one key every peer writes a subkey of.
+Both walk the DHT with hivemind's find requests, and every node holding the key answers a find with every
+peer's record (about 900 bytes each, nearly all of it the RSA owner tag and signature): counted on every
+node of an idle swarm of 3 trainers, a refresh is about 6 finds and 3 stores, 18 KB of DHT messages, 86 % of
+them the finds' answers (about 29 KB on the wire). So a refresh costs each peer O(peers) bytes and the swarm
+O(peers^2) per period. ``idle_period`` (``diloco.idle_refresh_period``, 10 s by default) is what keeps it
+small: the tracker refreshes every ``refresh_period`` only while the round is close to closing
+(:meth:`RoundTracker.hurry`, called by the trainer) and every ``idle_period`` otherwise; a new state is
+pushed at once either way. Heartbeats and extrapolation are then judged against ``idle_period``: a peer
+gone is noticed up to about three idle periods later.
 
 A progress record doubles as a heartbeat: a peer whose record has not been renewed for a while is
 taken for gone. "A while" is measured against this peer's own reads, not the wall clock: when the DHT
