@@ -23,10 +23,9 @@ import hivemind
 from hivemind.utils import get_dht_time, get_logger
 
 from swarm.loops import PeriodicLoop
-from swarm.net.bound_evidence import BoundEvidence
 from swarm.net.dht import DHT_CALL_FAILURES
 from swarm.net.exclusion_record import Item, excluded_peers, publish_evidence, read_evidence
-from swarm.net.outlier_evidence import Clip, OutlierEvidence, OutlierTally
+from swarm.net.outlier_evidence import Clip, OutlierTally
 
 logger = get_logger(__name__)
 
@@ -87,15 +86,7 @@ class Exclusions:
             if after.get(item.accused, {}).get("offences", 0) > before.get(item.accused, {}).get("offences", 0) \
                     or self.policy is None:
                 until = after.get(item.accused, {}).get("until")
-                if isinstance(item, OutlierEvidence):
-                    what = (f"member {item.accused} was clipped as an outlier by two reducers in each of rounds "
-                            f"{item.rounds} (proof")
-                elif isinstance(item, BoundEvidence):
-                    what = (f"reducer {item.accused} returned a result far larger than its members' inputs in round "
-                            f"{item.round} (part {item.part}, proof")
-                else:
-                    what = f"reducer {item.accused} equivocated in round {item.round} (part {item.part}, proof"
-                logger.warning(f"{what} {'found here' if mine else 'read from the DHT'}); "
+                logger.warning(f"{item.describe()}: proof {'found here' if mine else 'read from the DHT'}; "
                                + (f"excluded for {until - get_dht_time():.0f}s, offence "
                                   f"{after[item.accused]['offences']}" if until else "not excluded (ban: null)"))
                 before = after

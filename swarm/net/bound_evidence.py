@@ -109,6 +109,11 @@ class BoundEvidence:
     def digest(self) -> bytes:
         return hashlib.sha256(MSGPackSerializer.dumps(self.to_wire())).digest()
 
+    def describe(self) -> str:
+        """The offence, for a log line."""
+        return (f"reducer {self.accused} returned a result far larger than its members' inputs in round "
+                f"{self.round} (part {self.part})")
+
 
 def find_oversized(members: Sequence[str], result: NormClaim, claims: dict[str, NormClaim]) -> Optional[BoundEvidence]:
     """Evidence that ``result`` (its reducer's checked statement) is out of bounds, from ``claims`` (member ->

@@ -122,6 +122,10 @@ class Evidence:
         """Identifies this item (two records holding the same proof count it once)."""
         return hashlib.sha256(MSGPackSerializer.dumps(self.to_wire())).digest()
 
+    def describe(self) -> str:
+        """The offence, for a log line."""
+        return f"reducer {self.accused} equivocated in round {self.round} (part {self.part})"
+
 
 def exclusion_seconds(offences: int, base: float, cap: float) -> float:
     """How long the ``offences``-th offence excludes for: ``base x 2^(offences-1)``, at most ``cap``."""

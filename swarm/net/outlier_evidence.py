@@ -191,6 +191,10 @@ class OutlierEvidence:
     def digest(self) -> bytes:
         return hashlib.sha256(MSGPackSerializer.dumps(self.to_wire())).digest()
 
+    def describe(self) -> str:
+        """The offence, for a log line."""
+        return f"member {self.accused} was clipped as an outlier by two reducers in each of rounds {self.rounds}"
+
 
 class OutlierTally:
     """Clip reports this peer received, per accused member and round, until they make evidence.
