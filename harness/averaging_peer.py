@@ -25,7 +25,9 @@ similar, as gradients of one model are: S times a direction all share, plus each
 ``--equivocate`` plays a reducer that returns different results to different members (harness/hostile.py);
 ``--garbage`` plays a reducer that returns everyone the same noise at 100x its true result's norm;
 ``--no-accountability`` turns off the defences (reducers' signed receipts, compared in the commit, their signed
-result norms held to the members' signed input norms, and the exclusion of a reducer caught).
+result norms held to the members' signed input norms, and the exclusion of a reducer caught);
+``--trust-unproven-outliers`` takes outlier evidence without the accused's own signed claim over its group (what
+``harness/evidence_forger.py`` needs to frame a peer). ``--pause`` waits that many seconds between rounds.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from swarm.net.bound_evidence import BoundEvidence
 from swarm.net.dht import shutdown_dht, start_dht, visible_maddrs
 from swarm.net.exclusion_record import Evidence
 from swarm.net.identity import load_identity
+from swarm.net.outlier_evidence import RoundProof
 from swarm.train.rounds import RoundTracker
 
 ATTACKS = ("scale1000", "signflip", "noise100", "weight")
@@ -130,6 +133,10 @@ def _parse_args() -> argparse.Namespace:
                         help="as a reducer, serve everyone noise at 100x the true result's norm, validly signed")
     parser.add_argument("--no-accountability", action="store_true",
                         help="neither sign nor check reduced parts (the defence against --equivocate turned off)")
+    parser.add_argument("--trust-unproven-outliers", action="store_true",
+                        help="take outlier evidence without the accused's own claim over its group (the defence "
+                             "against harness/evidence_forger.py turned off: the rule before)")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     return parser.parse_args()
 
 
@@ -190,6 +197,8 @@ def main() -> None:
                         private_key=None if args.no_accountability else identity.private_key)
     make_hostile(averager.service, veto=args.veto, stall=args.stall, equivocate=args.equivocate,
                  garbage=args.garbage)
+    if args.trust_unproven_outliers:
+        RoundProof.claim_problem = lambda self, accused: None
     tracker = RoundTracker(dht=dht, run_id="bench", refresh_period=0.5).start()
     numel = int(args.megabytes * (1 << 20) / 4)
     try:
@@ -207,6 +216,7 @@ def main() -> None:
             tracker.report(round_number, 1)
             record = _round(args, averager, plans[codec], tracker, round_number, numel, fetches)
             _append(args.out, {"codec": codec, **record})
+            stop.wait(args.pause)
         fetches.set_status({"state": "done", "time": time.time()})
     finally:
         tracker.shutdown()

@@ -16,11 +16,14 @@ reducer here, but a hostile reducer can return anything for its own part (what v
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from conftest import Averagers
+from conftest import REPO, Averagers
 from harness import averaging_peer
+from harness.processes import PeerProcess, read_json, wait_for
 from swarm.averaging.group import slice_bounds
 
 pytestmark = pytest.mark.swarm  # the slow lane: starts peers as processes (see conftest.py)
@@ -115,3 +118,38 @@ def test_the_same_attacks_succeed_with_robust_aggregation_off(averagers, tmp_pat
             assert outcome["attacker_share"] > 0.99, outcome  # the attacker's update is the average
         else:
             assert outcome["error"] > 4, (attack, outcome["error"])  # 4.8 (signflip) to about 970 (x1000)
+
+
+FORGER = (sys.executable, "-m", "harness.evidence_forger")
+VICTIM, TRUSTING, FRAMING_ROUNDS = 2, 3, 14
+
+
+@pytest.mark.timeout(300)
+def test_made_up_reducers_cannot_frame_a_peer_unless_the_accused_claim_goes_unchecked(averagers, tmp_path):
+    """harness/evidence_forger.py publishes outlier evidence against peer 2: clip reports signed by two
+    identities it made up, in three "groups" peer 2 never joined, with a claim the forger signed itself. Peers
+    0-2 require each round to hold the accused's own signed claim over the group and take nothing; peer 3 runs
+    without that check (``--trust-unproven-outliers``, the rule before) and excludes peer 2 on the forger's word."""
+    peers = averagers.swarm(4, "--expect", "4", "--rounds", str(FRAMING_ROUNDS), "--pause", "3", "--megabytes", "1",
+                            extra_for=lambda index: ["--trust-unproven-outliers"] if index == TRUSTING else [])
+    victim = wait_for(lambda: averagers.records(VICTIM).get(0), timeout=120, what="the victim's first round",
+                      alive=peers)["me"]
+    report_path = tmp_path / "forger.json"
+    forger = PeerProcess("forger", ["--initial-peers", read_json(tmp_path / "address.json")["maddrs"][0],
+                                    "--victim", victim, "--report", str(report_path)],
+                         log_path=tmp_path / "forger.log", program=FORGER, cwd=REPO)
+    averagers.peers.append(forger)  # killed at teardown with the averagers
+    report = wait_for(lambda: (r := read_json(report_path)) and r["published"] >= 1 and r, timeout=90,
+                      what="the forged evidence published", alive=[forger])
+    assert report["reasons"] == "no claim of the accused over this group"
+    for peer in peers:
+        assert peer.proc.wait(240) == 0, peer.log_tail()
+    trusting = averagers.records(TRUSTING)
+    assert any(victim in record.get("excluded", []) for record in trusting.values()), trusting
+    log = (tmp_path / f"averager{TRUSTING}.log").read_text()
+    assert any(report["victim"] in line and "clipped as an outlier" in line and "read from the DHT" in line
+               for line in log.splitlines()), log[-3000:]
+    for index in (0, 1, VICTIM):
+        records = averagers.records(index)
+        assert len(records) == FRAMING_ROUNDS and not any(record.get("excluded") for record in records.values()), records
+        assert report["victim"] not in (tmp_path / f"averager{index}.log").read_text()

@@ -109,9 +109,18 @@ class RoundProof:
             return "malformed members"
         if not 0 < len(self.reports) <= MAX_REPORTS_PER_ROUND:
             return "too many or no reports"
+        return self.claim_problem(accused) or self.reports_problem(accused)
+
+    def claim_problem(self, accused: str) -> Optional[str]:
+        """Why the claim is not the accused's own over this group (its word that it was a member), if it is not."""
         claim = self.claim
         if not claim.about(claim.round, claim.group_id, claim.phase, self.members, INPUTS) or claim.signer() != accused:
             return "no claim of the accused over this group"
+        return None
+
+    def reports_problem(self, accused: str) -> Optional[str]:
+        """Why the reports do not prove the round (two reducers of the group, each of its own part), if they do not."""
+        claim = self.claim
         signers = set()
         for report in self.reports:
             if (report.round, report.group_id) != (claim.round, claim.group_id) \
