@@ -1,6 +1,6 @@
 """Control traffic of an idle DiLoCo swarm, broken down by switching its sources off one at a time.
 
-    sudo .venv/bin/python -m benchmarks.control_traffic [--window 60] [--arms ...]
+    sudo .venv/bin/python -m benchmarks.control_traffic [--window 60] [--arms ...] [--census]
 
 Every arm is a fresh swarm on the netlab (a bootstrap peer and 3 trainers of ``configs/debug.yaml``, each in
 a network namespace, links uncapped). The trainers run DiLoCo with an inner round far longer than the
@@ -22,6 +22,8 @@ here.)
 
 Columns: bytes per second sent by all hosts together, by the trainers, by the bootstrap peer; and the
 share of the ``reports 1 s`` arm's. Writes ``benchmarks/results/control_traffic.json``.
+With ``--census`` every peer runs under ``harness/dht_census.py`` and each arm also prints the DHT requests
+all nodes served in the window, by kind and key (what the tracker, the metrics records, the exclusions cost).
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ ARMS = {  # name -> (--set items of every trainer, --set items of the bootstrap 
 }
 
 
+def _census(work: Path) -> dict[str, list[int]]:
+    """The DHT requests every node served so far (:mod:`harness.dht_census`), summed by kind and key."""
+    total: dict[str, list[int]] = {}
+    for path in work.glob("census.*.json"):
+        try:
+            counts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, values in counts.items():
+            total[name] = [a + b for a, b in zip(total.get(name, [0, 0, 0]), values)]
+    return total
+
+
 def _sets(items) -> list[str]:
     return [word for item in items for word in ("--set", item)]
 
@@ -61,13 +76,16 @@ def _training(status: Path) -> bool:
     return state.get("samples", 0) > 0
 
 
-def run_arm(arm, work: Path, window: float, timeout: float) -> dict:
+def run_arm(arm, work: Path, window: float, timeout: float, census: bool = False) -> dict:
+    """One arm; ``census``: every peer runs under :mod:`harness.dht_census`, and the result has the DHT
+    requests each node served in the window, by key (requests, request and response bytes, per second)."""
     sets, bootstrap_sets = arm
+    swarm = [sys.executable, "-m", "harness.dht_census", str(work / "census")] if census else [sys.executable, "-m", "peers"]
     hosts = TRAINERS + 1
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
     with Lab(hosts, rate=None) as lab:
         address = work / "address.json"
-        procs = [lab.popen(0, [sys.executable, "-m", "peers", "bootstrap", "--config", str(CONFIG), "--identity",
+        procs = [lab.popen(0, [*swarm, "bootstrap", "--config", str(CONFIG), "--identity",
                                str(work / "bootstrap.key"), "--address-file", str(address), "--set",
                                f"network.listen_host={lab.ip(0)}", *_sets(bootstrap_sets)], log=work / "bootstrap.log")]
         try:
@@ -76,7 +94,7 @@ def run_arm(arm, work: Path, window: float, timeout: float) -> dict:
                 return dict(error=f"the bootstrap peer did not start; see {work / 'bootstrap.log'}")
             maddr = next(m for m in started["maddrs"] if f"/{lab.ip(0)}/" in m)
             for host in range(1, hosts):
-                command = [sys.executable, "-m", "peers", "join", "--config", str(CONFIG), "--initial-peers", maddr,
+                command = [*swarm, "join", "--config", str(CONFIG), "--initial-peers", maddr,
                            "--status-file", str(statuses[host - 1]), "--set", f"network.listen_host={lab.ip(host)}",
                            "--set", "averaging.mode=diloco", "--set", "diloco.inner_steps=1000000",
                            "--set", "metrics=null", "--set", "checkpoint=null"]
@@ -95,8 +113,10 @@ def run_arm(arm, work: Path, window: float, timeout: float) -> dict:
                 return dict(error=f"the trainers did not start training within {timeout:.0f} s; see {work}")
             time.sleep(10)  # past the first records and state downloads
             before, load_before = [lab.counters(host) for host in range(hosts)], load_average()[0]
+            served_before = _census(work)
             time.sleep(window)
             after, load_after = [lab.counters(host) for host in range(hosts)], load_average()[0]
+            served_after = _census(work)
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -107,7 +127,9 @@ def run_arm(arm, work: Path, window: float, timeout: float) -> dict:
                 except subprocess.TimeoutExpired:
                     kill_group(proc)
     sent = [(a[0] - b[0]) / window for a, b in zip(after, before)]
-    return dict(total=sum(sent), trainers=sum(sent[1:]), bootstrap=sent[0], per_host=sent,
+    served = {name: [(value - before) / window for value, before in zip(counts, served_before.get(name, [0, 0, 0]))]
+              for name, counts in served_after.items()}
+    return dict(total=sum(sent), trainers=sum(sent[1:]), bootstrap=sent[0], per_host=sent, census=served or None,
                 load=(load_before, load_after))
 
 
@@ -116,6 +138,8 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds measured per arm")
     parser.add_argument("--arms", default=",".join(ARMS), help="which arms, comma-separated")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds an arm may take to start")
+    parser.add_argument("--census", action="store_true",
+                        help="also count the DHT requests every node serves, by key (harness/dht_census.py)")
     args = parser.parse_args()
     problem = available()
     if problem:
@@ -130,7 +154,7 @@ def main() -> int:
         for number, name in enumerate(names):
             work = Path(tmp) / f"arm{number}"
             work.mkdir()
-            results[name] = run_arm(ARMS[name], work, args.window, args.timeout)
+            results[name] = run_arm(ARMS[name], work, args.window, args.timeout, args.census)
             print(f"{name}: {results[name]}", flush=True)
     base = results.get("reports 1 s", {}).get("total")
     rows = [[name] + (["-"] * 4 + [r["error"]] if "error" in r else
@@ -138,6 +162,12 @@ def main() -> int:
                        f"{r['total'] / base:.2f}" if base else "-", f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"])
             for name, r in results.items()]
     print(markdown_table(["arm", "all hosts, KB/s sent", "3 trainers", "bootstrap", "vs reports 1 s", "load"], rows))
+    for name, r in results.items():
+        if r.get("census"):
+            print(f"\nDHT requests served in arm {name!r}, all nodes (protobuf bytes, without libp2p's framing):")
+            print(markdown_table(["request, key", "per s", "request KB/s", "response KB/s"],
+                                 [[key, f"{c[0]:.2f}", f"{c[1] / 1e3:.2f}", f"{c[2] / 1e3:.2f}"]
+                                  for key, c in sorted(r["census"].items(), key=lambda kv: -(kv[1][1] + kv[1][2]))]))
     write_json("control_traffic.json", {"environment": environment(), "window": args.window, "results": results})
     return 0
 
