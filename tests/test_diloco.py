@@ -50,7 +50,9 @@ def test_three_diloco_trainers_end_bit_identical(swarm, settings):
 
 @pytest.mark.timeout(300)
 def test_diloco_late_joiner_adopts_the_swarm_state(swarm):
-    rounds = 8
+    # the early trainers run rounds of 2-3 s; the late one needs 5-10 s to start under load (imports, the
+    # DHT): 9 rounds after round 3 leave it time to find them still training (with 5, a CI run found them gone)
+    rounds = 12
     _, address = swarm.bootstrap()
     early = [swarm.trainer(name, [address], *DILOCO, f"training.max_epochs={rounds}") for name in ("a", "b")]
     wait_for(lambda: swarm.epoch("a") >= 3, timeout=180, what="round 3", alive=early)
