@@ -27,7 +27,7 @@ from swarm.config.schema import NetworkConfig
 from swarm.net import keys
 from swarm.net.dht import shutdown_dht, start_dht
 from swarm.net.exclusion_record import publish_evidence
-from swarm.net.identity import load_identity, peer_id_of_public_key
+from swarm.net.identity import load_identity, peer_id_of_private_key
 from swarm.net.norm_claims import INPUTS
 from swarm.net.outlier_evidence import ClipReport, OutlierEvidence, RoundProof
 
@@ -35,14 +35,10 @@ RUN_ID = "bench"  # harness.averaging_peer's
 ROUNDS = (1, 2, 3)  # averaging.robust.ban.outlier_rounds' default
 
 
-def peer_of(key: RSAPrivateKey) -> str:
-    return peer_id_of_public_key(key.get_public_key().to_bytes())
-
-
 def framing_evidence(victim: str, own_key: RSAPrivateKey, made_up: list[RSAPrivateKey]) -> OutlierEvidence:
     """Clip reports against ``victim`` by the two ``made_up`` reducers in each of :data:`ROUNDS`, in a group of
     the three of them; the claim that should be the victim's is signed with ``own_key``."""
-    members = [victim] + [peer_of(key) for key in made_up]
+    members = [victim] + [peer_id_of_private_key(key) for key in made_up]
     proofs = []
     for round_number in ROUNDS:
         group_id = os.urandom(16)

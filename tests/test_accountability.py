@@ -45,7 +45,7 @@ from swarm.net.exclusion_record import (
     item_from_wire,
     receipt_message,
 )
-from swarm.net.identity import peer_id_of_public_key
+from swarm.net.identity import peer_id_of_private_key
 from swarm.net.norm_claims import INPUTS, NormClaim
 from swarm.net.outlier_evidence import Clip, ClipReport, OutlierEvidence, OutlierTally, RoundProof, clip_message
 from swarm.net.validators import run_validators
@@ -56,10 +56,6 @@ pytestmark = pytest.mark.timeout(60)
 
 NUMEL = 1000
 KEYS = [RSAPrivateKey() for _ in range(4)]  # generated once: about 0.1 s each
-
-
-def peer_of(key: RSAPrivateKey) -> str:
-    return peer_id_of_public_key(key.get_public_key().to_bytes())
 
 
 def payloads_of(values: torch.Tensor) -> list:
@@ -80,7 +76,7 @@ def evidence(key=KEYS[0], *, round_number=3, part=1, second_key=None, same=False
 def test_two_receipts_over_different_results_are_proof_that_anyone_verifies():
     item = evidence()
     assert item.verify() is None
-    assert item.accused == peer_of(KEYS[0])
+    assert item.accused == peer_id_of_private_key(KEYS[0])
     again = Evidence.from_wire(MSGPackSerializer.loads(MSGPackSerializer.dumps(item.to_wire())))
     assert again == item and again.verify() is None
 
@@ -142,20 +138,20 @@ def test_a_receipt_is_checked_against_the_bytes_the_reducer_and_the_clock():
     payloads = payloads_of(torch.arange(10.0))
     receipt = Accountability(KEYS[0]).receipt(5, b"g" * 16, 0, 2, payloads)
     check = Accountability.check
-    assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) is None
-    assert check(receipt, peer_of(KEYS[1]), 5, b"g" * 16, 0, 2, payloads) == "receipt not signed by the part's reducer"
-    assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads_of(torch.zeros(10))) == "receipt of other bytes"
-    assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 3, payloads) == "receipt not signed by the part's reducer"
-    assert check(None, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) == "no receipt"
-    assert check(receipt, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads, not_before=get_dht_time() - 600) is None
+    assert check(receipt, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) is None
+    assert check(receipt, peer_id_of_private_key(KEYS[1]), 5, b"g" * 16, 0, 2, payloads) == "receipt not signed by the part's reducer"
+    assert check(receipt, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads_of(torch.zeros(10))) == "receipt of other bytes"
+    assert check(receipt, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 3, payloads) == "receipt not signed by the part's reducer"
+    assert check(None, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) == "no receipt"
+    assert check(receipt, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads, not_before=get_dht_time() - 600) is None
     backdated = [receipt[0], receipt[1] - 3600, *receipt[2:]]  # the time changed after signing
-    assert check(backdated, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) == "receipt not signed by the part's reducer"
+    assert check(backdated, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) == "receipt not signed by the part's reducer"
     # a reducer that signs a time before the all-reduce began (to start its exclusion early) or ahead of now:
     early = _receipt_at(KEYS[0], get_dht_time() - 3600, payloads)
-    assert check(early, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) is None  # no all-reduce to compare with
-    assert "from now" in check(early, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads, not_before=get_dht_time())
+    assert check(early, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads) is None  # no all-reduce to compare with
+    assert "from now" in check(early, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads, not_before=get_dht_time())
     ahead = _receipt_at(KEYS[0], get_dht_time() + 3600, payloads)
-    assert "from now" in check(ahead, peer_of(KEYS[0]), 5, b"g" * 16, 0, 2, payloads)
+    assert "from now" in check(ahead, peer_id_of_private_key(KEYS[0]), 5, b"g" * 16, 0, 2, payloads)
     assert find_equivocation([receipt, receipt], 5, b"g" * 16, 0, 2) is None
 
 
@@ -179,11 +175,11 @@ def test_exclusion_doubles_with_each_offence_up_to_the_cap():
 
 def test_proof_excludes_the_reducer_longer_at_each_offence_and_a_forgery_excludes_no_one():
     exclusions = Exclusions(dht=None, run_id="run", policy=BanConfig(base=60, cap=3600))
-    accused = peer_of(KEYS[0])
+    accused = peer_id_of_private_key(KEYS[0])
     assert exclusions.add([evidence(second_key=KEYS[1])], mine=False) == 0
-    assert exclusions.refusal(accused) is None and exclusions.refusal(peer_of(KEYS[1])) is None
+    assert exclusions.refusal(accused) is None and exclusions.refusal(peer_id_of_private_key(KEYS[1])) is None
     assert exclusions.add([evidence(round_number=1)], mine=False) == 1
-    assert exclusions.refusal(accused) == EXCLUDED and exclusions.refusal(peer_of(KEYS[2])) is None
+    assert exclusions.refusal(accused) == EXCLUDED and exclusions.refusal(peer_id_of_private_key(KEYS[2])) is None
     first = exclusions.excluded()[accused]
     assert first["offences"] == 1 and 55 < first["until"] - get_dht_time() <= 60
     assert exclusions.add([evidence(round_number=1, part=2)], mine=False) == 1  # the same round: one offence
@@ -200,7 +196,7 @@ def test_status_and_prometheus_show_who_is_excluded_until_when():
     collector = Collector(dht=None, run_id="run", max_samples_per_second=1e5, ban=BanConfig(base=60, cap=3600))
     now = get_dht_time()
     excluded = collector.excluded([evidence(round_number=1), evidence(round_number=2)], now)
-    accused = peer_of(KEYS[0])
+    accused = peer_id_of_private_key(KEYS[0])
     assert [(row["peer_id"], row["offences"]) for row in excluded] == [(accused, 2)]
     assert 115 < excluded[0]["until"] - now <= 120
     view = collector.assemble([], {}, now=now, excluded=excluded)
@@ -213,7 +209,7 @@ def test_status_and_prometheus_show_who_is_excluded_until_when():
 
 
 # ---- persistent outliers ---------------------------------------------------------------------------
-NAMES = [peer_of(key) for key in KEYS]  # a group in part order: KEYS[i] reduces part i
+NAMES = [peer_id_of_private_key(key) for key in KEYS]  # a group in part order: KEYS[i] reduces part i
 
 
 def group_of(round_number: int) -> bytes:
@@ -263,7 +259,7 @@ def test_reducers_cannot_frame_a_peer_they_were_never_grouped_with():
     accused's own claim over that member list there is no proof (before, two made-up keys could exclude
     any peer of an open run); with a claim over another group, or by someone else, neither."""
     outsiders = [RSAPrivateKey(), RSAPrivateKey()]
-    made_up = [NAMES[0], peer_of(outsiders[0]), peer_of(outsiders[1]), NAMES[3]]
+    made_up = [NAMES[0], peer_id_of_private_key(outsiders[0]), peer_id_of_private_key(outsiders[1]), NAMES[3]]
     claim_elsewhere = input_claim(KEYS[0], 1)  # its real claim, over its real group (NAMES)
     reports = tuple(ClipReport(key.get_public_key().to_bytes(), 1, group_of(1), 0, part, 0.0,
                                key.sign(clip_message(1, group_of(1), 0, part, NAMES[0], 0.0)))
@@ -277,7 +273,7 @@ def test_reducers_cannot_frame_a_peer_they_were_never_grouped_with():
 
 
 def test_an_outlier_is_excluded_after_the_policys_rounds_and_overlapping_proofs_count_once():
-    accused, now = peer_of(KEYS[0]), get_dht_time()
+    accused, now = peer_id_of_private_key(KEYS[0]), get_dht_time()
 
     def excluded(items, rounds=3):
         return excluded_peers(items, base=60, cap=3600, now=now, outlier_rounds=rounds)
@@ -349,7 +345,7 @@ def run_group(*, accountable: bool, equivocator: int = 1, framer: int = -1, outl
     ``outlier`` sends its update x1000 (reducers aggregate with CenteredClip, as with ``robust``);
     ``garbage`` serves everyone noise at 100x its true result's norm (validly signed).
     Returns the members and each one's AllreduceResult."""
-    by_peer = {PeerID.from_base58(peer_of(key)): key for key in KEYS}
+    by_peer = {PeerID.from_base58(peer_id_of_private_key(key)): key for key in KEYS}
     members = tuple(sorted(by_peer, key=lambda peer: peer.to_bytes()))
     names = [member.to_base58() for member in members]
     accounts = [Accountability(by_peer[peer]) for peer in members]

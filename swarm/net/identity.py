@@ -123,6 +123,11 @@ def peer_id_of_owner(owner: bytes) -> Optional[str]:
     return None if match is None else peer_id_of_public_key(match.group(1))
 
 
+def peer_id_of_private_key(key: RSAPrivateKey) -> str:
+    """The libp2p peer id of hivemind's RSA private key (what its signatures speak for)."""
+    return peer_id_of_public_key(key.get_public_key().to_bytes())
+
+
 def peer_id_of_public_key(ssh_key: bytes) -> Optional[str]:
     """The libp2p peer id of an RSA public key in OpenSSH format (``ssh-rsa ...``), or None if it is not one."""
     try:
