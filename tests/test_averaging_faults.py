@@ -243,20 +243,24 @@ def test_a_member_that_only_heartbeats_is_cut_and_left_out_of_the_next_round(ave
     left_out = averagers.records(staller).get(1, {})
     assert not left_out.get("ok") or left_out["group_size"] == 1, left_out
 
+HOSTILE_REDUCER, HONEST_MEMBERS = 3, [0, 1, 2]  # the averagers of _hostile_reducer_round
+
+
 def _hostile_reducer_round(averagers, attack: str, defended: bool) -> tuple[str, list[dict]]:
-    """Four processes, member 3 playing ``attack`` as a reducer (3 rounds defended, else 1, with
-    ``--no-accountability`` on the honest members); returns the attacker's id and the honest members'
+    """Four processes, member HOSTILE_REDUCER playing ``attack`` as a reducer (3 rounds defended, else 1,
+    with ``--no-accountability`` on the honest members); returns the attacker's id and the honest members'
     round-0 records, each checked to be a full, finite round."""
-    attacker, honest = 3, [0, 1, 2]
-    extra_for = lambda index: [attack] if index == attacker else ([] if defended else ["--no-accountability"])  # noqa: E731
+    def extra_for(index: int) -> list[str]:
+        return [attack] if index == HOSTILE_REDUCER else ([] if defended else ["--no-accountability"])
+
     peers = averagers.swarm(4, "--expect", "4", "--rounds", "3" if defended else "1", "--megabytes", "1",
                             "--round-timeout", "10", extra_for=extra_for)
-    for index in honest:
+    for index in HONEST_MEMBERS:
         assert peers[index].proc.wait(200) == 0, peers[index].log_tail()
-    assert peers[attacker].proc.wait(120) == 0, peers[attacker].log_tail()
-    first = [averagers.records(index)[0] for index in honest]
+    assert peers[HOSTILE_REDUCER].proc.wait(120) == 0, peers[HOSTILE_REDUCER].log_tail()
+    first = [averagers.records(index)[0] for index in HONEST_MEMBERS]
     assert all(record["ok"] and record["group_size"] == 4 and record["finite"] for record in first), first
-    return averagers.records(attacker)[0]["me"], first
+    return averagers.records(HOSTILE_REDUCER)[0]["me"], first
 
 
 @pytest.mark.timeout(300)
@@ -269,7 +273,6 @@ def test_a_reducer_returning_different_results_is_caught_and_excluded(averagers,
     (refused at matchmaking and in every RPC) from the next rounds, beyond the one round a member that
     failed to answer is left out. With the defence off (``--no-accountability`` on the honest members)
     the same reducer leaves the honest members with different models."""
-    honest = [0, 1, 2]
     accused, first = _hostile_reducer_round(averagers, "--equivocate", defended)
     if not defended:
         assert len({record["hash"] for record in first}) > 1, "the equivocation did not split the honest members"
@@ -279,11 +282,11 @@ def test_a_reducer_returning_different_results_is_caught_and_excluded(averagers,
         assert record["missing_parts"] == [record["members"].index(accused)], record
     assert len({record["hash"] for record in first}) == 1, "honest members disagree after the equivocation"
     for round_number in (1, 2):
-        later = [averagers.records(index)[round_number] for index in honest]
+        later = [averagers.records(index)[round_number] for index in HONEST_MEMBERS]
         assert all(record["ok"] and accused not in record["members"] and record["group_size"] == 3
                    and record["finite"] and record["missing_parts"] == [] for record in later), later
         assert len({record["hash"] for record in later}) == 1, f"honest members disagree in round {round_number}"
-        alone = averagers.records(3).get(round_number, {})
+        alone = averagers.records(HOSTILE_REDUCER).get(round_number, {})
         assert not alone.get("ok") or alone["group_size"] == 1, alone
 
 
@@ -296,7 +299,6 @@ def test_a_reducer_returning_garbage_to_everyone_is_caught_and_excluded(averager
     honest member drops that part alike, stays identical to the others and finite at the honest scale, and
     excludes the reducer from the next rounds. With the defence off (``--no-accountability`` on the honest
     members) the noise goes into every honest member's model (its norm about 25x the honest average's)."""
-    honest = [0, 1, 2]
     accused, first = _hostile_reducer_round(averagers, "--garbage", defended)
     assert len({record["hash"] for record in first}) == 1, "honest members disagree"
     scale = first[0]["numel"] ** 0.5  # the norm of one member's N(0, 1) update; the honest average's is half
@@ -307,7 +309,7 @@ def test_a_reducer_returning_garbage_to_everyone_is_caught_and_excluded(averager
         assert record["oversized"] == [accused] and accused in record["excluded"], record
         assert record["missing_parts"] == [record["members"].index(accused)] and record["norm"] < scale, record
     for round_number in (1, 2):
-        later = [averagers.records(index)[round_number] for index in honest]
+        later = [averagers.records(index)[round_number] for index in HONEST_MEMBERS]
         assert all(record["ok"] and accused not in record["members"] and record["group_size"] == 3
                    and record["finite"] and record["missing_parts"] == [] for record in later), later
         assert len({record["hash"] for record in later}) == 1, f"honest members disagree in round {round_number}"
