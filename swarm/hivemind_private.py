@@ -7,9 +7,12 @@ no public way exists, the call goes through here, so an upgrade of hivemind has 
 
 from __future__ import annotations
 
+from typing import Optional
+
+from hivemind.dht.node import DHTID, _SearchState
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 from multiaddr import Multiaddr
 
 HIVEMIND_VERSION = "1.1.12"  # the version these calls were written and tested against (pyproject pins it)
@@ -24,6 +27,22 @@ async def dial(node, peer: PeerID, address: Multiaddr) -> None:
 async def ping(node, peer: PeerID) -> bool:
     """Whether ``peer`` answers a DHT ping; an answer also puts it back into ``node``'s routing table."""
     return await node.protocol.call_ping(peer) is not None
+
+
+async def held_value(_dht, node, key: str) -> Optional[ValueWithExpiration]:
+    """What ``node`` itself holds for ``key`` as one of the nodes that store it (its storage, not the cache of
+    values it looked up), decoded as ``DHT.get`` decodes a found value; None if it holds nothing, or if it is a
+    client (its storage holds only what it stored itself: no other node stores there). For ``DHT.run_coroutine``.
+    hivemind's ``get`` reads the same storage first, but with ``latest=True`` it goes on to ask every other holder
+    (each answers with the whole value), and without it may answer from the cache."""
+    if node.protocol.client_mode:
+        return None
+    key_id = DHTID.generate(source=key)
+    search = _SearchState(key_id, float("inf"), serializer=node.protocol.serializer,
+                          record_validator=node.protocol.record_validator)
+    search.add_candidate(node.protocol.storage.get(key_id), source_node_id=node.node_id)
+    search.finish_search()
+    return await search.future
 
 
 def rsa_private_key_from_der(der: bytes) -> RSAPrivateKey:

@@ -6,6 +6,7 @@ they rely on disappears: then re-read each call in swarm/hivemind_private.py aga
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import hivemind
@@ -14,6 +15,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm import hivemind_private
@@ -55,3 +57,19 @@ def test_static_relays_turn_relay_discovery_off_only_when_relays_are_given():
     assert "-relayDiscovery=0" in with_relays and with_relays.count("-relayDiscovery=0") == 1
     assert not any("relayDiscovery" in arg for arg in P2P._make_process_args("p2pd", autoRelay=False))
     assert "trustedRelays" in inspect.getsource(P2P.create), "hivemind no longer passes trusted relays to p2pd"
+
+
+def test_held_value_is_what_a_node_stores_for_others_and_nothing_on_a_client():
+    server = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = hivemind.DHT(start=True, client_mode=True, initial_peers=[str(m) for m in server.get_visible_maddrs()])
+    try:
+        expires = get_dht_time() + 30
+        assert server.store("k", [1, 2], expires, subkey="server") and client.store("k", [3], expires, subkey="client")
+        held = server.run_coroutine(functools.partial(hivemind_private.held_value, key="k"))
+        assert {subkey: item.value for subkey, item in held.value.items()} == {"server": [1, 2], "client": [3]}
+        assert held.value["client"].expiration_time == expires
+        assert server.run_coroutine(functools.partial(hivemind_private.held_value, key="other")) is None
+        assert client.run_coroutine(functools.partial(hivemind_private.held_value, key="k")) is None
+    finally:
+        client.shutdown()
+        server.shutdown()

@@ -12,6 +12,7 @@ import pytest
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from swarm.net import keys
+from swarm.net.diloco_records import Progress, encode_record
 from swarm.train.rounds import RoundTracker
 
 PEERS = ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN")
@@ -118,3 +119,23 @@ def test_idle_period_reports_often_only_near_the_round_end(dht):
     plain = RoundTracker(dht=dht, run_id="tracker-test", refresh_period=0.5)
     plain.hurry(False)
     assert plain._loop.period == 0.5 and plain._tolerance() == 5.0
+
+
+def test_between_network_reads_a_node_that_holds_the_records_reads_its_own_copy(dht):
+    """A refresh asks every DHT node holding the key at most once per idle period (each answers with every
+    peer's record); the hurried refreshes in between read this node's own copy, which the others' stores
+    keep current, as long as this peer's own record landed there."""
+    tracker = RoundTracker(dht=dht, run_id="held-copy", refresh_period=0.5, idle_period=10.0)
+    tracker.report(0, 5)
+    tracker.refresh()
+    network_read = tracker._network_read_at
+    assert network_read > get_dht_time() - 5, "the first read asks the network"
+    now = get_dht_time()  # a partner's store reaches this node
+    assert dht.store(keys.diloco_peers("held-copy"), encode_record(Progress(1, 10, now), None), now + keys.DILOCO_TTL,
+                     subkey=PEERS[0])
+    tracker.refresh()
+    assert tracker._network_read_at == network_read, "within the idle period: this node's own copy"
+    assert tracker.rounds_of_peers() == {tracker.me: 0, PEERS[0]: 1}
+    tracker._network_read_at -= 10.0
+    tracker.refresh()
+    assert tracker._network_read_at > network_read, "an idle period later: the network again"

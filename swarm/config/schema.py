@@ -252,7 +252,7 @@ class DiLoCoConfig(Section):
     )
     idle_refresh_period: Optional[float] = Field(
         10.0, gt=0, description="seconds between progress reports while the round is far from closing "
-        "(every refresh_period from ~3 of them before its end); heartbeats are then judged against it, so a peer gone "
+        "(every refresh_period from ~1.5 of them before its end); heartbeats are then judged against it, so a peer gone "
         "is noticed up to about 3 x this later. Each report costs ~29 KB on the wire with 3 peers, and more with every peer: "
         "reports every 10 s instead of every second cut an idle swarm's control traffic about 5x; "
         "null = report every refresh_period (a dead peer noticed within seconds)"

@@ -18,11 +18,18 @@ Both walk the DHT with hivemind's find requests, and every node holding the key 
 peer's record (about 900 bytes each, nearly all of it the RSA owner tag and signature): counted on every
 node of an idle swarm of 3 trainers, a refresh is about 6 finds and 3 stores, 18 KB of DHT messages, 86 % of
 them the finds' answers (about 29 KB on the wire). So a refresh costs each peer O(peers) bytes and the swarm
-O(peers^2) per period. ``idle_period`` (``diloco.idle_refresh_period``, 10 s by default) is what keeps it
-small: the tracker refreshes every ``refresh_period`` only while the round is close to closing
-(:meth:`RoundTracker.hurry`, called by the trainer) and every ``idle_period`` otherwise; a new state is
-pushed at once either way. Heartbeats and extrapolation are then judged against ``idle_period``: a peer
-gone is noticed up to about three idle periods later.
+O(peers^2) per period. Two things keep it small:
+- ``idle_period`` (``diloco.idle_refresh_period``, 10 s by default): the tracker refreshes every
+  ``refresh_period`` only while the round is close to closing (:meth:`RoundTracker.hurry`, called by the
+  trainer) and every ``idle_period`` otherwise; a new state is pushed at once either way. Heartbeats and
+  extrapolation are then judged against ``idle_period``: a peer gone is noticed up to about three idle
+  periods later.
+- A read asks the other nodes at most once per ``idle_period``. In between, a peer whose DHT node is one of
+  those that hold the key (its own record, just stored, landed in the node's storage; a client never is)
+  reads the node's own copy, which every peer's store updates too (:meth:`RoundTracker._held_copy`): the
+  hurried refreshes then cost a store alone, about half. The read that asks the network at least once per
+  idle period still finds the records of peers whose stores go to other holders (in a swarm past
+  ``num_replicas`` = 5 DHT nodes, views of who is nearest to the key can differ), as often as before.
 
 A progress record doubles as a heartbeat: a peer whose record has not been renewed for a while is
 taken for gone. "A while" is measured against this peer's own reads, not the wall clock: when the DHT
@@ -33,6 +40,7 @@ not evidence, and a peer that is merely hard to reach must not be dropped from t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Optional
 
@@ -41,6 +49,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from swarm.config.schema import DiLoCoConfig, SwarmConfig
+from swarm.hivemind_private import held_value
 from swarm.loops import PeriodicLoop
 from swarm.net import keys
 from swarm.net.admission import Admission
@@ -92,6 +101,7 @@ class RoundTracker:
         self._states: dict[str, StateRecord] = {}
         self._expires: dict[str, float] = {}  # peer -> when its record, as last seen, expires in the DHT
         self._read_at = get_dht_time()  # when the last read that completed began
+        self._network_read_at = float("-inf")  # ... and the last one that asked the other DHT nodes
         self._cycle_started: Optional[float] = None  # when the refresh in flight began
         self._cycles: list[tuple[float, float]] = []  # (when it ended, seconds) of the refreshes that still count
         # The DHT fails in many ways (timeouts, a node gone, a daemon error, a call's coroutine destroyed in
@@ -202,20 +212,26 @@ class RoundTracker:
         return {peer: p for peer, p in self._progress.items() if p.time >= horizon}
 
     def refresh(self) -> None:
-        """Store this peer's record and read everyone's: one store and one get (blocking DHT calls).
+        """Store this peer's record and read everyone's: one store, then one read (blocking DHT calls).
         Progress and state share one record so that the control traffic stays small next to the
         averaged tensors (it is what dominates bytes per sample for small models)."""
         with self._lock:
             mine, my_state = self._mine, self._my_state
             self._cycle_started = now = get_dht_time()
+        key = keys.diloco_peers(self.run_id)
         try:
-            stored = None
+            stored = found = None
             if mine is not None or my_state is not None:  # stamped now: the record doubles as a heartbeat
                 progress = Progress(mine.round, mine.samples, now) if mine is not None else None
-                stored = self.dht.store(keys.diloco_peers(self.run_id), encode_record(progress, my_state),
-                                        now + keys.DILOCO_TTL,
+                expiration = now + keys.DILOCO_TTL
+                stored = self.dht.store(key, encode_record(progress, my_state), expiration,
                                         subkey=self.owner or self.me, return_future=True)
-            found = self.dht.get(keys.diloco_peers(self.run_id), latest=True)  # while the store is under way
+                if now - self._network_read_at < self.slowest_period:
+                    stored.result()
+                    found = self._held_copy(key, expiration)
+            if found is None:
+                found = self.dht.get(key, latest=True)  # (while the store is under way)
+                self._network_read_at = now if found is not None else self._network_read_at
             if stored is not None:
                 stored.result()
         finally:
@@ -228,6 +244,19 @@ class RoundTracker:
         with self._lock:
             self._merge(found)
             self._read_at = now
+
+    def _held_copy(self, key: str, expiration: float):
+        """This node's own copy of the records, if it is one of the DHT nodes that store them: the record it
+        just stored (expiring at ``expiration``) landed here. None if not (then the others' stores do not
+        come here either) or if the copy cannot be read."""
+        try:
+            held = self.dht.run_coroutine(functools.partial(held_value, key=key))
+        except Exception:
+            return None
+        if held is None or not isinstance(held.value, dict):
+            return None
+        own = held.value.get(self.owner or self.me)
+        return held if own is not None and own.expiration_time >= expiration else None
 
     def _merge(self, found) -> None:
         """Take in the records of a read. A read may reach only some of the nodes holding the key (the
