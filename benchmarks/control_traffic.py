@@ -39,6 +39,7 @@ from tempfile import TemporaryDirectory
 
 from benchmarks.report import environment, markdown_table, write_json
 from benchmarks.training import CONFIG
+from harness.dht_census import census_command, read_census
 from harness.netlab import Lab, available, kill_group, load_average, wait_for_file
 
 TRAINERS = 3
@@ -49,19 +50,6 @@ ARMS = {  # name -> (--set items of every trainer, --set items of the bootstrap 
     "default + bootstrap metrics off": ([], ["metrics=null"]),
     "default + no rejoin": (["network.rejoin_period=3600"], []),
 }
-
-
-def _census(work: Path) -> dict[str, list[int]]:
-    """The DHT requests every node served so far (:mod:`harness.dht_census`), summed by kind and key."""
-    total: dict[str, list[int]] = {}
-    for path in work.glob("census.*.json"):
-        try:
-            counts = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        for name, values in counts.items():
-            total[name] = [a + b for a, b in zip(total.get(name, [0, 0, 0]), values)]
-    return total
 
 
 def _sets(items) -> list[str]:
@@ -80,7 +68,7 @@ def run_arm(arm, work: Path, window: float, timeout: float, census: bool = False
     """One arm; ``census``: every peer runs under :mod:`harness.dht_census`, and the result has the DHT
     requests each node served in the window, by key (requests, request and response bytes, per second)."""
     sets, bootstrap_sets = arm
-    swarm = [sys.executable, "-m", "harness.dht_census", str(work / "census")] if census else [sys.executable, "-m", "peers"]
+    swarm = census_command(work) if census else [sys.executable, "-m", "peers"]
     hosts = TRAINERS + 1
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
     with Lab(hosts, rate=None) as lab:
@@ -113,10 +101,10 @@ def run_arm(arm, work: Path, window: float, timeout: float, census: bool = False
                 return dict(error=f"the trainers did not start training within {timeout:.0f} s; see {work}")
             time.sleep(10)  # past the first records and state downloads
             before, load_before = [lab.counters(host) for host in range(hosts)], load_average()[0]
-            served_before = _census(work)
+            served_before = read_census(work)
             time.sleep(window)
             after, load_after = [lab.counters(host) for host in range(hosts)], load_average()[0]
-            served_after = _census(work)
+            served_after = read_census(work)
         finally:
             for proc in procs:
                 if proc.poll() is None:

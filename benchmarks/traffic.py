@@ -18,6 +18,8 @@ Columns: bytes per sample over the whole run (start-up and the first round's sta
 and in steady state (from every trainer past round 0 to every trainer at the last round), sync's ÷ this,
 DiLoCo's own count of averaging payload in the steady window, the rest (control traffic) in KB/s and as a
 share of the steady bytes, and held-out loss ÷ sync's at equal samples. Writes ``benchmarks/results/traffic.json``.
+With ``--census`` every peer runs under ``harness/dht_census.py``, and each configuration also prints the DHT
+requests all nodes served per round, by kind and key (the progress tracker, matchmaking's ready records...).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations, comma-separated")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one configuration may take")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/traffic.json)")
+    parser.add_argument("--census", action="store_true", help="also count the DHT requests every node serves, by key, "
+                        "per round (harness/dht_census.py)")
     parser.add_argument("--keep", type=Path, help="keep logs and status files in this folder")
     args = parser.parse_args(argv)
     reason = available()
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             loads.append(load_average()[0])
             t0 = time.monotonic()
-            results[name] = {**training.run_swarm(CONFIGS[name], samples, work, args.timeout),
+            results[name] = {**training.run_swarm({**CONFIGS[name], "census": args.census}, samples, work, args.timeout),
                              "seconds": time.monotonic() - t0}
             print(f"ran {name} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
     print(f"{samples} samples per configuration (debug model, 0.87M parameters, batch 16, {training.TRAINERS} trainers, "
@@ -131,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                           "sync ÷ this (whole / steady)", "steady payload B / sample", "steady control KB/s",
                           "control share", "note"], rows))
     lines = verdicts(figures)
+    for name, r in results.items():
+        rounds = max(r.get("epochs") or [0])
+        if r.get("census") and rounds:
+            print(f"\nDHT requests served in {name!r} by all nodes, per round over the whole run ({rounds} rounds; "
+                  "protobuf bytes, without libp2p's framing):")
+            print(markdown_table(["request, key", "requests", "request KB", "response KB"],
+                                 [[key, f"{c[0] / rounds:.1f}", f"{c[1] / rounds / 1e3:.1f}", f"{c[2] / rounds / 1e3:.1f}"]
+                                  for key, c in sorted(r["census"].items(), key=lambda kv: -(kv[1][1] + kv[1][2]))]))
     print()
     for line in lines:
         print(line)

@@ -39,6 +39,7 @@ from typing import Optional
 
 from benchmarks.report import environment, markdown_table, median, write_json
 from benchmarks.swarm_ticks import Sampler, loss_at, loss_curve, window
+from harness.dht_census import census_command, read_census
 from harness.netlab import Lab, available, kill_group, load_average, wait_all, wait_for_file
 
 HERE = Path(__file__).resolve().parent
@@ -94,7 +95,8 @@ def run_ddp(options: dict, samples: int, work: Path, timeout: float) -> dict:
 def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
     """One swarm run: ``options`` gives ``mode``, ``compression`` and (DiLoCo) ``inner_steps``; optional:
     ``robust`` (False: averaging.robust=null), ``rate`` (netlab link cap, e.g. "10mbit"; default uncapped),
-    ``sets`` (more ``--set`` items for every trainer)."""
+    ``sets`` (more ``--set`` items for every trainer), ``census`` (True: every peer runs under
+    :mod:`harness.dht_census`, and the result's ``census`` is what all DHT nodes served over the run, by key)."""
     if options["mode"] == "sync":
         epochs = math.ceil(samples / EPOCH_SAMPLES)
         sets = ["averaging.mode=sync", f"averaging.compression={options['compression']}"]
@@ -107,12 +109,13 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
     sets += list(options.get("sets", ()))  # any other overrides (benchmarks/overlap.py, benchmarks/traffic.py)
     hosts = TRAINERS + 1  # host 0: the bootstrap peer
     statuses = [work / f"status{host}.json" for host in range(1, hosts)]
+    swarm = census_command(work) if options.get("census") else [sys.executable, "-m", "peers"]
     with Lab(hosts, rate=options.get("rate")) as lab:
         sampler = Sampler(lab, list(range(hosts)), statuses)
         sampler.start()
         address = work / "address.json"
         bootstrap = lab.popen(0, [
-            sys.executable, "-m", "peers", "bootstrap", "--config", str(CONFIG), "--identity", str(work / "bootstrap.key"),
+            *swarm, "bootstrap", "--config", str(CONFIG), "--identity", str(work / "bootstrap.key"),
             "--address-file", str(address), "--set", f"network.listen_host={lab.ip(0)}",
             *([] if KEEP_METRICS else ["--set", "metrics=null"])], log=work / "bootstrap.log")
         started = wait_for_file(address, bootstrap, 90)
@@ -122,7 +125,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         maddr = next(m for m in started["maddrs"] if f"/{lab.ip(0)}/" in m)
         trainers = []
         for host in range(1, hosts):
-            command = [sys.executable, "-m", "peers", "join", "--config", str(CONFIG), "--initial-peers", maddr,
+            command = [*swarm, "join", "--config", str(CONFIG), "--initial-peers", maddr,
                        "--status-file", str(statuses[host - 1]), "--set", f"network.listen_host={lab.ip(host)}"]
             for item in sets:
                 command += ["--set", item]
@@ -148,6 +151,7 @@ def run_swarm(options: dict, samples: int, work: Path, timeout: float) -> dict:
         own_payload=sum(s.get("averaging", {}).get("bytes_sent", 0) for s in final) if options["mode"] == "diloco" else None,
         averaging=[s.get("averaging", {}) for s in final],
         utilization=[s.get("utilization") for s in final], time_split=[s.get("time_split", {}) for s in final],
+        census=read_census(work) if options.get("census") else None,
     )
 
 

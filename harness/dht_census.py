@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -28,6 +29,26 @@ from hivemind.dht.routing import DHTID
 from swarm.net import keys
 
 PERIOD = 2.0
+
+
+def read_census(folder: Path) -> dict[str, list[int]]:
+    """What every node run under this tool with a prefix in ``folder`` served so far: ``{"find <key>":
+    [requests, request bytes, response bytes], ...}`` summed over the nodes."""
+    total: dict[str, list[int]] = {}
+    for path in folder.glob("census.*.json"):
+        try:
+            counts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, values in counts.items():
+            total[name] = [a + b for a, b in zip(total.get(name, [0, 0, 0]), values)]
+    return total
+
+
+def census_command(folder: Path) -> list[str]:
+    """The start of a command line that runs a ``swarm`` command (its arguments follow) counted, with prefix
+    ``folder``/census (what :func:`read_census` reads)."""
+    return [sys.executable, "-m", "harness.dht_census", str(folder / "census")]
 
 
 def key_names(run_id: str) -> dict[bytes, str]:
