@@ -250,6 +250,12 @@ class DiLoCoConfig(Section):
         "run, and apply its outer step when it arrives, the progress made meanwhile kept (one-step-delayed, "
         "'eager' DiLoCo): no training time lost to the all-reduce on slow links; every peer of a run sets it alike"
     )
+    join_warmup_steps: int = Field(
+        50, ge=0, description="a peer that joins a run past its first round with a fresh inner optimizer ramps its inner "
+        "learning rate up linearly over this many steps: a fresh AdamW's first steps are about 2x the warmed-up ones of "
+        "the swarm, and robust averaging clipped such a late joiner as an outlier in its first rounds, 3 rounds in a row "
+        "excluding it (in the debug config the excess fades over ~40 steps); 0 = no warm-up"
+    )
     idle_refresh_period: Optional[float] = Field(
         10.0, gt=0, description="seconds between progress reports while the round is far from closing "
         "(every refresh_period from ~1.5 of them before its end); heartbeats are then judged against it, so a peer gone "

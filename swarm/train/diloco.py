@@ -73,6 +73,8 @@ class DiLoCo(Collaboration, SharedState):
         self._check_seconds = 0.0  # spent this round in the per-step state check (logged with the round)
         self._blocked = 0.0  # seconds step() spent on anything but the inner step, since the start
         self._in_flight: Optional[InFlight] = None  # diloco.overlap: the round being averaged in the background
+        self._warmup_step: Optional[int] = None  # inner steps since a fresh inner optimizer joined a running swarm
+        self._base_lrs: list[float] = []  # the inner learning rates a warm-up ramps up to
 
         owner = owner_tag(dht, private_key)  # this peer's records are signed under it (swarm.net.diloco_records)
         if owner is None:
@@ -103,6 +105,8 @@ class DiLoCo(Collaboration, SharedState):
             self.agreement.catch_up()
         self._check_seconds += time.perf_counter() - started
         inner_started = time.perf_counter()
+        if self._warmup_step is not None:
+            self._warm_up_inner_lr()
         self.inner.step()
         inner = time.perf_counter() - inner_started
         self._round_samples += batch_size
@@ -140,8 +144,17 @@ class DiLoCo(Collaboration, SharedState):
             "total_samples": self.total_samples,
             "outer_params": [p.clone() for p in self.outer_params],
             "momentum": [self.outer.state[p]["momentum_buffer"].clone() for p in self.outer_params],
-            "inner": self.inner.state_dict(),
+            "inner": self._inner_state(),
         }
+
+    def _inner_state(self) -> dict:
+        """The inner optimizer's state, at its configured learning rates (a checkpoint taken mid-warm-up must not
+        resume at a scaled-down rate: a resumed optimizer is not fresh, so it does not warm up again)."""
+        state = self.inner.state_dict()
+        if self._warmup_step is not None:
+            for group, lr in zip(state["param_groups"], self._base_lrs):
+                group["lr"] = lr
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint; the model's own (local) parameters come from the checkpoint's model."""
@@ -299,9 +312,23 @@ class DiLoCo(Collaboration, SharedState):
         if len(tensors) != 2 * expected or any(t.shape != p.shape for t, p in zip(tensors, self._state_tensors())):
             raise ValueError("the state does not match this model")
         previous = self.round
+        if int(header["round"]) > 0 and not self.inner.state and self.config.join_warmup_steps > 0:
+            self._warmup_step = 0  # joining a running swarm with a fresh inner optimizer (diloco.join_warmup_steps)
+            self._base_lrs = [group["lr"] for group in self.inner.param_groups]
         self._set_outer(int(header["round"]), int(header["total"]), tensors[:expected], tensors[expected:])
         self._start_round()
         logger.info(f"adopted the swarm's state: round {previous} -> {self.round}, {self.total_samples} samples seen")
+
+    def _warm_up_inner_lr(self) -> None:
+        """Scale the inner learning rate by k / diloco.join_warmup_steps at the k-th inner step (from 1) since this
+        peer, its inner optimizer fresh, adopted a running swarm's state; back to the configured rate after."""
+        self._warmup_step += 1
+        factor = min(1.0, self._warmup_step / self.config.join_warmup_steps)
+        for group, lr in zip(self.inner.param_groups, self._base_lrs):
+            group["lr"] = lr * factor
+        if factor >= 1.0:
+            self._warmup_step = None
+            logger.info(f"inner learning rate warmed up over {self.config.join_warmup_steps} steps since joining")
 
     def _set_outer(self, round_number: int, total: int, outer_params: list[torch.Tensor], momentum: list[torch.Tensor],
                    keep_local: bool = False) -> None:
