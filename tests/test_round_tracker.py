@@ -13,7 +13,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from swarm.net import keys
 from swarm.net.diloco_records import Progress, encode_record
-from swarm.train.rounds import RoundTracker
+from swarm.train.rounds import NETWORK_READ_PERIODS, RoundTracker
 
 PEERS = ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN")
 
@@ -122,20 +122,39 @@ def test_idle_period_reports_often_only_near_the_round_end(dht):
 
 
 def test_between_network_reads_a_node_that_holds_the_records_reads_its_own_copy(dht):
-    """A refresh asks every DHT node holding the key at most once per idle period (each answers with every
-    peer's record); the hurried refreshes in between read this node's own copy, which the others' stores
-    keep current, as long as this peer's own record landed there."""
+    """Each node holding the key answers a network read with every peer's record. A node that holds it reads
+    its own copy, which the others' stores keep current, as long as this peer's own record landed there; it
+    asks the network every NETWORK_READ_PERIODS idle periods."""
     tracker = RoundTracker(dht=dht, run_id="held-copy", refresh_period=0.5, idle_period=10.0)
     tracker.report(0, 5)
     tracker.refresh()
     network_read = tracker._network_read_at
     assert network_read > get_dht_time() - 5, "the first read asks the network"
+    assert tracker._next_network_read == pytest.approx(network_read + NETWORK_READ_PERIODS * 10.0 - 0.25)
     now = get_dht_time()  # a partner's store reaches this node
     assert dht.store(keys.diloco_peers("held-copy"), encode_record(Progress(1, 10, now), None), now + keys.DILOCO_TTL,
                      subkey=PEERS[0])
     tracker.refresh()
-    assert tracker._network_read_at == network_read, "within the idle period: this node's own copy"
+    assert tracker._network_read_at == network_read, "before the next network read is due: this node's own copy"
     assert tracker.rounds_of_peers() == {tracker.me: 0, PEERS[0]: 1}
-    tracker._network_read_at -= 10.0
+    tracker._next_network_read = get_dht_time()
     tracker.refresh()
-    assert tracker._network_read_at > network_read, "an idle period later: the network again"
+    assert tracker._network_read_at > network_read, "then the network again"
+
+
+def test_a_copy_behind_the_network_is_not_trusted(dht):
+    """A network read that finds a record this node's copy lacks, or one newer by more than a refresh cycle:
+    some peer's stores go to other nodes, and the next reads ask the network too."""
+    tracker = RoundTracker(dht=dht, run_id="held-copy", refresh_period=0.5, idle_period=10.0)
+    now = get_dht_time()
+    held = read_of((PEERS[0], 1, now - 3))
+    assert not tracker._held_is_behind(held, read_of((PEERS[0], 1, now - 3)), now)
+    assert not tracker._held_is_behind(held, read_of((PEERS[0], 1, now - 2.8)), now), "a store still on its way"
+    assert tracker._held_is_behind(held, read_of((PEERS[0], 1, now)), now), "three refreshes newer"
+    assert tracker._held_is_behind(held, read_of((PEERS[0], 1, now - 3), (PEERS[1], 1, now - 3)), now), "a peer missing"
+    tracker._holder, tracker._next_network_read = True, now  # as set by a read that found the copy behind
+    assert tracker._network_read_due(now + 0.5)
+    tracker._next_network_read = now + 29.75
+    assert not tracker._network_read_due(now + 0.5) and tracker._network_read_due(now + 30)
+    tracker._holder = False
+    assert tracker._network_read_due(now + 0.5), "not a node holding the key: every read asks the network"

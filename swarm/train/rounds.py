@@ -24,12 +24,13 @@ O(peers^2) per period. Two things keep it small:
   trainer) and every ``idle_period`` otherwise; a new state is pushed at once either way. Heartbeats and
   extrapolation are then judged against ``idle_period``: a peer gone is noticed up to about three idle
   periods later.
-- A read asks the other nodes at most once per ``idle_period``. In between, a peer whose DHT node is one of
-  those that hold the key (its own record, just stored, landed in the node's storage; a client never is)
-  reads the node's own copy, which every peer's store updates too (:meth:`RoundTracker._held_copy`): the
-  hurried refreshes then cost a store alone, about half. The read that asks the network at least once per
-  idle period still finds the records of peers whose stores go to other holders (in a swarm past
-  ``num_replicas`` = 5 DHT nodes, views of who is nearest to the key can differ), as often as before.
+- A peer whose DHT node is one of those that hold the key (its own record, just stored, landed in the node's
+  storage; a client never is) reads the node's own copy, which every peer's store updates too
+  (:meth:`RoundTracker._held_copy`), and asks the other nodes only every ``NETWORK_READ_PERIODS`` idle
+  periods: a refresh then costs a store alone, about half. When such a network read finds a record the
+  copy lacks (in a swarm past ``num_replicas`` = 5 DHT nodes, peers can disagree on which nodes are nearest to
+  the key, so some stores go elsewhere), every read asks the network until the copy keeps up again
+  (:meth:`RoundTracker._held_is_behind`), as every read did before.
 
 A progress record doubles as a heartbeat: a peer whose record has not been renewed for a while is
 taken for gone. "A while" is measured against this peer's own reads, not the wall clock: when the DHT
@@ -64,6 +65,11 @@ def record_bounds(config: SwarmConfig) -> RecordBounds:
     diloco = config.diloco or DiLoCoConfig()
     return RecordBounds.for_run(max_epochs=config.training.max_epochs, round_timeout=diloco.round_timeout,
                                 max_samples_per_second=config.monitor.max_samples_per_second)
+
+
+# A node that holds the progress key reads its own copy, and asks the other nodes at least every this many idle
+# periods (every refresh while its copy is behind theirs): the peers whose stores go elsewhere are still seen.
+NETWORK_READ_PERIODS = 3
 
 
 class RoundTracker:
@@ -102,6 +108,8 @@ class RoundTracker:
         self._expires: dict[str, float] = {}  # peer -> when its record, as last seen, expires in the DHT
         self._read_at = get_dht_time()  # when the last read that completed began
         self._network_read_at = float("-inf")  # ... and the last one that asked the other DHT nodes
+        self._holder = False  # whether this node held the key at the last refresh (see _held_copy)
+        self._next_network_read = float("-inf")  # when a read asks the other DHT nodes again (_network_read_due)
         self._cycle_started: Optional[float] = None  # when the refresh in flight began
         self._cycles: list[tuple[float, float]] = []  # (when it ended, seconds) of the refreshes that still count
         # The DHT fails in many ways (timeouts, a node gone, a daemon error, a call's coroutine destroyed in
@@ -212,7 +220,8 @@ class RoundTracker:
         return {peer: p for peer, p in self._progress.items() if p.time >= horizon}
 
     def refresh(self) -> None:
-        """Store this peer's record and read everyone's: one store, then one read (blocking DHT calls).
+        """Store this peer's record and read everyone's: one store and one read (blocking DHT calls), the read
+        from this node's own copy when it holds one that can be trusted (:meth:`_network_read_due`).
         Progress and state share one record so that the control traffic stays small next to the
         averaged tensors (it is what dominates bytes per sample for small models)."""
         with self._lock:
@@ -220,20 +229,28 @@ class RoundTracker:
             self._cycle_started = now = get_dht_time()
         key = keys.diloco_peers(self.run_id)
         try:
-            stored = found = None
+            stored = found = held = None
             if mine is not None or my_state is not None:  # stamped now: the record doubles as a heartbeat
                 progress = Progress(mine.round, mine.samples, now) if mine is not None else None
                 expiration = now + keys.DILOCO_TTL
                 stored = self.dht.store(key, encode_record(progress, my_state), expiration,
                                         subkey=self.owner or self.me, return_future=True)
-                if now - self._network_read_at < self.slowest_period:
-                    stored.result()
-                    found = self._held_copy(key, expiration)
-            if found is None:
+            asked = stored is None or self._network_read_due(now)
+            if asked:
                 found = self.dht.get(key, latest=True)  # (while the store is under way)
-                self._network_read_at = now if found is not None else self._network_read_at
             if stored is not None:
                 stored.result()
+                held = self._held_copy(key, expiration)
+                self._holder = held is not None
+                if held is None and not asked:  # not (or no longer) one of the nodes holding the key
+                    found, asked = self.dht.get(key, latest=True), True
+            if asked and found is not None:
+                self._network_read_at = now
+                behind = held is not None and self._held_is_behind(held, found, now)
+                # a copy that kept up is trusted for a few idle periods; one that fell behind is not, until it keeps up
+                self._next_network_read = now + (0.0 if behind else NETWORK_READ_PERIODS * self.slowest_period
+                                                  - self.refresh_period / 2)
+            found = found if found is not None else held
         finally:
             with self._lock:
                 ended = get_dht_time()
@@ -244,6 +261,26 @@ class RoundTracker:
         with self._lock:
             self._merge(found)
             self._read_at = now
+
+    def _network_read_due(self, now: float) -> bool:
+        """Whether this refresh asks the other DHT nodes: always unless this node held the key at the last
+        refresh; else every ``NETWORK_READ_PERIODS`` idle periods, and at every refresh while the last network
+        read found this node's copy behind (:meth:`_held_is_behind`)."""
+        return not self._holder or now >= self._next_network_read
+
+    def _held_is_behind(self, held, found, now: float) -> bool:
+        """Whether a network read found a record that this node's copy (read just after it) lacks, or one newer
+        by more than a refresh cycle: some peer's stores go to other nodes (in a swarm past hivemind's 5 replicas
+        of a key, peers can disagree on which nodes are nearest to it). A hostile peer can cause this on purpose
+        (storing only elsewhere): then every read asks the network, as before the copy was read at all."""
+        if not isinstance(found.value, dict) or not isinstance(held.value, dict):
+            return False
+        slack = self.refresh_period + self._recent_cycle(now)
+        for subkey, item in found.value.items():
+            expires, copy = getattr(item, "expiration_time", None), held.value.get(subkey)
+            if isinstance(expires, (int, float)) and (copy is None or expires > copy.expiration_time + slack):
+                return True
+        return False
 
     def _held_copy(self, key: str, expiration: float):
         """This node's own copy of the records, if it is one of the DHT nodes that store them: the record it
