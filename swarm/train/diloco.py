@@ -317,7 +317,9 @@ class DiLoCo(Collaboration, SharedState):
             self._base_lrs = [group["lr"] for group in self.inner.param_groups]
         self._set_outer(int(header["round"]), int(header["total"]), tensors[:expected], tensors[expected:])
         self._start_round()
-        logger.info(f"adopted the swarm's state: round {previous} -> {self.round}, {self.total_samples} samples seen")
+        logger.info(f"adopted the swarm's state: round {previous} -> {self.round}, {self.total_samples} samples seen"
+                    + (f"; inner learning rate warming up over {self.config.join_warmup_steps} steps (a fresh "
+                       "optimizer joining a running swarm)" if self._warmup_step == 0 else ""))
 
     def _warm_up_inner_lr(self) -> None:
         """Scale the inner learning rate by k / diloco.join_warmup_steps at the k-th inner step (from 1) since this
@@ -328,7 +330,6 @@ class DiLoCo(Collaboration, SharedState):
             group["lr"] = lr * factor
         if factor >= 1.0:
             self._warmup_step = None
-            logger.info(f"inner learning rate warmed up over {self.config.join_warmup_steps} steps since joining")
 
     def _set_outer(self, round_number: int, total: int, outer_params: list[torch.Tensor], momentum: list[torch.Tensor],
                    keep_local: bool = False) -> None:
