@@ -107,7 +107,6 @@ class RoundTracker:
         self._states: dict[str, StateRecord] = {}
         self._expires: dict[str, float] = {}  # peer -> when its record, as last seen, expires in the DHT
         self._read_at = get_dht_time()  # when the last read that completed began
-        self._network_read_at = float("-inf")  # ... and the last one that asked the other DHT nodes
         self._holder = False  # whether this node held the key at the last refresh (see _held_copy)
         self._next_network_read = float("-inf")  # when a read asks the other DHT nodes again (_network_read_due)
         self._cycle_started: Optional[float] = None  # when the refresh in flight began
@@ -245,7 +244,6 @@ class RoundTracker:
                 if held is None and not asked:  # not (or no longer) one of the nodes holding the key
                     found, asked = self.dht.get(key, latest=True), True
             if asked and found is not None:
-                self._network_read_at = now
                 behind = held is not None and self._held_is_behind(held, found, now)
                 # a copy that kept up is trusted for a few idle periods; one that fell behind is not, until it keeps up
                 self._next_network_read = now + (0.0 if behind else NETWORK_READ_PERIODS * self.slowest_period
