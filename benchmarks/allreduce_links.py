@@ -5,8 +5,9 @@
 N peers (``--sizes``), each in its own network namespace on a bridge, every link capped at 100 Mbit/s
 in both directions (``tbf rate 100mbit burst 64kb latency 50ms``, see ``harness/netlab.py``), all-reduce
 M = 16 MiB of fp32 (4M values). Per codec, swarm's peers (``harness/averaging_peer.py``: a DHT, a p2pd
-daemon and the averaging service each, matchmaking before every round) run ``--rounds`` rounds;
-then gloo ranks (``gloo_peer.py``) run the same number of ``all_reduce`` calls in fp32 and fp16 over
+daemon and the averaging service each, matchmaking before every round) run ``--rounds`` rounds, once
+with round parts over direct links (``swarm``, the default: :mod:`swarm.net.direct`) and once over libp2p
+alone (``swarm-libp2p``: ``averaging.direct: false``, every byte through p2pd); then gloo ranks (``gloo_peer.py``) run the same number of ``all_reduce`` calls in fp32 and fp16 over
 the same links. Reported per configuration (medians over rounds; one warm-up swarm round before them,
 which also sets up connections, is left out):
 
@@ -60,11 +61,12 @@ def payload_bytes(codec: str) -> int:
     return len(make_codec(codec).compress(x, CompressionInfo.from_tensor(x)).buffer)
 
 
-def run_swarm(n: int, codecs: list[str], rounds: int, work: Path, timeout: float, numel: int = NUMEL) -> list[dict]:
+def run_swarm(n: int, codecs: list[str], rounds: int, work: Path, timeout: float, numel: int = NUMEL,
+              extra: tuple[str, ...] = ()) -> list[dict]:
     with Lab(n, **LINK) as lab:
         procs = start_in_lab(lab, work, list(range(n)), [
             "--rounds", str(rounds), "--warmup", "1", "--expect", str(n), "--compression", ",".join(codecs), "--trace",
-            "--megabytes", str(numel * 4 / 2**20)])
+            "--megabytes", str(numel * 4 / 2**20), *extra])
         finished = wait_all(list(procs.values()), timeout)
     records = [record for host in range(n) for record in read_records(work / f"p{host}.jsonl")]
     if not finished:
@@ -97,7 +99,8 @@ def phases(record: dict) -> dict:
             "all_gather": out_end - out_start, "commit": record["seconds"] - out_end}
 
 
-def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int], numel: int = NUMEL) -> list[dict]:
+def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int], numel: int = NUMEL,
+                    impl: str = "swarm") -> list[dict]:
     """Per codec: the rounds every one of the ``n`` peers finished with one identical finite result;
     ``payloads``: bytes of the whole ``numel``-value tensor per codec (what the bounds count)."""
     by_round = defaultdict(list)
@@ -131,14 +134,24 @@ def summarize_swarm(n: int, records: list[dict], payloads: dict[str, int], numel
                 breakdown[name].append(seconds)
         payload_bound = 2 * (n - 1) / n * payloads[codec]
         rows.append(dict(
-            n=n, impl="swarm", codec=codec, rounds=counted, failed_rounds=bad, seconds=times,
+            n=n, impl=impl, codec=codec, rounds=counted, failed_rounds=bad, seconds=times,
             numel=numel, time_vs_bound=[t / bound_seconds(n, numel * 4) for t in times], wire_sent=wire,
             wire_vs_bound=[w / payload_bound for w in wire], own_vs_bound=median(o / payload_bound for o in own),
             cpu={name: median(values) for name, values in cpu.items()},
             peak_mib={name: max(values) for name, values in peak.items()},
             phases={name: median(values) for name, values in breakdown.items()}, matchmaking=matchmaking,
+            fetch_paths=_paths(records),
         ))
     return rows
+
+
+def _paths(records: list[dict]) -> dict[str, int]:
+    """Round parts fetched over each path, all peers, the whole run (each peer's last record has its totals)."""
+    last: dict[int, dict] = {}
+    for record in records:
+        if record.get("fetch_paths") is not None:
+            last[record["index"]] = record["fetch_paths"]
+    return {path: sum(paths.get(path, 0) for paths in last.values()) for path in ("direct", "libp2p")}
 
 
 def summarize_gloo(n: int, records: list[dict], payloads: dict[str, int]) -> list[dict]:
@@ -167,37 +180,40 @@ def print_tables(rows: list[dict]) -> None:
         reference = gloo.get((row["n"], "none"))
         vs_gloo = [t / reference for t in row["seconds"]] if reference else []
         cpu = row["cpu"]
+        swarm = row["impl"] != "gloo"
+        paths = row.get("fetch_paths") or {}
         table.append([
-            row["n"], row["impl"], row["codec"] if row["impl"] == "swarm" else ("fp32" if row["codec"] == "none" else "fp16"),
+            row["n"], row["impl"], row["codec"] if swarm else ("fp32" if row["codec"] == "none" else "fp16"),
             f"{row['rounds']}" + (f" (+{row['failed_rounds']} failed)" if row["failed_rounds"] else ""),
-            span(row["seconds"]), span(row["time_vs_bound"]), span(vs_gloo) if row["impl"] == "swarm" else "-",
+            span(row["seconds"]), span(row["time_vs_bound"]), span(vs_gloo) if swarm else "-",
             span(row["wire_vs_bound"], 3),
-            " / ".join(f"{cpu.get(name, 0) or 0:.2f}" for name in ("peer", "p2pd", "helpers")) if row["impl"] == "swarm"
+            " / ".join(f"{cpu.get(name, 0) or 0:.2f}" for name in ("peer", "p2pd", "helpers")) if swarm
             else f"{cpu.get('peer') or 0:.2f}",
-            EARLIER.get((row["n"], "hivemind" if row["impl"] == "swarm" else "gloo", row["codec"]), "-"),
+            f"{paths.get('direct', 0)} / {paths.get('libp2p', 0)}" if swarm else "-",
+            EARLIER.get((row["n"], "hivemind" if swarm else "gloo", row["codec"]), "-"),
         ])
     print(markdown_table(
         ["N", "impl", "codec", "rounds", "seconds", "time ÷ bound (16 MiB)", "time ÷ gloo fp32",
          "wire bytes sent per peer ÷ 2(N-1)/N·(codec's payload)",
-         "CPU s/round (peer / p2pd / dht)", "earlier: hivemind or gloo ÷ bound"], table))
+         "CPU s/round (peer / p2pd / dht)", "fetches direct / libp2p", "earlier: hivemind or gloo ÷ bound"], table))
     print("\nWhere a swarm round's wall time went (seconds, median over rounds, the slowest peer):")
     names = ["prepare", "reduce_scatter", "reduce", "all_gather", "commit"]
-    print(markdown_table(["N", "codec", *names, "total", "matchmaking before it, last peer to arrive (not in total)"],
-                         [[row["n"], row["codec"], *(row["phases"].get(name) for name in names), median(row["seconds"]),
-                           median(row["matchmaking"])] for row in rows if row["impl"] == "swarm"]))
+    print(markdown_table(["N", "impl", "codec", *names, "total", "matchmaking before it, last peer to arrive (not in total)"],
+                         [[row["n"], row["impl"], row["codec"], *(row["phases"].get(name) for name in names),
+                           median(row["seconds"]), median(row["matchmaking"])] for row in rows if row["impl"] != "gloo"]))
 
 
 def targets(rows: list[dict]) -> list[str]:
     lines = []
     gloo = {(row["n"], row["codec"]): median(row["seconds"]) for row in rows if row["impl"] == "gloo"}
     for row in rows:
-        if row["impl"] != "swarm" or row["codec"] != "none" or not row["seconds"]:
+        if row["impl"] == "gloo" or row["codec"] != "none" or not row["seconds"]:
             continue
         wire, time_ratio = median(row["wire_vs_bound"]), median(row["time_vs_bound"])
         vs_gloo = median(row["seconds"]) / gloo[(row["n"], "none")] if (row["n"], "none") in gloo else None
         checks = [("bytes ≤ 1.05× bound", wire, 1.05), ("time ≤ 1.3× bound", time_ratio, 1.3),
                   ("time ≤ 1.2× gloo", vs_gloo, 1.2)]
-        lines.append(f"N={row['n']} uncompressed: " + "; ".join(
+        lines.append(f"N={row['n']} uncompressed, {row['impl']}: " + "; ".join(
             f"{name}: {value:.2f} ({'met' if value <= limit else 'missed'})" if value is not None else f"{name}: n/a"
             for name, value, limit in checks))
     return lines
@@ -225,7 +241,7 @@ def _measure(sizes: list[int], codecs: list[str], rounds: int, root: Path, timeo
     """gloo then swarm at each size; returns (table rows, load averages seen)."""
     rows, loads = [], []
     for n in sizes:
-        for impl in ("gloo", "swarm"):
+        for impl in ("gloo", "swarm", "swarm-libp2p"):
             work = root / f"{impl}{n}"
             work.mkdir(parents=True, exist_ok=True)
             loads.append(load_average()[0])
@@ -233,7 +249,8 @@ def _measure(sizes: list[int], codecs: list[str], rounds: int, root: Path, timeo
             if impl == "gloo":
                 rows += summarize_gloo(n, run_gloo(n, ["float32", "float16"], rounds, work, timeout), payloads)
             else:
-                rows += summarize_swarm(n, run_swarm(n, codecs, rounds, work, timeout), payloads)
+                extra = ("--no-direct",) if impl == "swarm-libp2p" else ()
+                rows += summarize_swarm(n, run_swarm(n, codecs, rounds, work, timeout, extra=extra), payloads, impl=impl)
             print(f"measured {impl} N={n} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})",
                   file=sys.stderr, flush=True)
     return rows, loads

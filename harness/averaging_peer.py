@@ -131,6 +131,8 @@ def _parse_args() -> argparse.Namespace:
                         help="as a reducer, return a different (validly signed) result to half the members")
     parser.add_argument("--garbage", action="store_true",
                         help="as a reducer, serve everyone noise at 100x the true result's norm, validly signed")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="round parts over libp2p only (averaging.direct: false), not over direct links")
     parser.add_argument("--no-accountability", action="store_true",
                         help="neither sign nor check reduced parts (the defence against --equivocate turned off)")
     parser.add_argument("--trust-unproven-outliers", action="store_true",
@@ -194,7 +196,8 @@ def main() -> None:
                         accepted_codecs=frozenset().union(*(wire_codecs(name) for name in codecs)),
                         fetch_observer=fetches.observe,
                         drop_reported=args.drop_reported,
-                        private_key=None if args.no_accountability else identity.private_key)
+                        private_key=None if args.no_accountability else identity.private_key,
+                        direct_host=None if args.no_direct else args.listen)
     make_hostile(averager.service, veto=args.veto, stall=args.stall, equivocate=args.equivocate,
                  garbage=args.garbage)
     if args.trust_unproven_outliers:
@@ -266,7 +269,7 @@ def _round(args, averager: Averager, plan: CompressionPlan, tracker: RoundTracke
         cpu={name: round(cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0), 3) for name in cpu_after},
         peak_mib={name: round(mib, 1) for name, mib in process_tree_peak_memory().items()},  # since the peer started
         missing_parts=result.missing_parts if result else [], members=[_index_of(peer) for peer in group.members],
-        numel=numel,
+        numel=numel, fetch_paths=dict(averager.service.fetches),  # since the peer started: "direct", "libp2p"
         # robust aggregation of this peer's part: member (as in "members") -> share kept, or weight counted
         clipped={_index_of(group.members[i]): kept for i, kept in (result.clipped if result else {}).items()},
         capped_weights={_index_of(group.members[i]): w for i, w in (result.capped_weights if result else {}).items()},

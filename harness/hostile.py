@@ -91,12 +91,12 @@ def _equivocate(service: AveragingService) -> None:
         rounds[group.group_id] = group.round
         return allreduce(group, *args, **kwargs)
 
-    async def serve_fetch(key: tuple, asker):
+    async def serve_fetch(key: tuple, asker, chunk_bytes: int = wire.CHUNK_BYTES):
         group_id, phase, kind, index = key
         members = service.outbox._members.get(group_id, ())
         if kind != "out" or asker not in members or members[index] != service.peer_id \
                 or members.index(asker) % 2 == 0:
-            async for message in serve(key, asker):
+            async for message in serve(key, asker, chunk_bytes):
                 yield message
             return
         entry = await service.outbox.get(key, 60 * service.chunk_timeout)
@@ -113,7 +113,7 @@ def _equivocate(service: AveragingService) -> None:
                                                                [norm]).to_wire()
         else:
             header.pop("receipt", None)
-        for message in wire.tensor_messages(payloads, **header):
+        for message in wire.tensor_messages(payloads, chunk_bytes=chunk_bytes, **header):
             yield message
 
     service.allreduce, service._serve_fetch = remember_round, serve_fetch

@@ -356,3 +356,7 @@ def test_traffic_meter_reads_only_its_own_p2pd():
     assert parse_ss(SS_OUTPUT, 15600) == {("127.0.0.1:32779", "127.0.0.1:35995"): (4873, 5168),
                                           ("127.0.0.1:40000", "127.0.0.1:35995"): (10, 20)}
     assert parse_ss(SS_OUTPUT, 1) == {}
+    # a peer's own process too (its direct links): both pids' connections, no one else's
+    assert set(parse_ss(SS_OUTPUT, (15600, 15643))) == {("127.0.0.1:32779", "127.0.0.1:35995"),
+                                                       ("127.0.0.1:34141", "127.0.0.1:35995"),
+                                                       ("127.0.0.1:40000", "127.0.0.1:35995")}

@@ -26,6 +26,7 @@ OUTSIDER = (sys.executable, str(REPO / "tests" / "outsider.py"))
 REFRESH = 3.0  # the run's manifest.refresh: a revocation takes effect within it
 DILOCO = ("averaging.mode=diloco", "diloco.inner_steps=10", "averaging.compression=fp16", "training.max_epochs=1000")
 JOINED = re.compile(r"joined run \S+ as \w+ \((/ip4/[^)]+)\)")
+DIRECT = re.compile(r"direct links for round parts listen on (\S+) ")
 
 
 def owner_cli(*args: str) -> str:
@@ -46,6 +47,13 @@ def admitted(workdir: Path, name: str, role: str) -> tuple[Path, Path, str]:
 def trainer_maddr(swarm, name: str) -> str:
     return wait_for(lambda: (m := JOINED.search((swarm.workdir / f"{name}.log").read_text())) and m.group(1),
                     timeout=STARTUP_TIMEOUT, what=f"{name}'s address")
+
+
+def trainer_target(swarm, name: str) -> str:
+    """``MADDR,HOST:PORT``: the trainer's libp2p address and where its direct links listen (its log says)."""
+    direct = wait_for(lambda: (m := DIRECT.search((swarm.workdir / f"{name}.log").read_text())) and m.group(1),
+                      timeout=STARTUP_TIMEOUT, what=f"{name}'s direct port")
+    return f"{trainer_maddr(swarm, name)},{direct}"
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +92,21 @@ def trained(module_swarm, private_run):
 
 @pytest.mark.timeout(420)
 def test_outsider_is_refused_everywhere_and_training_goes_on(module_swarm, private_run, trained):
-    maddrs = [trainer_maddr(module_swarm, name) for name in "ab"]
+    targets = [trainer_target(module_swarm, name) for name in "ab"]
     report = private_run["workdir"] / "outsider.json"
-    outsider = module_swarm.start("outsider", [str(report), "swarm-debug", private_run["maddr"], *maddrs],
+    outsider = module_swarm.start("outsider", [str(report), "swarm-debug", private_run["maddr"], *targets],
                                   program=OUTSIDER)
     result = wait_for(lambda: read_json(report), timeout=180, what="the outsider's report", alive=[outsider])
     assert result["dht"]["outcome"] == "refused", result
     for peer, attempts in result["services"].items():
+        direct = attempts.pop("direct")  # the direct port: the handshake proves who it is, then nothing
+        assert direct["outcome"] == "refused" and "broke off" in direct["answer"], (peer, direct)
         for what, attempt in attempts.items():
             assert attempt["outcome"] == "refused" and "not-admitted" in attempt["answer"], (peer, what, attempt)
     for name in "ab":
         log = (module_swarm.workdir / f"{name}.log").read_text()
         assert "(not-admitted)" in log, log[-3000:]
+        assert "refused a direct connection from" in log, log[-3000:]
     assert "not-admitted" in private_run["bootstrap"].log_path.read_text()
     # honest peers train on, in the run with the manifest's settings and their certified roles
     rounds = {name: module_swarm.epoch(name) for name in "ab"}
@@ -164,9 +175,13 @@ def test_outsider_takes_the_model_of_an_open_run(swarm):
     trainer = swarm.trainer("open", [address], *DILOCO)
     wait_for(lambda: swarm.epoch("open") >= 1, timeout=STARTUP_TIMEOUT * 2, what="round 1", alive=[trainer])
     report = swarm.workdir / "outsider.json"
-    outsider = swarm.start("outsider", [str(report), "swarm-debug", address, trainer_maddr(swarm, "open")],
+    outsider = swarm.start("outsider", [str(report), "swarm-debug", address, trainer_target(swarm, "open")],
                            program=OUTSIDER)
     result = wait_for(lambda: read_json(report), timeout=180, what="the outsider's report", alive=[outsider])
     assert result["dht"]["outcome"] == "served"
     (attempts,) = result["services"].values()
     assert attempts["state"]["outcome"] == "served" and attempts["state"]["bytes"] > 100_000, attempts
+    # and its direct port serves anyone who proves some id: the request reaches the service (which finds no
+    # such group), where the private run closed the connection after the handshake
+    assert attempts["endpoints"]["outcome"] == "served" and attempts["endpoints"]["endpoints"], attempts
+    assert attempts["direct"]["outcome"] == "answered" and "not yours" in attempts["direct"]["answer"], attempts

@@ -51,6 +51,8 @@ class Averager:
     :param private_key: this peer's identity key: with it, this peer signs the parts it reduces, checks
       the reducers' receipts and catches one that equivocates (:mod:`swarm.averaging.accountability`),
       and excludes it as ``averaging.robust.ban`` says (:attr:`exclusions`); None: none of that.
+    :param direct_host: the interface for direct links (``network.listen_host``), used when
+      ``averaging.direct`` is on and there is a ``private_key`` (:mod:`swarm.net.direct`); None: libp2p only.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, averaging, check_own_input: bool = True,
@@ -58,7 +60,8 @@ class Averager:
                  accepted_codecs: Optional[Collection[str]] = None,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
                  fetch_observer: Optional[Callable[[dict], None]] = None, max_weight: float = MAX_WEIGHT,
-                 drop_reported: bool = False, private_key: Optional[RSAPrivateKey] = None):
+                 drop_reported: bool = False, private_key: Optional[RSAPrivateKey] = None,
+                 direct_host: Optional[str] = None):
         self.averaging = averaging
         self.counters = Counters()
         self.aggregator = make_aggregator(averaging.robust, max_weight=max_weight)
@@ -71,13 +74,16 @@ class Averager:
             ban = averaging.robust.ban if averaging.robust is not None else None
             self.exclusions = Exclusions(dht=dht, run_id=run_id, policy=ban, owner=owner).start()
             admit = _both(admit, self.exclusions.refusal)
+        direct = (direct_host, averaging.direct_port) \
+            if averaging.direct and direct_host is not None and private_key is not None else None
         self.service = AveragingService(dht=dht, run_id=run_id, chunk_timeout=averaging.chunk_timeout,
                                         request_timeout=averaging.request_timeout,
                                         accepted_codecs=accepted_codecs or wire_codecs(averaging.compression),
                                         check_own_input=check_own_input, owner=owner, check_fetchers=check_fetchers,
                                         admit=admit, fetch_observer=fetch_observer,
                                         drop_reported=drop_reported,
-                                        accountability=Accountability(private_key) if private_key else None).start()
+                                        accountability=Accountability(private_key) if private_key else None,
+                                        direct=direct, private_key=private_key).start()
         self.last_group: Group | None = None  # for harnesses and benchmarks: the latest round's group
         self.last_result = None  # ... and its AllreduceResult (bytes, seconds, dropped parts)
 

@@ -9,6 +9,8 @@ peers of another run never reach them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import threading
 import time
 from collections import Counter
@@ -23,6 +25,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_logger
 from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging import wire
 from swarm.averaging.accountability import Accountability
@@ -34,6 +37,7 @@ from swarm.averaging.progress import StateDownload
 from swarm.averaging.robust import CenteredClip, WeightedMean
 from swarm.compression.payloads import decode_payload
 from swarm.errors import BackgroundError
+from swarm.net.direct import DirectError, DirectPool, DirectServer
 
 logger = get_logger(__name__)
 
@@ -47,6 +51,11 @@ MAX_OPEN_FETCHES_PER_PEER = 16
 # without a cap, a few peers asking in a loop take a donor's whole upload).
 MAX_STATE_DOWNLOADS, MAX_STATE_DOWNLOADS_PER_PEER = 4, 1
 REFUSAL_LOG_PERIOD = 60.0  # seconds between log lines about refused callers (each one is counted)
+# Tensor chunks on a direct link: larger than libp2p's 64 KiB (fewer messages to frame and parse), small
+# enough that one takes well under chunk_timeout on a slow link (0.4 s at 10 Mbit/s).
+DIRECT_CHUNK_BYTES = 512 << 10
+MAX_ENDPOINTS = 4  # direct endpoints a peer may announce (its interfaces; each costs others a connect attempt)
+DIRECT_CONNECT_TIMEOUT = 3.0  # seconds to connect and prove identities on one direct endpoint
 
 
 class AveragingService(ServicerBase):
@@ -78,6 +87,9 @@ class AveragingService(ServicerBase):
       For traces in benchmarks and for fault tests that strike while parts are moving.
     :param accountability: sign this peer's reduced parts and check the receipts of others'
       (:mod:`swarm.averaging.accountability`); None: unsigned and unchecked (a harness shows the attack).
+    :param direct: ``(host, port)`` to listen on for direct links (:mod:`swarm.net.direct`), which carry
+      round parts beside libp2p between peers that reach each other; needs ``private_key`` (they prove
+      this peer's id with it). None: round parts go over libp2p only, and this peer announces no endpoint.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
@@ -85,8 +97,12 @@ class AveragingService(ServicerBase):
                  owner: Optional[bytes] = None, check_fetchers: bool = True,
                  admit: Optional[Callable[[PeerID], Optional[str]]] = None,
                  fetch_observer: Optional[Callable[[dict], None]] = None, drop_reported: bool = False,
-                 accountability: Optional[Accountability] = None):
+                 accountability: Optional[Accountability] = None, direct: Optional[tuple[str, int]] = None,
+                 private_key: Optional[RSAPrivateKey] = None):
+        if direct is not None and private_key is None:
+            raise ValueError("direct links need the peer's private key")
         self.dht, self.run_id, self.owner, self.admit = dht, run_id, owner, admit
+        self.direct, self.private_key = direct, private_key
         self.accountability = accountability
         self.drop_reported = drop_reported
         self.chunk_timeout, self.request_timeout = chunk_timeout, request_timeout
@@ -102,6 +118,11 @@ class AveragingService(ServicerBase):
         self.outbox = Outbox(retention=max(60.0, 4 * chunk_timeout))
         self.state_provider: StateProvider = lambda: None
         self.bytes_served = 0
+        self.fetches: Counter[str] = Counter()  # round parts fetched here, by path: "direct", "libp2p"
+        self._direct_server: Optional[DirectServer] = None
+        self._pool: Optional[DirectPool] = None
+        self._endpoints: list[tuple[str, int]] = []  # where this peer's direct links listen
+        self._discoveries: dict[PeerID, asyncio.Task] = {}  # asking a peer where its direct links listen
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="averaging-service", daemon=True)
         self._stopping = False
@@ -134,7 +155,40 @@ class AveragingService(ServicerBase):
             dht=self.dht, peer_id=self.peer_id, run_id=self.run_id, get_stub=self._stub,
             request_timeout=self.request_timeout, owner=self.owner, admit=self.admit,
         )
+        if self.direct is not None:
+            self._direct_server = DirectServer(private_key=self.private_key, namespace=self.namespace,
+                                               serve=self._serve_direct, admit=self._direct_refusal)
+            host, port = self.direct
+            port = await self._direct_server.start(host, port)
+            self._endpoints = await self._direct_endpoints(host, port)
+            announced = ", ".join(f"{address}:{number}" for address, number in self._endpoints) or "none"
+            logger.info(f"direct links for round parts listen on {host}:{port} (announced: {announced})")
+            self._pool = DirectPool(private_key=self.private_key, namespace=self.namespace,
+                                    connect_timeout=min(DIRECT_CONNECT_TIMEOUT, self.chunk_timeout))
         await self.add_p2p_handlers(self._p2p, namespace=self.namespace)
+
+    async def _direct_endpoints(self, host: str, port: int) -> list[tuple[str, int]]:
+        """Where others may reach the direct port: ``host`` itself, or for a wildcard every address that libp2p
+        announces (relayed ones left out), loopback last."""
+        if host not in ("0.0.0.0", "::", ""):
+            return [(host, port)]
+        hosts = []
+        try:
+            maddrs = await self._p2p.get_visible_maddrs(latest=True)
+        except Exception as e:  # no addresses yet: others reach this peer over libp2p only
+            logger.info(f"no addresses to announce for direct links ({e!r})")
+            return []
+        for maddr in maddrs:
+            parts = str(maddr).split("/")
+            if "p2p-circuit" in parts:
+                continue
+            for family in ("ip4", "ip6"):
+                if family in parts and parts.index(family) + 1 < len(parts):
+                    address = parts[parts.index(family) + 1]
+                    if address not in hosts:
+                        hosts.append(address)
+        hosts.sort(key=lambda address: address.startswith("127.") or address == "::1")
+        return [(address, port) for address in hosts[:MAX_ENDPOINTS]]
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Remove the handlers, cancel what runs, stop the loop: each of the two waits (the handlers and
@@ -154,6 +208,10 @@ class AveragingService(ServicerBase):
     async def _stop(self) -> None:
         if self._p2p is not None:
             await self.remove_p2p_handlers(self._p2p, namespace=self.namespace)
+        if self._direct_server is not None:
+            await self._direct_server.close()
+        if self._pool is not None:
+            self._pool.close()
         tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -177,6 +235,9 @@ class AveragingService(ServicerBase):
     async def _form_group(self, round_number: int, weight: float, expected, deadline: float) -> Group:
         group = await self.matchmaker.form_group(round_number, weight=weight, expected=expected, deadline=deadline)
         self.outbox.open_group(group.group_id, group.members)
+        if self._pool is not None:  # learn where the members' direct links listen before the first fetch
+            for _, peer in group.others():
+                self._discover(peer)
         return group
 
     def allreduce(self, group: Group, tensors: Sequence[torch.Tensor], *, weight: float, phase: int = 0,
@@ -218,15 +279,20 @@ class AveragingService(ServicerBase):
             logger.warning(f"refused {what} from {asker} ({reason}){since}")
         return wire.response(error=answer)
 
-    def _refused_caller(self, context: P2PContext, what: str) -> Optional[runtime_pb2.ExpertResponse]:
+    def _refused_caller(self, caller: PeerID, what: str) -> Optional[runtime_pb2.ExpertResponse]:
         """The answer to a caller this run does not admit (counted and logged), or None to serve it."""
-        reason = self.admit(context.remote_id) if self.admit is not None else None
+        reason = self.admit(caller) if self.admit is not None else None
         if reason is None:
             return None
-        return self._refuse(reason, what, context.remote_id, f"refused: {reason}")
+        return self._refuse(reason, what, caller, f"refused: {reason}")
+
+    def _direct_refusal(self, caller: str) -> Optional[str]:
+        """Why a direct connection proven to come from ``caller`` is closed unanswered, or None (counted, logged)."""
+        refused = self._refused_caller(PeerID.from_base58(caller), "a direct connection")
+        return None if refused is None else "refused"
 
     async def rpc_join(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        refused = self._refused_caller(context, "a join request")
+        refused = self._refused_caller(context.remote_id, "a join request")
         if refused is not None:
             yield refused
             return
@@ -242,30 +308,54 @@ class AveragingService(ServicerBase):
             yield wire.response(**reply)
 
     async def rpc_fetch(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for message in self._fetch_replies(request, context.remote_id):
+            yield message
+
+    async def _serve_direct(self, caller: str, body: bytes) -> AsyncIterator[bytes]:
+        """A fetch that came over a direct link (:class:`DirectServer` bounds ``body`` and proved ``caller``)."""
+        try:
+            request = runtime_pb2.ExpertRequest.FromString(body)
+        except Exception:  # protobuf's DecodeError, or worse on garbage
+            yield wire.response(error="malformed fetch request").SerializeToString()
+            return
+        replies = self._fetch_replies(request, PeerID.from_base58(caller), chunk_bytes=DIRECT_CHUNK_BYTES)
+        async with contextlib.aclosing(replies):  # a closed connection releases this fetch's slot at once
+            async for message in replies:
+                yield message.SerializeToString()
+
+    async def rpc_direct_endpoints(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Where this peer's direct links listen (none: it has none; fetch over libp2p)."""
+        refused = self._refused_caller(context.remote_id, "a direct-endpoint request")
+        if refused is not None:
+            return refused
+        return wire.response(endpoints=[list(endpoint) for endpoint in self._endpoints])
+
+    async def _fetch_replies(self, request: runtime_pb2.ExpertRequest, asker: PeerID,
+                             chunk_bytes: int = wire.CHUNK_BYTES) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             fields = wire.metadata_of(request)
             key = (bytes(fields["group"]), int(fields["phase"]), str(fields["kind"]), int(fields["index"]))
         except (wire.ProtocolError, KeyError, TypeError, ValueError):
             yield wire.response(error="malformed fetch request")
             return
-        refused = self._refused_caller(context, "a fetch")
+        refused = self._refused_caller(asker, "a fetch")
         if refused is not None:
             yield refused
             return
-        asker = context.remote_id
         if self._open_fetches[asker] >= MAX_OPEN_FETCHES_PER_PEER:
             yield self._refuse("fetch-limit", "a fetch", asker, "too many open requests")
             return
         self._open_fetches[asker] += 1
         try:
-            async for message in self._serve_fetch(key, asker):
+            async for message in self._serve_fetch(key, asker, chunk_bytes):
                 yield message
         finally:
             self._open_fetches[asker] -= 1
             if self._open_fetches[asker] <= 0:
                 del self._open_fetches[asker]
 
-    async def _serve_fetch(self, key: tuple, asker: PeerID) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    async def _serve_fetch(self, key: tuple, asker: PeerID,
+                           chunk_bytes: int = wire.CHUNK_BYTES) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         heartbeat = self.chunk_timeout / 4
         if self.check_fetchers:
             members = await self.outbox.members(key[0], self.chunk_timeout)
@@ -283,12 +373,12 @@ class AveragingService(ServicerBase):
         if entry is None:
             yield wire.response(error="not available")
             return
-        for message in wire.tensor_messages(entry.payloads, **entry.header):
+        for message in wire.tensor_messages(entry.payloads, chunk_bytes=chunk_bytes, **entry.header):
             self.bytes_served += sum(len(t.buffer) for t in message.tensors)
             yield message
 
     async def rpc_download_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        refused = self._refused_caller(context, "a state download")
+        refused = self._refused_caller(context.remote_id, "a state download")
         if refused is not None:
             yield refused
             return
@@ -331,6 +421,12 @@ class AveragingService(ServicerBase):
         """
         group_id, phase, kind, index = key
         request = wire.request(group=group_id, phase=phase, kind=kind, index=index)
+        if self._pool is not None:
+            result = await self._fetch_direct(peer, request, max_bytes, allowance)
+            if result is not None:
+                self.fetches["direct"] += 1
+                return result
+        self.fetches["libp2p"] += 1
         for attempt in (1, 2):
             stream = await asyncio.wait_for(self._stub(peer).rpc_fetch(request), self.chunk_timeout)
             try:
@@ -340,6 +436,55 @@ class AveragingService(ServicerBase):
                 if attempt == 2:
                     raise
                 logger.info(f"fetch of {kind} {index} from {peer} broke off ({e}); asking again")
+
+    def _discover(self, peer: PeerID) -> asyncio.Task:
+        """Ask ``peer`` (over libp2p, once) where its direct links listen, and open one; runs in the background."""
+        task = self._discoveries.get(peer)
+        if task is None or (task.done() and self._pool.due(peer.to_base58())):
+            task = self._discoveries[peer] = asyncio.create_task(self._ask_endpoints(peer))
+        return task
+
+    async def _ask_endpoints(self, peer: PeerID) -> None:
+        name = peer.to_base58()
+        try:
+            reply = await asyncio.wait_for(self._stub(peer).rpc_direct_endpoints(wire.request()), self.request_timeout)
+            endpoints = _endpoints_of(wire.metadata_of(reply))
+        except Exception as e:  # an old peer, a refusal, garbage: libp2p it is
+            endpoints = []
+            logger.debug(f"no direct endpoints from {peer}: {e!r}")
+        self._pool.endpoints[name] = endpoints
+        if not endpoints:
+            self._pool.fail(name, "no direct endpoints", log=False)  # asked again after the pool's retry_after
+        else:
+            try:
+                self._pool.release(await self._pool.channel(name))  # connected before the round needs it
+            except DirectError:
+                pass  # marked failed in the pool, logged there
+
+    async def _fetch_direct(self, peer: PeerID, request: runtime_pb2.ExpertRequest, max_bytes: int,
+                            allowance: float) -> Optional[tuple[dict, list[runtime_pb2.Tensor]]]:
+        """The fetch over a direct link, or None if there is none or it broke off (then libp2p serves it). A
+        peer's answer (an error, too much data, silence) is raised as it would be over libp2p."""
+        name = peer.to_base58()
+        try:  # learnt at group formation; at worst this fetch goes over libp2p while it goes on
+            await asyncio.wait_for(asyncio.shield(self._discover(peer)), DIRECT_CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            return None
+        if not self._pool.usable(name):
+            return None
+        try:
+            channel = await self._pool.channel(name)
+        except DirectError:
+            return None
+        try:
+            replies = wire.parse_responses(channel.exchange(request.SerializeToString()))
+            return await wire.read_tensor_messages(aiter_with_timeout(replies, self.chunk_timeout), max_bytes=max_bytes,
+                                                   patience=self.chunk_timeout + allowance)
+        except (DirectError, wire.StreamEnded) as e:
+            self._pool.fail(name, str(e))
+            return None
+        finally:
+            self._pool.release(channel)
 
     async def _observed_fetch(self, peer: PeerID, key: tuple, max_bytes: int, allowance: float = 0.0):
         entry = {"kind": key[2], "index": key[3], "peer": peer, "start": time.perf_counter()}
@@ -364,3 +509,21 @@ class AveragingService(ServicerBase):
         tensors = await loop.run_in_executor(None, lambda: [decode_payload(p, accepted=("NONE",)) for p in payloads])
         return header, tensors
 
+
+
+def _endpoints_of(fields: dict) -> list[tuple[str, int]]:
+    """A peer's announced direct endpoints, checked: at most MAX_ENDPOINTS (host, port) pairs."""
+    endpoints = fields.get("endpoints")
+    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
+        raise wire.ProtocolError("malformed direct endpoints")
+    checked = []
+    for endpoint in endpoints:
+        if not (isinstance(endpoint, (list, tuple)) and len(endpoint) == 2 and isinstance(endpoint[0], str)
+                and len(endpoint[0]) <= 64 and isinstance(endpoint[1], int) and 0 < endpoint[1] < 65536):
+            raise wire.ProtocolError("malformed direct endpoint")
+        try:
+            ipaddress.ip_address(endpoint[0])  # an address, never a name to resolve
+        except ValueError:
+            raise wire.ProtocolError("a direct endpoint that is not an IP address") from None
+        checked.append((endpoint[0], endpoint[1]))
+    return checked

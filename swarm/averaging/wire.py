@@ -16,10 +16,11 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import STREAMING_CHUNK_SIZE_BYTES, combine_from_streaming, split_for_streaming
 
 HEARTBEAT = {"hb": 1}
 MAX_METADATA_BYTES = 1 << 16  # metadata is small by design; anything larger is a hostile or broken peer
+CHUNK_BYTES = STREAMING_CHUNK_SIZE_BYTES  # tensor bytes per message over libp2p (hivemind's 64 KiB)
 
 
 class ProtocolError(Exception):
@@ -44,6 +45,15 @@ def response(tensor_chunk: Optional[runtime_pb2.Tensor] = None, **fields: Any) -
     return runtime_pb2.ExpertResponse(metadata=MSGPackSerializer.dumps(fields), tensors=tensors)
 
 
+async def parse_responses(bodies: AsyncIterator[bytes]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """Responses from serialized bodies (a direct link's, :mod:`swarm.net.direct`, bounded in size there)."""
+    async for body in bodies:
+        try:
+            yield runtime_pb2.ExpertResponse.FromString(body)
+        except Exception:  # protobuf's DecodeError, or worse on garbage
+            raise ProtocolError("an undecodable message") from None
+
+
 def metadata_of(message) -> dict:
     if len(message.metadata) > MAX_METADATA_BYTES:
         raise ProtocolError(f"metadata of {len(message.metadata)} bytes exceeds {MAX_METADATA_BYTES}")
@@ -56,11 +66,12 @@ def metadata_of(message) -> dict:
     return fields
 
 
-def tensor_messages(payloads: list[runtime_pb2.Tensor], **header: Any) -> Iterator[runtime_pb2.ExpertResponse]:
-    """A header message (with ``count``), then every payload split into streaming chunks."""
+def tensor_messages(payloads: list[runtime_pb2.Tensor], *, chunk_bytes: int = CHUNK_BYTES,
+                    **header: Any) -> Iterator[runtime_pb2.ExpertResponse]:
+    """A header message (with ``count``), then every payload split into chunks of ``chunk_bytes``."""
     yield response(count=len(payloads), **header)
     for payload in payloads:
-        for chunk in split_for_streaming(payload):
+        for chunk in split_for_streaming(payload, chunk_bytes):
             yield response(chunk)
 
 

@@ -112,10 +112,10 @@ def _peer_families(view: SwarmView) -> Iterator[Metric]:
                                     labels=PEER_LABELS),
         "samples_total": CounterMetricFamily("swarm_peer_samples", "Samples this peer process trained on",
                                              labels=PEER_LABELS),
-        "bytes_sent": CounterMetricFamily("swarm_peer_sent_bytes", "TCP bytes the peer's p2pd sent (lower bound)",
-                                          labels=PEER_LABELS),
-        "bytes_received": CounterMetricFamily("swarm_peer_received_bytes", "TCP bytes the peer's p2pd received "
-                                              "(lower bound)", labels=PEER_LABELS),
+        "bytes_sent": CounterMetricFamily("swarm_peer_sent_bytes", "TCP bytes the peer sent: its p2pd and its "
+                                          "direct links (lower bound)", labels=PEER_LABELS),
+        "bytes_received": CounterMetricFamily("swarm_peer_received_bytes", "TCP bytes the peer received: its p2pd "
+                                              "and its direct links (lower bound)", labels=PEER_LABELS),
     }
     rounds = CounterMetricFamily("swarm_peer_averaging_rounds", "Gradient averaging rounds by outcome",
                                  labels=PEER_LABELS + ["outcome"])

@@ -1,10 +1,12 @@
-"""Bytes a peer sent and received over the network, read from the kernel's TCP counters of its p2pd.
+"""Bytes a peer sent and received over the network, read from the kernel's TCP counters of its p2pd
+and of its own process.
 
-hivemind exposes no traffic counters, and every byte a peer exchanges (DHT, matchmaking, all-reduce,
-state downloads) goes through its one ``p2pd`` daemon, a child of the DHT process. The kernel keeps
+hivemind exposes no traffic counters. A peer's bytes go through its one ``p2pd`` daemon, a child of the
+DHT process (DHT, matchmaking, state downloads, round parts over libp2p), or over the direct links of its
+own process (round parts between peers that reach each other, :mod:`swarm.net.direct`). The kernel keeps
 ``bytes_acked`` and ``bytes_received`` for every TCP connection; ``ss -tinp`` (iproute2) prints them
-with the owning process. This meter sums them over p2pd's connections, and keeps the last value it saw
-of each connection that has since closed.
+with the owning process. This meter sums them over the connections of both, and keeps the last value it
+saw of each connection that has since closed.
 
 What it does not count, so the numbers are a lower bound: bytes moved on a connection after the last
 sample before it closed (at most one period's worth), and QUIC/UDP traffic (swarm listens on TCP).
@@ -14,11 +16,12 @@ Without ``ss`` (e.g. a slim container) :meth:`TrafficMeter.sample` returns None:
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 from hivemind.utils import get_logger
 
@@ -42,8 +45,10 @@ def find_p2pd(parent_pid: int) -> Optional[int]:
     return None
 
 
-def parse_ss(output: str, pid: int) -> dict[tuple[str, str], tuple[int, int]]:
-    """``{(local, peer): (bytes_sent, bytes_received)}`` for the connections of ``pid`` in ``ss -tinpH`` output."""
+def parse_ss(output: str, pid: int | Collection[int]) -> dict[tuple[str, str], tuple[int, int]]:
+    """``{(local, peer): (bytes_sent, bytes_received)}`` for the connections of ``pid`` (one or several) in
+    ``ss -tinpH`` output."""
+    marks = [f"pid={p}," for p in ([pid] if isinstance(pid, int) else pid)]
     connections: dict[tuple[str, str], tuple[int, int]] = {}
     current: Optional[tuple[str, str]] = None
     for line in output.splitlines():
@@ -51,7 +56,7 @@ def parse_ss(output: str, pid: int) -> dict[tuple[str, str], tuple[int, int]]:
             continue
         if not line[0].isspace():  # a socket line: state? recv-q send-q local peer users:(...)
             fields = line.split()
-            owned = f"pid={pid}," in line
+            owned = any(mark in line for mark in marks)
             current = (fields[-3], fields[-2]) if owned and len(fields) >= 5 else None
             continue
         if current is not None:  # the info line under it
@@ -62,10 +67,10 @@ def parse_ss(output: str, pid: int) -> dict[tuple[str, str], tuple[int, int]]:
 
 
 class TrafficMeter:
-    """Cumulative (sent, received) bytes of one p2pd; call :meth:`sample` periodically."""
+    """Cumulative (sent, received) bytes of one p2pd and of this process; call :meth:`sample` periodically."""
 
     def __init__(self, dht_pid: int):
-        self.dht_pid = dht_pid
+        self.dht_pid, self.own_pid = dht_pid, os.getpid()
         self._ss = shutil.which("ss")
         self._p2pd: Optional[int] = None
         self._open: dict[tuple[str, str], tuple[int, int]] = {}
@@ -87,7 +92,7 @@ class TrafficMeter:
         except (OSError, subprocess.SubprocessError) as e:
             logger.warning(f"could not read TCP counters with ss: {e}")
             return None
-        now = parse_ss(output, self._p2pd)
+        now = parse_ss(output, (self._p2pd, self.own_pid))
         closed_sent, closed_received = self._closed
         for key, (sent, received) in self._open.items():
             new = now.get(key)

@@ -54,13 +54,15 @@ class DiLoCo(Collaboration, SharedState):
     :param bounds: what other peers' records may claim (:func:`swarm.train.rounds.record_bounds`).
     :param admission: who may take part and as what (:class:`~swarm.net.admission.Admission`): others'
       requests, records and claimed roles go through it; None: anyone may, and no one is an institution.
-    :param watch: where state downloads show their progress (:class:`~swarm.averaging.progress.DownloadWatch`)."""
+    :param watch: where state downloads show their progress (:class:`~swarm.averaging.progress.DownloadWatch`).
+    :param listen_host: the interface direct links listen on (``network.listen_host``; see ``averaging.direct``)."""
 
     def __init__(self, *, model: torch.nn.Module, dht: hivemind.DHT, run_id: str, role: str,
                  inner_optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
                  config: DiLoCoConfig, averaging: AveragingConfig, batch_size: int,
                  private_key: Optional[RSAPrivateKey] = None, bounds: RecordBounds = DEFAULT_BOUNDS,
-                 admission: Optional[Admission] = None, watch: Optional[DownloadWatch] = None):
+                 admission: Optional[Admission] = None, watch: Optional[DownloadWatch] = None,
+                 listen_host: Optional[str] = None):
         self.config, self.batch_size = config, batch_size
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inner = inner_optimizer(self.params)
@@ -83,7 +85,7 @@ class DiLoCo(Collaboration, SharedState):
         self.averager = Averager(dht=dht, run_id=run_id, averaging=averaging, owner=owner,
                                  admit=admission.refusal if admission is not None else None,
                                  max_weight=float(bounds.max_round_samples),
-                                 private_key=private_key if owner is not None else None)
+                                 private_key=private_key if owner is not None else None, direct_host=listen_host)
         self.averager.plan.warm_up(self.outer_params)  # not in the first round's all-reduce
         self.tracker = RoundTracker(dht=dht, run_id=run_id, refresh_period=config.refresh_period, owner=owner,
                                     bounds=bounds, admission=admission, idle_period=config.idle_refresh_period)

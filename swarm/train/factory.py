@@ -33,7 +33,8 @@ def build_collaboration(*, config: SwarmConfig, dht: hivemind.DHT, model: torch.
         return DiLoCo(model=model, dht=dht, run_id=config.run_id, role=role,
                       inner_optimizer=inner_optimizer_factory(config.optimizer), config=config.diloco,
                       averaging=config.averaging, batch_size=config.training.batch_size, private_key=private_key,
-                      bounds=record_bounds(config), admission=admission, watch=watch)
+                      bounds=record_bounds(config), admission=admission, watch=watch,
+                      listen_host=config.network.listen_host)
     return build_collaborative_optimizer(dht=dht, run_id=config.run_id, role=role, params=model.parameters(),
                                          optimizer=config.optimizer, training=config.training,
                                          averaging=config.averaging, sync=config.sync, private_key=private_key,
