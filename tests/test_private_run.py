@@ -99,14 +99,15 @@ def test_outsider_is_refused_everywhere_and_training_goes_on(module_swarm, priva
     result = wait_for(lambda: read_json(report), timeout=180, what="the outsider's report", alive=[outsider])
     assert result["dht"]["outcome"] == "refused", result
     for peer, attempts in result["services"].items():
-        direct = attempts.pop("direct")  # the direct port: the handshake proves who it is, then nothing
+        # the direct port: the handshake proves who the outsider is, and the connection closes unanswered
+        # (test_outsider_takes_the_model_of_an_open_run: the same request gets an answer in an open run)
+        direct = attempts.pop("direct")
         assert direct["outcome"] == "refused" and "broke off" in direct["answer"], (peer, direct)
         for what, attempt in attempts.items():
             assert attempt["outcome"] == "refused" and "not-admitted" in attempt["answer"], (peer, what, attempt)
     for name in "ab":
         log = (module_swarm.workdir / f"{name}.log").read_text()
-        assert "(not-admitted)" in log, log[-3000:]
-        assert "refused a direct connection from" in log, log[-3000:]
+        assert "(not-admitted)" in log, log[-3000:]  # refusals are logged once a minute per reason
     assert "not-admitted" in private_run["bootstrap"].log_path.read_text()
     # honest peers train on, in the run with the manifest's settings and their certified roles
     rounds = {name: module_swarm.epoch(name) for name in "ab"}
