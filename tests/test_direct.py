@@ -149,3 +149,19 @@ def test_a_peer_without_direct_links_is_fetched_from_over_libp2p(make_services):
     with_direct, without = services
     assert with_direct.fetches["libp2p"] > 0 and with_direct.fetches["direct"] == 0, with_direct.fetches
     assert without.fetches["libp2p"] > 0, without.fetches
+
+
+@pytest.mark.swarm
+def test_a_direct_link_that_breaks_is_replaced_by_libp2p_within_the_round(make_services):
+    services = make_services(True, True)
+    tensors = [torch.randn(100_000) for _ in services]
+    average(services, 0, tensors)
+    assert services[0].fetches == {"direct": services[0].fetches["direct"]}, services[0].fetches
+    # the second peer's direct server goes away: the first one's pooled connection to it is dead, and its
+    # port refuses new ones; the next round's fetches from it must go over libp2p, with the same result
+    services[1]._call(services[1]._direct_server.close(), 10)
+    for result in average(services, 1, tensors):
+        torch.testing.assert_close(result, torch.stack(tensors).mean(0))
+    assert services[0].fetches["libp2p"] > 0, services[0].fetches
+    assert not services[0]._pool.usable(services[1].peer_id.to_base58())  # not tried again for a while
+    assert services[1].fetches["libp2p"] == 0, services[1].fetches  # the other way still goes direct
