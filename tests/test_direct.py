@@ -165,3 +165,17 @@ def test_a_direct_link_that_breaks_is_replaced_by_libp2p_within_the_round(make_s
     assert services[0].fetches["libp2p"] > 0, services[0].fetches
     assert not services[0]._pool.usable(services[1].peer_id.to_base58())  # not tried again for a while
     assert services[1].fetches["libp2p"] == 0, services[1].fetches  # the other way still goes direct
+
+
+@pytest.mark.swarm
+def test_state_downloads_go_over_direct_links_too_and_over_libp2p_from_a_peer_without(make_services):
+    donor, joiner, old_donor = make_services(True, True, False)
+    state = [torch.randn(700_000), torch.arange(10.0)]  # the first one spans several 512 KiB chunks
+    for service in (donor, old_donor):
+        service.state_provider = lambda: ({"round": 3}, state)
+    for source, path in ((donor, "direct"), (old_donor, "libp2p")):
+        header, tensors = joiner.download_state(source.peer_id, timeout=30, max_bytes=10 << 20)
+        assert header["round"] == 3 and all(torch.equal(a, b) for a, b in zip(tensors, state))
+        assert joiner.downloads[path] == 1, joiner.downloads
+    with pytest.raises(Exception, match="more than"):  # the size cap holds on the direct path as well
+        joiner.download_state(donor.peer_id, timeout=30, max_bytes=1 << 20)

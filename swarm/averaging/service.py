@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from typing import AsyncIterator, Callable, Collection, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Collection, Optional, Sequence, TypeVar
 
 import hivemind
 import torch
@@ -42,6 +42,7 @@ from swarm.net.direct import DirectError, DirectPool, DirectServer
 logger = get_logger(__name__)
 
 StateProvider = Callable[[], Optional[tuple[dict, list[torch.Tensor]]]]
+T = TypeVar("T")
 
 # Fetch requests one peer may hold open here at once. A member of a group has at most a few in
 # flight (its part's inputs, the averaged parts, the commit); the cap stops a peer from parking
@@ -88,8 +89,8 @@ class AveragingService(ServicerBase):
     :param accountability: sign this peer's reduced parts and check the receipts of others'
       (:mod:`swarm.averaging.accountability`); None: unsigned and unchecked (a harness shows the attack).
     :param direct: ``(host, port)`` to listen on for direct links (:mod:`swarm.net.direct`), which carry
-      round parts beside libp2p between peers that reach each other; needs ``private_key`` (they prove
-      this peer's id with it). None: round parts go over libp2p only, and this peer announces no endpoint.
+      round parts and state downloads beside libp2p between peers that reach each other; needs
+      ``private_key`` (they prove this peer's id with it). None: libp2p only, and no endpoint is announced.
     """
 
     def __init__(self, *, dht: hivemind.DHT, run_id: str, chunk_timeout: float, request_timeout: float,
@@ -119,6 +120,7 @@ class AveragingService(ServicerBase):
         self.state_provider: StateProvider = lambda: None
         self.bytes_served = 0
         self.fetches: Counter[str] = Counter()  # round parts fetched here, by path: "direct", "libp2p"
+        self.downloads: Counter[str] = Counter()  # state downloads started here, by the path that carried them
         self._direct_server: Optional[DirectServer] = None
         self._pool: Optional[DirectPool] = None
         self._endpoints: list[tuple[str, int]] = []  # where this peer's direct links listen
@@ -312,13 +314,17 @@ class AveragingService(ServicerBase):
             yield message
 
     async def _serve_direct(self, caller: str, body: bytes) -> AsyncIterator[bytes]:
-        """A fetch that came over a direct link (:class:`DirectServer` bounds ``body`` and proved ``caller``)."""
+        """A fetch or a state download that came over a direct link (:class:`DirectServer` bounds ``body`` and
+        proved ``caller``): metadata ``op: state`` asks for the state, anything else is a fetch."""
         try:
             request = runtime_pb2.ExpertRequest.FromString(body)
-        except Exception:  # protobuf's DecodeError, or worse on garbage
-            yield wire.response(error="malformed fetch request").SerializeToString()
+            state = wire.metadata_of(request).get("op") == "state"
+        except Exception:  # protobuf's DecodeError, or worse on garbage; wire.ProtocolError
+            yield wire.response(error="malformed request").SerializeToString()
             return
-        replies = self._fetch_replies(request, PeerID.from_base58(caller), chunk_bytes=DIRECT_CHUNK_BYTES)
+        asker = PeerID.from_base58(caller)
+        replies = self._state_replies(asker, DIRECT_CHUNK_BYTES) if state \
+            else self._fetch_replies(request, asker, chunk_bytes=DIRECT_CHUNK_BYTES)
         async with contextlib.aclosing(replies):  # a closed connection releases this fetch's slot at once
             async for message in replies:
                 yield message.SerializeToString()
@@ -378,11 +384,14 @@ class AveragingService(ServicerBase):
             yield message
 
     async def rpc_download_state(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        refused = self._refused_caller(context.remote_id, "a state download")
+        async for message in self._state_replies(context.remote_id, wire.CHUNK_BYTES):
+            yield message
+
+    async def _state_replies(self, asker: PeerID, chunk_bytes: int) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        refused = self._refused_caller(asker, "a state download")
         if refused is not None:
             yield refused
             return
-        asker = context.remote_id
         if self._state_downloads[asker] >= MAX_STATE_DOWNLOADS_PER_PEER \
                 or sum(self._state_downloads.values()) >= MAX_STATE_DOWNLOADS:
             yield self._refuse("state-limit", "a state download", asker, "busy serving state; try another donor")
@@ -396,7 +405,7 @@ class AveragingService(ServicerBase):
             metadata, tensors = state
             loop = asyncio.get_running_loop()
             payloads = await loop.run_in_executor(None, lambda: [serialize_torch_tensor(t) for t in tensors])
-            for message in wire.tensor_messages(payloads, **metadata):
+            for message in wire.tensor_messages(payloads, chunk_bytes=chunk_bytes, **metadata):
                 self.bytes_served += sum(len(t.buffer) for t in message.tensors)
                 yield message
         finally:
@@ -422,7 +431,9 @@ class AveragingService(ServicerBase):
         group_id, phase, kind, index = key
         request = wire.request(group=group_id, phase=phase, kind=kind, index=index)
         if self._pool is not None:
-            result = await self._fetch_direct(peer, request, max_bytes, allowance)
+            result = await self._over_direct(peer, request, lambda replies: wire.read_tensor_messages(
+                aiter_with_timeout(replies, self.chunk_timeout), max_bytes=max_bytes,
+                patience=self.chunk_timeout + allowance))
             if result is not None:
                 self.fetches["direct"] += 1
                 return result
@@ -461,10 +472,10 @@ class AveragingService(ServicerBase):
             except DirectError:
                 pass  # marked failed in the pool, logged there
 
-    async def _fetch_direct(self, peer: PeerID, request: runtime_pb2.ExpertRequest, max_bytes: int,
-                            allowance: float) -> Optional[tuple[dict, list[runtime_pb2.Tensor]]]:
-        """The fetch over a direct link, or None if there is none or it broke off (then libp2p serves it). A
-        peer's answer (an error, too much data, silence) is raised as it would be over libp2p."""
+    async def _over_direct(self, peer: PeerID, request: runtime_pb2.ExpertRequest,
+                           read: Callable[[AsyncIterator[runtime_pb2.ExpertResponse]], Awaitable[T]]) -> Optional[T]:
+        """``read(the replies to request)`` over a direct link, or None if there is none or it broke off (then
+        libp2p serves it). A peer's answer (an error, too much data, silence) is raised as over libp2p."""
         name = peer.to_base58()
         try:  # learnt at group formation; at worst this fetch goes over libp2p while it goes on
             await asyncio.wait_for(asyncio.shield(self._discover(peer)), DIRECT_CONNECT_TIMEOUT)
@@ -477,9 +488,7 @@ class AveragingService(ServicerBase):
         except DirectError:
             return None
         try:
-            replies = wire.parse_responses(channel.exchange(request.SerializeToString()))
-            return await wire.read_tensor_messages(aiter_with_timeout(replies, self.chunk_timeout), max_bytes=max_bytes,
-                                                   patience=self.chunk_timeout + allowance)
+            return await read(wire.parse_responses(channel.exchange(request.SerializeToString())))
         except (DirectError, wire.StreamEnded) as e:
             self._pool.fail(name, str(e))
             return None
@@ -501,10 +510,18 @@ class AveragingService(ServicerBase):
 
     async def _download_state(self, peer: PeerID, max_bytes: int,
                               progress: Optional[StateDownload]) -> tuple[dict, list[torch.Tensor]]:
-        stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)
-        header, payloads = await wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout),
-                                                           max_bytes=max_bytes, patience=self.chunk_timeout,
-                                                           on_bytes=progress.on_bytes if progress else None)
+        """Over a direct link where there is one (:attr:`downloads` counts by path), else over libp2p."""
+        def read(stream):
+            return wire.read_tensor_messages(aiter_with_timeout(stream, self.chunk_timeout), max_bytes=max_bytes,
+                                             patience=self.chunk_timeout,
+                                             on_bytes=progress.on_bytes if progress else None)
+
+        received = await self._over_direct(peer, wire.request(op="state"), read) if self._pool is not None else None
+        self.downloads["libp2p" if received is None else "direct"] += 1
+        if received is None:
+            stream = await asyncio.wait_for(self._stub(peer).rpc_download_state(wire.request()), self.chunk_timeout)
+            received = await read(stream)
+        header, payloads = received
         loop = asyncio.get_running_loop()
         tensors = await loop.run_in_executor(None, lambda: [decode_payload(p, accepted=("NONE",)) for p in payloads])
         return header, tensors

@@ -214,9 +214,10 @@ class AveragingConfig(Section):
     request_timeout: float = Field(3.0, gt=0, description="wait this long for a group leader's answer")
     averaging_timeout: float = Field(60.0, gt=0, description="give up on a round after this long")
     load_state_timeout: float = Field(120.0, gt=0, description="give up downloading state from a peer after this")
-    direct: bool = Field(True, description="DiLoCo's round parts go over a direct TCP connection between peers that "
-                         "reach each other (authenticated with the peers' libp2p keys, encrypted with AES-GCM), not "
-                         "through the libp2p daemon; a peer that cannot be reached directly is fetched from over libp2p")
+    direct: bool = Field(True, description="DiLoCo's round parts and state downloads go over a direct TCP connection "
+                         "between peers that reach each other (authenticated with the peers' libp2p keys, encrypted "
+                         "with AES-GCM), not through the libp2p daemon; a peer that cannot be reached directly is "
+                         "fetched from over libp2p")
     direct_port: int = Field(0, ge=0, le=65535, description="TCP port of the direct links (on network.listen_host); "
                              "0 picks a free one. Behind a forwarded port, forward this one too and set it")
     robust: Optional[RobustConfig] = Field(

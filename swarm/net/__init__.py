@@ -10,8 +10,9 @@ the list of validators every node of a run runs (``validators``); ``manifest`` (
 settings and a peer's config checked against them) and ``manifest_record`` (signing, its DHT record);
 ``certificate`` (the owner's signed admission of one peer id, with a role) and ``certificate_record``
 (peers' certificates in the DHT), ``authorizer`` (a private run's DHT admits certified peers only) and
-``admission`` (who may take part and as what, kept fresh from the DHT: what every service asks).
-May import: hivemind, :mod:`swarm.errors`, :mod:`swarm.loops`, :mod:`swarm.hivemind_private` and
+``admission`` (who may take part and as what, kept fresh from the DHT: what every service asks);
+``direct`` (authenticated, encrypted TCP links between two peers beside libp2p, for bulk transfers).
+May import: hivemind, ``cryptography``, :mod:`swarm.errors`, :mod:`swarm.loops`, :mod:`swarm.hivemind_private` and
 :mod:`swarm.config` (its own section, :class:`~swarm.config.schema.NetworkConfig`; ``manifest`` reads the
 whole tree, since it holds a run's shared settings) and :mod:`swarm.compression.registry` (codec names).
 """
