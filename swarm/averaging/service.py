@@ -527,7 +527,6 @@ class AveragingService(ServicerBase):
         return header, tensors
 
 
-
 def _endpoints_of(fields: dict) -> list[tuple[str, int]]:
     """A peer's announced direct endpoints, checked: at most MAX_ENDPOINTS (host, port) pairs."""
     endpoints = fields.get("endpoints")
