@@ -7,8 +7,11 @@ in both directions (``tbf rate 100mbit burst 64kb latency 50ms``, see ``harness/
 M = 16 MiB of fp32 (4M values). Per codec, swarm's peers (``harness/averaging_peer.py``: a DHT, a p2pd
 daemon and the averaging service each, matchmaking before every round) run ``--rounds`` rounds, once
 with round parts over direct links (``swarm``, the default: :mod:`swarm.net.direct`) and once over libp2p
-alone (``swarm-libp2p``: ``averaging.direct: false``, every byte through p2pd); then gloo ranks (``gloo_peer.py``) run the same number of ``all_reduce`` calls in fp32 and fp16 over
-the same links. Reported per configuration (medians over rounds; one warm-up swarm round before them,
+alone (``swarm-libp2p``: ``averaging.direct: false``, every byte through p2pd); ``--impls`` adds
+``swarm-bare`` (no robust aggregation, no signed receipts or norm claims: without the key those sign
+with there are no direct links either, so it goes over libp2p and compares with ``swarm-libp2p``),
+which shows what the defences cost a round; then gloo ranks (``gloo_peer.py``) run the same
+number of ``all_reduce`` calls in fp32 and fp16 over the same links. Reported per configuration (medians over rounds; one warm-up swarm round before them,
 which also sets up connections, is left out):
 
 - time of a round (the slowest peer's all-reduce, from group formed to result) ÷ the bandwidth bound
@@ -38,6 +41,9 @@ NUMEL = 4 * 2**20  # 16 MiB of fp32
 RATE_BITS = 100e6
 LINK = dict(rate="100mbit", burst="64kb", latency="50ms")
 GLOO_DTYPE = {"none": "float32", "fp16": "float16"}
+# the averaging peer's options per arm (swarm's defaults: direct links, CenteredClip, accountability);
+# swarm-bare has no identity key, hence no direct links: compare it with swarm-libp2p
+ARMS = {"swarm": (), "swarm-libp2p": ("--no-direct",), "swarm-bare": ("--no-robust", "--no-accountability")}
 # /work/shared/BASELINES.md, measured earlier on this kind of machine (not in this run): time ÷ bound
 EARLIER = {
     (2, "hivemind", "none"): "1.16-1.24", (2, "hivemind", "fp16"): "1.09-1.23", (2, "hivemind", "blockwise8"): "1.14-1.56 (uint8)",
@@ -225,6 +231,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--codecs", default="none,fp16,blockwise8")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per codec (swarm) and per dtype (gloo)")
     parser.add_argument("--quick", action="store_true", help="2 rounds per codec")
+    parser.add_argument("--impls", default="gloo,swarm,swarm-libp2p",
+                        help=f"what to run at each size, comma-separated: gloo and any of {', '.join(ARMS)}")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for one set of peers to finish")
     parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/allreduce_links.json)")
     parser.add_argument("--keep", type=Path, help="keep the peers' logs and records in this folder")
@@ -236,12 +244,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _measure(sizes: list[int], codecs: list[str], rounds: int, root: Path, timeout: float,
+def _measure(sizes: list[int], impls: list[str], codecs: list[str], rounds: int, root: Path, timeout: float,
              payloads: dict) -> tuple[list[dict], list[float]]:
-    """gloo then swarm at each size; returns (table rows, load averages seen)."""
+    """``impls`` in turn at each size; returns (table rows, load averages seen)."""
     rows, loads = [], []
     for n in sizes:
-        for impl in ("gloo", "swarm", "swarm-libp2p"):
+        for impl in impls:
             work = root / f"{impl}{n}"
             work.mkdir(parents=True, exist_ok=True)
             loads.append(load_average()[0])
@@ -249,8 +257,8 @@ def _measure(sizes: list[int], codecs: list[str], rounds: int, root: Path, timeo
             if impl == "gloo":
                 rows += summarize_gloo(n, run_gloo(n, ["float32", "float16"], rounds, work, timeout), payloads)
             else:
-                extra = ("--no-direct",) if impl == "swarm-libp2p" else ()
-                rows += summarize_swarm(n, run_swarm(n, codecs, rounds, work, timeout, extra=extra), payloads, impl=impl)
+                rows += summarize_swarm(n, run_swarm(n, codecs, rounds, work, timeout, extra=ARMS[impl]), payloads,
+                                        impl=impl)
             print(f"measured {impl} N={n} in {time.monotonic() - t0:.0f}s (load {loads[-1]:.1f})",
                   file=sys.stderr, flush=True)
     return rows, loads
@@ -266,12 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {reason}")
         return 0
     rounds = 2 if args.quick else args.rounds
+    impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
+    unknown = [impl for impl in impls if impl != "gloo" and impl not in ARMS]
+    if unknown:
+        print(f"error: unknown --impls {', '.join(unknown)} (known: gloo, {', '.join(ARMS)})", file=sys.stderr)
+        return 2
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     env = environment()
     payloads = {codec: payload_bytes(codec) for codec in dict.fromkeys(codecs + ["none", "fp16"])}
     started = time.monotonic()
     with TemporaryDirectory(prefix="swb-allreduce-") as tmp:
-        rows, loads = _measure([int(s) for s in args.sizes.split(",")], codecs, rounds, args.keep or Path(tmp),
+        rows, loads = _measure([int(s) for s in args.sizes.split(",")], impls, codecs, rounds, args.keep or Path(tmp),
                                args.timeout, payloads)
     print(markdown_table(["setting", "value"], [
         ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, "
