@@ -11,8 +11,8 @@ alone (``swarm-libp2p``: ``averaging.direct: false``, every byte through p2pd); 
 ``swarm-bare`` (no robust aggregation, no signed receipts or norm claims: without the key those sign
 with there are no direct links either, so it goes over libp2p and compares with ``swarm-libp2p``),
 which shows what the defences cost a round; then gloo ranks (``gloo_peer.py``) run the same
-number of ``all_reduce`` calls in fp32 and fp16 over the same links. Reported per configuration (medians over rounds; one warm-up swarm round before them,
-which also sets up connections, is left out):
+number of ``all_reduce`` calls in fp32 and fp16 over the same links. Reported per configuration
+(medians over rounds; one warm-up swarm round before them, which also sets up connections, is left out):
 
 - time of a round (the slowest peer's all-reduce, from group formed to result) ÷ the bandwidth bound
   2(N-1)/N · M / B with B = 100 Mbit/s and M the uncompressed 16 MiB, and ÷ gloo's fp32 time;
@@ -241,7 +241,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(ratios still use the 100 Mbit/s bound)")
     parser.add_argument("--egress-only", action="store_true",
                         help="cap only what each host sends (diagnostic: no second bottleneck toward the receiver)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
+    unknown = [impl for impl in args.impls if impl != "gloo" and impl not in ARMS]
+    if unknown:
+        parser.error(f"unknown --impls {', '.join(unknown)} (known: gloo, {', '.join(ARMS)})")
+    return args
 
 
 def _measure(sizes: list[int], impls: list[str], codecs: list[str], rounds: int, root: Path, timeout: float,
@@ -274,17 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {reason}")
         return 0
     rounds = 2 if args.quick else args.rounds
-    impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
-    unknown = [impl for impl in impls if impl != "gloo" and impl not in ARMS]
-    if unknown:
-        print(f"error: unknown --impls {', '.join(unknown)} (known: gloo, {', '.join(ARMS)})", file=sys.stderr)
-        return 2
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     env = environment()
     payloads = {codec: payload_bytes(codec) for codec in dict.fromkeys(codecs + ["none", "fp16"])}
     started = time.monotonic()
     with TemporaryDirectory(prefix="swb-allreduce-") as tmp:
-        rows, loads = _measure([int(s) for s in args.sizes.split(",")], impls, codecs, rounds, args.keep or Path(tmp),
+        rows, loads = _measure([int(s) for s in args.sizes.split(",")], args.impls, codecs, rounds, args.keep or Path(tmp),
                                args.timeout, payloads)
     print(markdown_table(["setting", "value"], [
         ["links", f"tbf rate {LINK['rate']} burst {LINK['burst']} latency {LINK['latency']}, "
